@@ -1,0 +1,331 @@
+//! The integration-test harness: every test gets its own PostgreSQL
+//! database and its own RabbitMQ vhost on the real services, starts the real
+//! `recap` binary, and talks to it only through the broker and the database.
+#![allow(dead_code)]
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+pub const AMQP_BASE: &str = "amqp://guest:guest@127.0.0.1:5672";
+pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_recap"))
+}
+
+/// A private database and vhost, dropped with the value.
+pub struct TestEnv {
+    pub name: String,
+    pub amqp_url: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (RabbitMQ is installed by scripts/test)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestEnv {
+    pub async fn new(test: &str) -> TestEnv {
+        let name = format!(
+            "recap_{}_{}",
+            test,
+            &Uuid::new_v4().simple().to_string()[..10]
+        );
+        rabbitmqctl(&["-q", "add_vhost", &name]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            &name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{PG_BASE}/postgres"))
+            .await
+            .expect("PostgreSQL answers on 127.0.0.1:5432");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = format!("{PG_BASE}/{name}");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db_url)
+            .await
+            .expect("connect test database");
+        TestEnv {
+            amqp_url: format!("{AMQP_BASE}/{name}"),
+            db_url,
+            pool,
+            name,
+            dir: tempfile::tempdir().expect("temp dir"),
+            children: Vec::new(),
+        }
+    }
+
+    /// A `recap` command with this environment's broker and database.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .env("RECAP_AMQP_URL", &self.amqp_url)
+            .env("RECAP_DATABASE_URL", &self.db_url)
+            .env("RECAP_METRICS_LISTEN", "")
+            .env("RECAP_LOG", "warn")
+            .env_remove("RECAP_CONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn migrate(&self) {
+        let out = self
+            .command(&["migrate"])
+            .output()
+            .expect("run recap migrate");
+        assert!(
+            out.status.success(),
+            "recap migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts a long-running `recap` process, killed when the env drops.
+    pub fn spawn(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let log = std::fs::File::create(self.dir.path().join(format!(
+            "{}-{}.log",
+            args.join("_"),
+            self.children.len()
+        )))
+        .expect("log file");
+        c.stdout(Stdio::null()).stderr(log);
+        self.children.push(c.spawn().expect("start recap"));
+        self.children.len() - 1
+    }
+
+    pub fn child(&mut self, i: usize) -> &mut Child {
+        &mut self.children[i]
+    }
+
+    pub fn pid(&self, i: usize) -> i32 {
+        self.children[i].id() as i32
+    }
+
+    pub fn signal(&self, i: usize, sig: i32) {
+        // SAFETY: kill(2) on a child we started; no memory is involved.
+        unsafe {
+            libc::kill(self.pid(i), sig);
+        }
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        matches!(self.children[i].try_wait(), Ok(None))
+    }
+
+    /// Waits for a child to exit and returns its exit code.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.children[i].try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                out.push_str(&format!("--- {}\n", e.file_name().to_string_lossy()));
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    pub async fn amqp(&self) -> Connection {
+        Connection::connect(&self.amqp_url, ConnectionProperties::default())
+            .await
+            .expect("connect to the test vhost")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count query")
+            .get::<i64, _>(0)
+    }
+
+    /// Polls `sql` (a count) until it reaches `want`; returns the last value.
+    pub async fn wait_count(&self, sql: &str, want: i64, timeout: Duration) -> i64 {
+        let start = Instant::now();
+        loop {
+            let n = self.count(sql).await;
+            if n >= want || start.elapsed() > timeout {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-q", "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+pub async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    ch
+}
+
+/// Publishes raw bytes the way a producer would: persistent, JSON, confirmed.
+pub async fn publish(ch: &Channel, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.into());
+    }
+    let confirm = ch
+        .basic_publish(
+            "recap.jobs".into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "broker nacked the publish");
+    assert!(
+        confirm.take_message().is_none(),
+        "publish to {routing_key} was unroutable"
+    );
+}
+
+pub fn job_json(job_id: Uuid, tenant: &str, kinds: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "version": 1,
+        "job_id": job_id,
+        "tenant": tenant,
+        "transcript": [
+            {"speaker": "Alice", "text": "Welcome. Today we plan the Q3 launch."},
+            {"speaker": "Bob", "text": "We agreed to move the launch to Friday."},
+            {"speaker": "Alice", "text": "I'll update the roadmap and tell marketing."},
+            {"speaker": "Carol", "text": "Budget is approved for two more contractors."}
+        ],
+        "summaries": kinds,
+        "quality": "balanced"
+    }))
+    .expect("json")
+}
+
+/// A dead letter: its reason header and body.
+pub struct DeadLetter {
+    pub reason: String,
+    pub detail: String,
+    pub body: Vec<u8>,
+}
+
+fn header(h: &FieldTable, key: &str) -> String {
+    match h.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Takes up to `want` messages from recap.dead, waiting up to `timeout`.
+pub async fn drain_dead(conn: &Connection, want: usize, timeout: Duration) -> Vec<DeadLetter> {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < want && start.elapsed() < timeout {
+        match ch
+            .basic_get("recap.dead".into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            Some(msg) => {
+                let d = msg.delivery;
+                let h = d.properties.headers().clone().unwrap_or_default();
+                out.push(DeadLetter {
+                    reason: header(&h, "x-recap-reason"),
+                    detail: header(&h, "x-recap-detail"),
+                    body: d.data.clone(),
+                });
+                d.ack(BasicAckOptions::default()).await.expect("ack");
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    out
+}
+
+/// Messages waiting in a queue (declared passively).
+pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    q.message_count()
+}

@@ -1,0 +1,316 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn good() -> Value {
+    json!({
+        "version": 1,
+        "job_id": "6f1c1c8e-3f7a-4d5e-9d43-2a7e0f1b2c3d",
+        "tenant": "acme",
+        "transcript": [
+            {"speaker": "Alice", "start_s": 0.0, "end_s": 2.5, "text": "Let's ship on Friday."},
+            {"speaker": "Bob", "text": "Agreed, I'll update the roadmap."}
+        ],
+        "summaries": ["overview", "action_items"],
+        "quality": "economy",
+        "language": "en",
+        "metadata": {"meeting": "weekly", "n": 3}
+    })
+}
+
+fn reject(v: Value) -> Rejection {
+    parse_job_value(&v, &Limits::default()).expect_err("job should be refused")
+}
+
+#[test]
+fn a_full_job_parses() {
+    let job = parse_job_value(&good(), &Limits::default()).unwrap();
+    assert_eq!(job.tenant, "acme");
+    assert_eq!(job.transcript.len(), 2);
+    assert_eq!(job.transcript[0].speaker.as_deref(), Some("Alice"));
+    assert_eq!(
+        job.summaries,
+        vec![SummaryKind::Overview, SummaryKind::ActionItems]
+    );
+    assert_eq!(job.quality, Quality::Economy);
+    assert_eq!(job.language.as_deref(), Some("en"));
+    assert_eq!(job.metadata.as_ref().unwrap()["n"], json!(3));
+    assert_eq!(job.speakers_for_test(), vec!["Alice", "Bob"]);
+}
+
+impl Job {
+    fn speakers_for_test(&self) -> Vec<String> {
+        self.speakers().into_iter().map(String::from).collect()
+    }
+}
+
+#[test]
+fn defaults_apply_to_optional_fields() {
+    let job = parse_job_value(
+        &json!({"version": 1, "job_id": "6f1c1c8e-3f7a-4d5e-9d43-2a7e0f1b2c3d",
+                "tenant": "t", "transcript": "Alice: hello there"}),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(job.summaries, vec![SummaryKind::Overview]);
+    assert_eq!(job.quality, Quality::Balanced);
+    assert_eq!(job.transcript[0].speaker.as_deref(), Some("Alice"));
+    assert_eq!(job.transcript[0].text, "hello there");
+}
+
+#[test]
+fn round_trip_through_json() {
+    let job = parse_job_value(&good(), &Limits::default()).unwrap();
+    let again = parse_job(&job.to_json(), &Limits::default()).unwrap();
+    assert_eq!(job, again);
+}
+
+#[test]
+fn not_utf8() {
+    let r = parse_job(&[0x7b, 0xff, 0xfe, 0x7d], &Limits::default()).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidUtf8);
+}
+
+#[test]
+fn not_json() {
+    let r = parse_job(b"{\"version\": 1,", &Limits::default()).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidJson);
+    let r = parse_job(b"[1,2]", &Limits::default()).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidJson);
+}
+
+#[test]
+fn unknown_version_names_the_job() {
+    let mut v = good();
+    v["version"] = json!(2);
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::UnsupportedVersion);
+    assert_eq!(
+        r.job_id.unwrap().to_string(),
+        "6f1c1c8e-3f7a-4d5e-9d43-2a7e0f1b2c3d"
+    );
+    let mut v = good();
+    v.as_object_mut().unwrap().remove("version");
+    assert_eq!(reject(v).code, RejectCode::MissingField);
+}
+
+#[test]
+fn missing_and_mistyped_fields_name_the_field() {
+    for field in ["job_id", "tenant", "transcript"] {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove(field);
+        let r = reject(v);
+        assert_eq!(r.code, RejectCode::MissingField, "{field}");
+        assert_eq!(r.field.as_deref(), Some(field));
+    }
+    let cases = [
+        ("job_id", json!(42)),
+        ("job_id", json!("not-a-uuid")),
+        ("tenant", json!(["a"])),
+        ("tenant", json!("has space")),
+        ("transcript", json!(7)),
+        ("summaries", json!("overview")),
+        ("quality", json!("premium")),
+        ("language", json!("english please")),
+        ("metadata", json!([1])),
+        ("callback_url", json!("ftp://x")),
+    ];
+    for (field, value) in cases {
+        let mut v = good();
+        v[field] = value.clone();
+        let r = reject(v);
+        assert_eq!(r.code, RejectCode::InvalidField, "{field}={value}");
+        assert_eq!(r.field.as_deref(), Some(field), "{field}={value}");
+    }
+}
+
+#[test]
+fn unknown_fields_are_refused() {
+    let mut v = good();
+    v["sumaries"] = json!(["overview"]);
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::InvalidField);
+    assert_eq!(r.field.as_deref(), Some("sumaries"));
+}
+
+#[test]
+fn bad_utterances() {
+    let mut v = good();
+    v["transcript"] = json!([{"speaker": "A"}]);
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::MissingField);
+    assert_eq!(r.field.as_deref(), Some("transcript[0].text"));
+    let mut v = good();
+    v["transcript"] = json!([{"text": "hi", "start_s": 5.0, "end_s": 1.0}]);
+    assert_eq!(reject(v).field.as_deref(), Some("transcript[0].end_s"));
+    let mut v = good();
+    v["transcript"] = json!([{"text": "hi", "start_s": -1}]);
+    assert_eq!(reject(v).code, RejectCode::InvalidField);
+}
+
+#[test]
+fn empty_transcripts() {
+    for t in [
+        json!(""),
+        json!("  \n\t "),
+        json!([]),
+        json!([{"text": "   "}]),
+    ] {
+        let mut v = good();
+        v["transcript"] = t.clone();
+        assert_eq!(reject(v).code, RejectCode::EmptyTranscript, "{t}");
+    }
+}
+
+#[test]
+fn oversize_transcripts() {
+    let limits = Limits {
+        max_transcript_bytes: 100,
+        max_utterances: 3,
+        ..Limits::default()
+    };
+    let mut v = good();
+    v["transcript"] = json!("x".repeat(101));
+    assert_eq!(
+        parse_job_value(&v, &limits).unwrap_err().code,
+        RejectCode::TranscriptTooLarge
+    );
+    v["transcript"] = json!([{"text": "a".repeat(60)}, {"text": "b".repeat(60)}]);
+    assert_eq!(
+        parse_job_value(&v, &limits).unwrap_err().code,
+        RejectCode::TranscriptTooLarge
+    );
+    v["transcript"] = json!("a\nb\nc\nd");
+    assert_eq!(
+        parse_job_value(&v, &limits).unwrap_err().code,
+        RejectCode::TooManyUtterances
+    );
+}
+
+#[test]
+fn unknown_summary_kind() {
+    let mut v = good();
+    v["summaries"] = json!(["overview", "haiku"]);
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::UnknownSummaryKind);
+    assert_eq!(r.field.as_deref(), Some("summaries[1]"));
+    let mut v = good();
+    v["summaries"] = json!([]);
+    assert_eq!(reject(v).code, RejectCode::InvalidField);
+}
+
+#[test]
+fn repeated_kinds_collapse() {
+    let mut v = good();
+    v["summaries"] = json!(["short", "short", "overview"]);
+    let job = parse_job_value(&v, &Limits::default()).unwrap();
+    assert_eq!(
+        job.summaries,
+        vec![SummaryKind::Short, SummaryKind::Overview]
+    );
+}
+
+#[test]
+fn plain_text_speakers() {
+    let u = utterances_from_text(
+        "Alice: hello\n\nBob Smith: we agreed. Really: yes\nThis is a sentence, with: a colon\nhttp://example.com",
+    );
+    assert_eq!(u.len(), 4);
+    assert_eq!(u[0].speaker.as_deref(), Some("Alice"));
+    assert_eq!(u[1].speaker.as_deref(), Some("Bob Smith"));
+    assert_eq!(u[1].text, "we agreed. Really: yes");
+    assert_eq!(u[2].speaker, None);
+    assert_eq!(u[3].speaker, None);
+}
+
+#[test]
+fn codes_are_stable_strings() {
+    let codes = [
+        (RejectCode::InvalidUtf8, "invalid_utf8"),
+        (RejectCode::InvalidJson, "invalid_json"),
+        (RejectCode::UnsupportedVersion, "unsupported_version"),
+        (RejectCode::MissingField, "missing_field"),
+        (RejectCode::InvalidField, "invalid_field"),
+        (RejectCode::EmptyTranscript, "empty_transcript"),
+        (RejectCode::TranscriptTooLarge, "transcript_too_large"),
+        (RejectCode::TooManyUtterances, "too_many_utterances"),
+        (RejectCode::UnknownSummaryKind, "unknown_summary_kind"),
+    ];
+    for (code, s) in codes {
+        assert_eq!(code.as_str(), s);
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(s));
+    }
+}
+
+proptest! {
+    // Any bytes at all: the parser answers, never panics.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_job(&bytes, &Limits::default());
+    }
+
+    // Any JSON-ish mutation of a good job: accepted jobs always satisfy the limits.
+    #[test]
+    fn accepted_jobs_respect_limits(text in "[a-zA-Z :\n]{0,400}", max in 1usize..300) {
+        let limits = Limits { max_transcript_bytes: max, ..Limits::default() };
+        let mut v = good();
+        v["transcript"] = json!(text);
+        if let Ok(job) = parse_job_value(&v, &limits) {
+            prop_assert!(job.transcript_bytes() <= max);
+            prop_assert!(!job.transcript.is_empty());
+            prop_assert!(job.transcript.iter().all(|u| !u.text.trim().is_empty()));
+        }
+    }
+
+    #[test]
+    fn utterance_split_keeps_every_nonempty_line(lines in proptest::collection::vec("[a-zA-Z ]{0,20}(: [a-z ]{1,20})?", 0..30)) {
+        let text = lines.join("\n");
+        let u = utterances_from_text(&text);
+        let nonempty = lines.iter().filter(|l| !l.trim().is_empty()).count();
+        prop_assert_eq!(u.len(), nonempty);
+    }
+}
+
+/// The published JSON Schema and this parser must agree on the vocabulary.
+#[test]
+fn json_schema_matches_the_parser() {
+    let schema: Value =
+        serde_json::from_str(include_str!("../../../schemas/job-v1.schema.json")).unwrap();
+    let props = schema["properties"].as_object().unwrap();
+    let mut names: Vec<&str> = props.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut known = KNOWN_FIELDS.to_vec();
+    known.sort_unstable();
+    assert_eq!(names, known);
+    let kinds: Vec<&str> = schema["properties"]["summaries"]["items"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        SummaryKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+    );
+    let qualities: Vec<&str> = schema["properties"]["quality"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(qualities, ["economy", "balanced", "best"]);
+    assert_eq!(
+        schema["properties"]["version"]["const"],
+        json!(SCHEMA_VERSION)
+    );
+    assert_eq!(
+        schema["required"],
+        json!(["version", "job_id", "tenant", "transcript"])
+    );
+    // The sample job in the repo is valid for the parser.
+    let sample = include_bytes!("../../../samples/incident-retro.json");
+    parse_job(sample, &Limits::default()).unwrap();
+}

@@ -1,0 +1,485 @@
+//! Configuration: one TOML file (`RECAP_CONFIG` or `--config`), then
+//! environment overrides, then validation. A bad value stops the process
+//! with a message that names the key; nothing starts half-configured.
+
+use recap_job::Limits;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`{env}: {message}")]
+    Invalid {
+        key: String,
+        env: String,
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    let env = ENV_OVERRIDES
+        .iter()
+        .find(|(_, k)| *k == key)
+        .map(|(e, _)| format!(" (env {e})"))
+        .unwrap_or_default();
+    ConfigError::Invalid {
+        key: key.to_string(),
+        env,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub database: DatabaseConfig,
+    pub limits: Limits,
+    pub retry: RetryConfig,
+    pub worker: WorkerConfig,
+    pub models: ModelsConfig,
+    pub tiers: BTreeMap<String, TierConfig>,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Unacked deliveries per consumer; also how many jobs a process works on at once.
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries a job gets (the first included) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before each retry, in milliseconds; the last repeats.
+    pub backoff_ms: Vec<u64>,
+    /// Redeliveries (crashed consumer, requeue) before RabbitMQ dead-letters a
+    /// message by itself: the guard against poison messages that kill workers.
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// How long a stopping process waits for in-flight jobs before it
+    /// cancels them (they are requeued, not lost).
+    pub shutdown_grace_s: u64,
+    /// Longest a single job's inference may run.
+    pub job_deadline_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Where weights are cached; default `$XDG_CACHE_HOME/recap/models`.
+    pub dir: Option<PathBuf>,
+    /// `cpu` or `cuda[:N]`.
+    pub device: String,
+    /// Threads for CPU inference; 0 means all cores.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Catalog id of the model this tier's workers load.
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the /metrics, /healthz and /readyz listener; empty disables it.
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut tiers = BTreeMap::new();
+        tiers.insert(
+            "compact".to_string(),
+            TierConfig {
+                model: "extractive-lead".into(),
+            },
+        );
+        tiers.insert(
+            "large".to_string(),
+            TierConfig {
+                model: "extractive-lead".into(),
+            },
+        );
+        Config {
+            amqp: AmqpConfig::default(),
+            database: DatabaseConfig::default(),
+            limits: Limits::default(),
+            retry: RetryConfig::default(),
+            worker: WorkerConfig::default(),
+            models: ModelsConfig::default(),
+            tiers,
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefetch: 1,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/recap".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            backoff_ms: vec![1_000, 10_000, 60_000],
+            delivery_limit: 5,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            shutdown_grace_s: 60,
+            job_deadline_s: 900,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            dir: None,
+            device: "cpu".into(),
+            threads: 0,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+/// Environment variables that override a key of the file.
+pub const ENV_OVERRIDES: [(&str, &str); 9] = [
+    ("RECAP_AMQP_URL", "amqp.url"),
+    ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
+    ("RECAP_DATABASE_URL", "database.url"),
+    ("RECAP_MODELS_DIR", "models.dir"),
+    ("RECAP_DEVICE", "models.device"),
+    ("RECAP_THREADS", "models.threads"),
+    ("RECAP_COMPACT_MODEL", "tiers.compact.model"),
+    ("RECAP_LARGE_MODEL", "tiers.large.model"),
+    ("RECAP_METRICS_LISTEN", "metrics.listen"),
+];
+
+impl Config {
+    /// The file (if any), then the environment, then validation.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for (var, key) in ENV_OVERRIDES {
+            let Some(value) = get(var) else { continue };
+            let number = |what: &str| -> Result<u64, ConfigError> {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| invalid(key, format!("must be {what}, got {value:?}")))
+            };
+            match key {
+                "amqp.url" => self.amqp.url = value.clone(),
+                "amqp.prefetch" => {
+                    self.amqp.prefetch = u16::try_from(number("an integer")?)
+                        .map_err(|_| invalid(key, "must be at most 65535"))?
+                }
+                "database.url" => self.database.url = value.clone(),
+                "models.dir" => self.models.dir = Some(PathBuf::from(&value)),
+                "models.device" => self.models.device = value.clone(),
+                "models.threads" => self.models.threads = number("an integer")? as usize,
+                "tiers.compact.model" | "tiers.large.model" => {
+                    let tier = key.split('.').nth(1).unwrap_or_default().to_string();
+                    self.tiers.insert(
+                        tier,
+                        TierConfig {
+                            model: value.clone(),
+                        },
+                    );
+                }
+                "metrics.listen" => self.metrics.listen = value.clone(),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if self.amqp.url.starts_with("amqps://") {
+            return Err(invalid(
+                "amqp.url",
+                "amqps:// is not supported by this build (lapin is built without TLS); use a TLS-terminating sidecar or amqp://",
+            ));
+        }
+        if !(1..=1000).contains(&self.amqp.prefetch) {
+            return Err(invalid(
+                "amqp.prefetch",
+                format!("must be 1-1000, got {}", self.amqp.prefetch),
+            ));
+        }
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_transcript_bytes == 0 || l.max_transcript_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.max_transcript_bytes",
+                "must be between 1 and 67108864 (64 MiB)",
+            ));
+        }
+        if l.max_utterances == 0 {
+            return Err(invalid("limits.max_utterances", "must be at least 1"));
+        }
+        if l.max_tenant_len == 0 || l.max_tenant_len > 200 {
+            return Err(invalid("limits.max_tenant_len", "must be 1-200"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.retry.backoff_ms.is_empty() {
+            return Err(invalid("retry.backoff_ms", "must list at least one delay"));
+        }
+        if self.retry.backoff_ms.len() > 20
+            || self
+                .retry
+                .backoff_ms
+                .iter()
+                .any(|&ms| ms == 0 || ms > 86_400_000)
+        {
+            return Err(invalid(
+                "retry.backoff_ms",
+                "at most 20 delays, each 1 ms to 24 h",
+            ));
+        }
+        if self.retry.delivery_limit == 0 {
+            return Err(invalid("retry.delivery_limit", "must be at least 1"));
+        }
+        if self.worker.job_deadline_s == 0 {
+            return Err(invalid("worker.job_deadline_s", "must be at least 1"));
+        }
+        if !(self.models.device == "cpu"
+            || self.models.device == "cuda"
+            || self
+                .models
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            return Err(invalid(
+                "models.device",
+                format!("must be cpu, cuda or cuda:N, got {:?}", self.models.device),
+            ));
+        }
+        for (name, tier) in &self.tiers {
+            if !matches!(name.as_str(), "compact" | "large") {
+                return Err(invalid(
+                    &format!("tiers.{name}"),
+                    "unknown tier; the tiers are compact and large",
+                ));
+            }
+            if tier.model.trim().is_empty() {
+                return Err(invalid(&format!("tiers.{name}.model"), "must name a model"));
+            }
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!("must be HOST:PORT, got {:?}", self.metrics.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn tier_model(&self, tier: &str) -> Option<&str> {
+        self.tiers.get(tier).map(|t| t.model.as_str())
+    }
+}
+
+/// A URL fit for logs: the password, if any, replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let mut c: Config =
+            toml::from_str("[amqp]\nurl = \"amqp://a/%2f\"\nprefetch = 4\n").unwrap();
+        c.apply_env(env(&[
+            ("RECAP_AMQP_URL", "amqp://b/v"),
+            ("RECAP_DATABASE_URL", "postgres://x/db"),
+            ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
+        ]))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.amqp.url, "amqp://b/v");
+        assert_eq!(c.amqp.prefetch, 4);
+        assert_eq!(c.database.url, "postgres://x/db");
+        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-instruct-q4_1"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (&[("RECAP_AMQP_URL", "http://x")], "amqp.url"),
+            (&[("RECAP_DATABASE_URL", "mysql://x")], "database.url"),
+            (&[("RECAP_AMQP_PREFETCH", "0")], "amqp.prefetch"),
+            (&[("RECAP_DEVICE", "tpu")], "models.device"),
+        ];
+        for (vars, key) in cases {
+            let mut c = Config::default();
+            let err = c
+                .apply_env(env(vars))
+                .and_then(|_| c.validate())
+                .unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("`{key}`")), "{msg}");
+            assert!(msg.contains(vars[0].0), "{msg}");
+        }
+        let mut c = Config::default();
+        let err = c
+            .apply_env(env(&[("RECAP_AMQP_PREFETCH", "many")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("amqp.prefetch"));
+    }
+
+    #[test]
+    fn unknown_keys_and_tiers_are_refused() {
+        let err = toml::from_str::<Config>("[amqp]\nurll = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+        let c: Config = toml::from_str("[tiers.medium]\nmodel = \"x\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tiers.medium"));
+        let c: Config = toml::from_str("[retry]\nbackoff_ms = []\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("retry.backoff_ms"));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@h/db"),
+            "postgres://postgres@h/db"
+        );
+        assert_eq!(redact_url("postgres://u:p@w@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("nonsense"), "nonsense");
+    }
+}

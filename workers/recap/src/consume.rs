@@ -1,0 +1,339 @@
+//! The consumer loop shared by the router and the workers: take deliveries,
+//! hand each to a handler, and carry out its verdict on the broker. The
+//! handler never acks; this loop acks only after the handler's verdict
+//! (and, for dead letters, the `dead` row and the dead-letter publish)
+//! is durable.
+
+use crate::config::Config;
+use crate::metrics::metrics;
+use crate::probes::Readiness;
+use crate::queue::{self, H_ATTEMPT, H_DETAIL, H_REASON, H_SOURCE};
+use crate::shutdown::Shutdown;
+use crate::store::{self, Status};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use recap_engine::Cancel;
+use sqlx::PgPool;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+/// What to do with a delivery once the handler is through with it.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Done, or a duplicate of something done: ack.
+    Ack,
+    /// Refused for good (bad input): `dead` row, dead-letter publish, ack.
+    DeadLetter {
+        code: String,
+        detail: String,
+        job_id: Option<Uuid>,
+        tenant: Option<String>,
+    },
+    /// The job failed in a way another try may fix: retry after a backoff,
+    /// or dead-letter once the attempts are spent.
+    Retry {
+        code: String,
+        detail: String,
+        job_id: Uuid,
+        tenant: String,
+    },
+    /// Our side failed (database down, shutdown): give the message back
+    /// to the broker untouched after a pause.
+    Requeue { detail: String },
+}
+
+/// What a handler gets besides the delivery.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Set when a stopping process runs out of grace: stop work, requeue.
+    pub cancel: Cancel,
+}
+
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, delivery: &Delivery, ctx: Ctx) -> impl Future<Output = Verdict> + Send;
+}
+
+pub struct Consumer<H> {
+    pub queue: String,
+    pub tier_label: String,
+    pub handler: Arc<H>,
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Consumes until shutdown, reconnecting when the broker goes away.
+    pub async fn run(&self, mut shutdown: Shutdown) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            match self.session(shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.readiness.set_broker(false);
+                    tracing::warn!(error = %e, queue = %self.queue, "consumer lost its broker session; reconnecting in {:?}", backoff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(15));
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of consuming. Returns Ok on shutdown, Err when
+    /// the connection broke.
+    async fn session(&self, mut shutdown: Shutdown) -> anyhow::Result<()> {
+        let conn = queue::connect(&self.config, &self.queue).await?;
+        queue::check_topology(&conn, &self.queue).await?;
+        let consume_ch = queue::consumer_channel(&conn, self.config.amqp.prefetch).await?;
+        let publish_ch = Arc::new(queue::confirm_channel(&conn).await?);
+        let tag = format!("recap-{}-{}", self.queue, std::process::id());
+        let mut consumer = consume_ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.readiness.set_broker(true);
+        tracing::info!(queue = %self.queue, prefetch = self.config.amqp.prefetch, "consuming");
+
+        let cancel = Cancel::default();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let broken = loop {
+            tokio::select! {
+                _ = shutdown.wait() => break None,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let this = self.clone_parts(publish_ch.clone(), cancel.clone());
+                        tasks.spawn(async move { this.process(delivery).await });
+                    }
+                    Some(Err(e)) => break Some(anyhow::anyhow!("consumer error: {e}")),
+                    None => break Some(anyhow::anyhow!("consumer stream ended (channel closed)")),
+                },
+            }
+        };
+
+        if broken.is_none() {
+            // Stop taking new work first; what is in flight may finish.
+            self.readiness.set_stopping();
+            let _ = consume_ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            let grace = Duration::from_secs(self.config.worker.shutdown_grace_s);
+            tracing::info!(inflight = tasks.len(), ?grace, "draining in-flight jobs");
+            let drained =
+                tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+                    .await;
+            if drained.is_err() {
+                tracing::warn!("grace period over: cancelling in-flight jobs (they are requeued)");
+                cancel.cancel();
+                while tasks.join_next().await.is_some() {}
+            }
+            let _ = consume_ch.close(200, "shutdown".into()).await;
+            let _ = conn.close(200, "shutdown".into()).await;
+            return Ok(());
+        }
+        // The connection broke: unacked deliveries return to the queue on
+        // their own. Stop the tasks; their acks could not reach the broker.
+        cancel.cancel();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        Err(broken.unwrap_or_else(|| anyhow::anyhow!("connection lost")))
+    }
+
+    fn clone_parts(&self, publish: Arc<Channel>, cancel: Cancel) -> Task<H> {
+        Task {
+            queue: self.queue.clone(),
+            tier_label: self.tier_label.clone(),
+            handler: self.handler.clone(),
+            pool: self.pool.clone(),
+            config: self.config.clone(),
+            publish,
+            cancel,
+        }
+    }
+}
+
+/// One delivery's processing, owning what it needs.
+struct Task<H> {
+    queue: String,
+    tier_label: String,
+    handler: Arc<H>,
+    pool: PgPool,
+    config: Arc<Config>,
+    publish: Arc<Channel>,
+    cancel: Cancel,
+}
+
+impl<H: Handler> Task<H> {
+    async fn process(self, delivery: Delivery) {
+        let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1)
+            .max(1);
+        let gauge = metrics()
+            .inflight_jobs
+            .with_label_values(&[&self.tier_label]);
+        gauge.inc();
+        let verdict = self
+            .handler
+            .handle(
+                &delivery,
+                Ctx {
+                    cancel: self.cancel.clone(),
+                },
+            )
+            .await;
+        gauge.dec();
+        if let Err(e) = self.carry_out(&delivery, verdict, attempt).await {
+            // Nothing was acked: the broker redelivers when the channel closes.
+            tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
+        }
+    }
+
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        verdict: Verdict,
+        attempt: u32,
+    ) -> anyhow::Result<()> {
+        match verdict {
+            Verdict::Ack => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Verdict::DeadLetter {
+                code,
+                detail,
+                job_id,
+                tenant,
+            } => {
+                self.dead_letter(delivery, job_id, tenant.as_deref(), &code, &detail)
+                    .await?;
+            }
+            Verdict::Retry {
+                code,
+                detail,
+                job_id,
+                tenant,
+            } => {
+                if attempt >= self.config.retry.max_attempts {
+                    let detail = format!("gave up after {attempt} attempts: {detail}");
+                    self.dead_letter(delivery, Some(job_id), Some(&tenant), &code, &detail)
+                        .await?;
+                } else {
+                    let delays = &self.config.retry.backoff_ms;
+                    let ms = delays[(attempt as usize - 1).min(delays.len() - 1)];
+                    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+                    headers.insert(
+                        queue::short(H_ATTEMPT),
+                        lapin::types::AMQPValue::LongInt((attempt + 1) as i32),
+                    );
+                    headers.insert(queue::short(H_REASON), queue::string_value(&code));
+                    let props = copy_props(&delivery.properties, headers);
+                    // The delay exchange is a fanout: the routing key travels
+                    // with the message and brings it back to its own queue.
+                    queue::publish_confirmed(
+                        &self.publish,
+                        &queue::delay_name(ms),
+                        delivery.routing_key.as_str(),
+                        &delivery.data,
+                        props,
+                    )
+                    .await?;
+                    tracing::warn!(%job_id, attempt, delay_ms = ms, code = %code, detail = %detail, "job failed; retrying after backoff");
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+            }
+            Verdict::Requeue { detail } => {
+                tracing::warn!(detail = %detail, "requeueing delivery");
+                // A pause, so that a database outage does not become a hot
+                // loop that burns the delivery limit in seconds.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the death, publishes the message to `recap.dead` with its
+    /// reason, and only then acks. If the database is down the message is
+    /// requeued instead: a job never vanishes without its row.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        job_id: Option<Uuid>,
+        tenant: Option<&str>,
+        code: &str,
+        detail: &str,
+    ) -> anyhow::Result<()> {
+        if let Some(id) = job_id {
+            if let Err(e) =
+                store::mark_ended(&self.pool, id, tenant, Status::Dead, code, detail).await
+            {
+                tracing::error!(error = %e, %id, "cannot record dead job; requeueing");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+                return Ok(());
+            }
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(queue::short(H_REASON), queue::string_value(code));
+        headers.insert(queue::short(H_DETAIL), queue::string_value(detail));
+        headers.insert(queue::short(H_SOURCE), queue::string_value(&self.queue));
+        let props = copy_props(&delivery.properties, headers);
+        queue::publish_confirmed(
+            &self.publish,
+            queue::EXCHANGE_DEAD,
+            code,
+            &delivery.data,
+            props,
+        )
+        .await?;
+        metrics()
+            .dead_letters_total
+            .with_label_values(&[code])
+            .inc();
+        tracing::warn!(job_id = ?job_id, code, detail, queue = %self.queue, "dead-lettered");
+        delivery.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+/// The original properties with new headers; persistent whatever the
+/// producer said, since the copy must survive a broker restart.
+fn copy_props(orig: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(ct) = orig.content_type() {
+        p = p.with_content_type(ct.clone());
+    }
+    if let Some(id) = orig.message_id() {
+        p = p.with_message_id(id.clone());
+    }
+    p
+}

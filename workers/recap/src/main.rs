@@ -1,0 +1,201 @@
+//! The `recap` binary: one executable, one subcommand per role.
+
+mod config;
+mod consume;
+mod engines;
+mod enqueue;
+mod metrics;
+mod probes;
+mod queue;
+mod router;
+mod shutdown;
+mod store;
+mod summarize;
+mod worker;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use config::{redact_url, Config};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "recap",
+    version,
+    about = "Meeting transcripts in, summaries out, at fleet scale."
+)]
+struct Cli {
+    /// TOML configuration file (environment: RECAP_CONFIG).
+    #[arg(long, global = true, env = "RECAP_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the SQL migrations and declare the RabbitMQ topology (idempotent).
+    Migrate,
+    /// Route jobs from recap.ingest to the tier queues with the cost policy.
+    Router,
+    /// Run a tier's model over the jobs of its queue.
+    Worker {
+        /// compact or large
+        #[arg(long)]
+        tier: String,
+    },
+    /// Publish transcript files as jobs on RabbitMQ; with --wait, print their summaries.
+    Enqueue(enqueue::Args),
+    /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
+    Summarize(summarize::Args),
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RECAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("RECAP_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("recap: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = Arc::new(Config::load(cli.config.as_deref())?);
+    match cli.command {
+        Command::Migrate => migrate(&config).await,
+        Command::Router => run_router(config).await,
+        Command::Worker { tier } => run_worker(config, tier).await,
+        Command::Summarize(args) => summarize::run(&config, args),
+        Command::Enqueue(args) => enqueue::run(&config, args).await,
+    }
+}
+
+async fn migrate(config: &Config) -> Result<()> {
+    let pool = store::connect(config).await?;
+    store::migrate(&pool).await?;
+    tracing::info!(database = %redact_url(&config.database.url), "migrations applied");
+    let conn = queue::connect(config, "migrate").await?;
+    queue::declare_topology(&conn, config).await?;
+    let _ = conn.close(200, "done".into()).await;
+    tracing::info!(broker = %redact_url(&config.amqp.url), "topology declared");
+    println!("migrations applied and topology declared");
+    Ok(())
+}
+
+async fn run_router(config: Arc<Config>) -> Result<()> {
+    let (trigger, shutdown) = shutdown::channel();
+    shutdown::on_signals(trigger)?;
+    let pool = store::connect(&config).await?;
+    let readiness = Arc::new(probes::Readiness::default());
+    probes::serve(
+        &config.metrics.listen,
+        probes::ProbeState {
+            readiness: readiness.clone(),
+            pool: Some(pool.clone()),
+        },
+    )
+    .await?;
+    // The router counts tokens with the compact model's tokenizer.
+    let compact = config
+        .tier_model("compact")
+        .or(config.tier_model("large"))
+        .unwrap_or(recap_engine::extractive::MODEL_ID);
+    let counter = engines::load(compact, &config)
+        .with_context(|| format!("loading tokenizer of {compact}"))?;
+    readiness.set_model(true);
+    metrics::metrics()
+        .ready
+        .with_label_values(&["router", ""])
+        .set(1.0);
+    let conn = queue::connect(&config, "router-publish").await?;
+    let publish = queue::confirm_channel(&conn).await?;
+    let handler = Arc::new(router::Router {
+        pool: pool.clone(),
+        config: config.clone(),
+        counter,
+        publish,
+    });
+    let consumer = consume::Consumer {
+        queue: queue::QUEUE_INGEST.to_string(),
+        tier_label: "router".into(),
+        handler,
+        pool,
+        config,
+        readiness,
+    };
+    consumer.run(shutdown).await?;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
+    if !queue::TIERS.contains(&tier.as_str()) {
+        anyhow::bail!("unknown tier `{tier}`; the tiers are compact and large");
+    }
+    let model_id = config
+        .tier_model(&tier)
+        .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
+        .to_string();
+    let (trigger, shutdown) = shutdown::channel();
+    shutdown::on_signals(trigger)?;
+    let pool = store::connect(&config).await?;
+    let readiness = Arc::new(probes::Readiness::default());
+    probes::serve(
+        &config.metrics.listen,
+        probes::ProbeState {
+            readiness: readiness.clone(),
+            pool: Some(pool.clone()),
+        },
+    )
+    .await?;
+    let loaded = std::time::Instant::now();
+    let engine = engines::load(&model_id, &config)
+        .with_context(|| format!("loading model {model_id} for tier {tier}"))?;
+    metrics::metrics()
+        .model_load_seconds
+        .with_label_values(&[&model_id])
+        .set(loaded.elapsed().as_secs_f64());
+    readiness.set_model(true);
+    metrics::metrics()
+        .ready
+        .with_label_values(&["worker", &tier])
+        .set(1.0);
+    tracing::info!(%tier, model = %model_id, "model loaded");
+    let handler = Arc::new(worker::Worker {
+        tier: tier.clone(),
+        pool: pool.clone(),
+        config: config.clone(),
+        engine,
+    });
+    let consumer = consume::Consumer {
+        queue: queue::tier_queue(&tier),
+        tier_label: tier.clone(),
+        handler,
+        pool,
+        config,
+        readiness,
+    };
+    consumer.run(shutdown).await?;
+    metrics::metrics()
+        .ready
+        .with_label_values(&["worker", &tier])
+        .set(0.0);
+    tracing::info!(%tier, "worker stopped");
+    Ok(())
+}

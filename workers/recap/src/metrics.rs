@@ -1,0 +1,117 @@
+//! Prometheus metrics, named as in ARCHITECTURE.md (in the spirit of TGI's
+//! and vLLM's). One registry per process, served at /metrics.
+
+use prometheus::{
+    exponential_buckets, CounterVec, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry,
+};
+use std::sync::OnceLock;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs_total: CounterVec,
+    pub job_duration_seconds: HistogramVec,
+    pub tokens_total: CounterVec,
+    pub cost_usd_total: CounterVec,
+    pub route_decisions_total: CounterVec,
+    pub inflight_jobs: GaugeVec,
+    pub generation_tokens_per_second: GaugeVec,
+    pub model_load_seconds: GaugeVec,
+    pub dead_letters_total: CounterVec,
+    pub ready: GaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        // Jobs take milliseconds (extractive) to many minutes (large model on CPU).
+        let buckets = exponential_buckets(0.005, 2.5, 14).expect("valid buckets");
+        let job_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "recap_job_duration_seconds",
+                "Time spent per stage: queue_wait, routing, inference, persist.",
+            )
+            .buckets(buckets),
+            &["stage"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(job_duration_seconds.clone()))
+            .expect("metric registered once");
+        Metrics {
+            jobs_total: counter(
+                &r,
+                "recap_jobs_total",
+                "Jobs finished, by tier, model and outcome.",
+                &["tier", "model", "outcome"],
+            ),
+            job_duration_seconds,
+            tokens_total: counter(
+                &r,
+                "recap_tokens_total",
+                "Tokens processed, by model and direction (input/output).",
+                &["model", "direction"],
+            ),
+            cost_usd_total: counter(
+                &r,
+                "recap_cost_usd_total",
+                "Cost booked, by tenant and tier.",
+                &["tenant", "tier"],
+            ),
+            route_decisions_total: counter(
+                &r,
+                "recap_route_decisions_total",
+                "Routing decisions, by tier and reason.",
+                &["tier", "reason"],
+            ),
+            inflight_jobs: gauge(
+                &r,
+                "recap_inflight_jobs",
+                "Jobs being worked on now.",
+                &["tier"],
+            ),
+            generation_tokens_per_second: gauge(
+                &r,
+                "recap_generation_tokens_per_second",
+                "Decode speed of the last job.",
+                &["model"],
+            ),
+            model_load_seconds: gauge(
+                &r,
+                "recap_model_load_seconds",
+                "How long the model took to load.",
+                &["model"],
+            ),
+            dead_letters_total: counter(
+                &r,
+                "recap_dead_letters_total",
+                "Messages sent to recap.dead, by reason.",
+                &["reason"],
+            ),
+            ready: gauge(
+                &r,
+                "recap_ready",
+                "1 when this process is ready to take work.",
+                &["role", "tier"],
+            ),
+            registry: r,
+        }
+    }
+}
+
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}

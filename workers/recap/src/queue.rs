@@ -1,0 +1,332 @@
+//! RabbitMQ: the topology recap declares, and publishing with confirms.
+//!
+//! ```text
+//! recap.jobs (direct) --ingest--> recap.ingest   (router)
+//!                     --compact-> recap.compact  (compact workers)
+//!                     --large---> recap.large    (large workers)
+//! recap.delay.<ms> (fanout) --> queue recap.delay.<ms>, TTL <ms>, dead-letters
+//!                               back to recap.jobs with the original routing key
+//! recap.dead (fanout) --> recap.dead: refused jobs, exhausted retries, and
+//!                         messages over the delivery limit
+//! recap.events (topic): job.completed.<tenant>, job.failed.<tenant>
+//! ```
+//!
+//! Work queues are quorum queues with a delivery limit, so a message that
+//! kills its consumer every time ends up in `recap.dead` instead of looping.
+
+use crate::config::{redact_url, Config};
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use uuid::Uuid;
+
+pub const EXCHANGE_JOBS: &str = "recap.jobs";
+pub const EXCHANGE_DEAD: &str = "recap.dead";
+pub const EXCHANGE_EVENTS: &str = "recap.events";
+pub const QUEUE_INGEST: &str = "recap.ingest";
+pub const QUEUE_DEAD: &str = "recap.dead";
+pub const ROUTE_INGEST: &str = "ingest";
+pub const TIERS: [&str; 2] = ["compact", "large"];
+
+/// Header: why a message was dead-lettered (a stable code).
+pub const H_REASON: &str = "x-recap-reason";
+/// Header: the human sentence behind the code.
+pub const H_DETAIL: &str = "x-recap-detail";
+/// Header: the queue the message was taken from when it died.
+pub const H_SOURCE: &str = "x-recap-source-queue";
+/// Header: how many tries the job has had (1 on first delivery).
+pub const H_ATTEMPT: &str = "x-recap-attempt";
+
+pub fn tier_queue(tier: &str) -> String {
+    format!("recap.{tier}")
+}
+
+pub fn delay_name(ms: u64) -> String {
+    format!("recap.delay.{ms}ms")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("publish to {exchange}/{routing_key} was not confirmed by the broker (nack)")]
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("publish to {exchange}/{routing_key} was returned unroutable: is the topology declared (`recap migrate`)?")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("the RabbitMQ topology is missing {0}: run `recap migrate` first")]
+    MissingTopology(String),
+}
+
+pub async fn connect(config: &Config, name: &str) -> Result<Connection, QueueError> {
+    let conn_props = ConnectionProperties::default().with_client_property(
+        "connection_name".into(),
+        LongString::from(format!("recap {name} pid {}", std::process::id())),
+    );
+    Connection::connect(&config.amqp.url, conn_props)
+        .await
+        .map_err(|source| QueueError::Connect {
+            url: redact_url(&config.amqp.url),
+            source,
+        })
+}
+
+/// A channel in confirm mode: every publish on it is confirmed.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, QueueError> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel, QueueError> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(ch)
+}
+
+fn work_queue_args(config: &Config) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(config.retry.delivery_limit as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(EXCHANGE_DEAD.into()),
+    );
+    // At-least-once dead-lettering needs reject-publish overflow: a message
+    // over the delivery limit is moved, never dropped.
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args
+}
+
+fn durable_exchange(passive: bool) -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        passive,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+/// Declares the whole topology; safe to run any number of times.
+pub async fn declare_topology(conn: &Connection, config: &Config) -> Result<(), QueueError> {
+    let ch = conn.create_channel().await?;
+    let opts = durable_exchange(false);
+    ch.exchange_declare(
+        EXCHANGE_JOBS.into(),
+        ExchangeKind::Direct,
+        opts,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        EXCHANGE_DEAD.into(),
+        ExchangeKind::Fanout,
+        opts,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        EXCHANGE_EVENTS.into(),
+        ExchangeKind::Topic,
+        opts,
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut dead_args = FieldTable::default();
+    dead_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(QUEUE_DEAD.into(), durable, dead_args)
+        .await?;
+    ch.queue_bind(
+        QUEUE_DEAD.into(),
+        EXCHANGE_DEAD.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut work = vec![(QUEUE_INGEST.to_string(), ROUTE_INGEST.to_string())];
+    work.extend(TIERS.iter().map(|t| (tier_queue(t), t.to_string())));
+    for (queue, key) in &work {
+        ch.queue_declare(queue.as_str().into(), durable, work_queue_args(config))
+            .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            EXCHANGE_JOBS.into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+
+    // One delay queue per distinct backoff: a message waits out the TTL,
+    // then dead-letters back to recap.jobs under its own routing key.
+    let mut delays = config.retry.backoff_ms.clone();
+    delays.sort_unstable();
+    delays.dedup();
+    for ms in delays {
+        let name = delay_name(ms);
+        ch.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Fanout,
+            opts,
+            FieldTable::default(),
+        )
+        .await?;
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms as i64));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(EXCHANGE_JOBS.into()),
+        );
+        ch.queue_declare(name.as_str().into(), durable, args)
+            .await?;
+        ch.queue_bind(
+            name.as_str().into(),
+            name.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.close(200, "topology declared".into()).await?;
+    Ok(())
+}
+
+/// Checks, without creating anything, that the queue a process consumes and
+/// the exchanges it publishes to exist. Each passive declare that fails
+/// closes its channel, so each gets its own.
+pub async fn check_topology(conn: &Connection, queue: &str) -> Result<(), QueueError> {
+    for exchange in [EXCHANGE_JOBS, EXCHANGE_DEAD, EXCHANGE_EVENTS] {
+        let ch = conn.create_channel().await?;
+        ch.exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            durable_exchange(true),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|_| QueueError::MissingTopology(format!("exchange {exchange}")))?;
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    for q in [queue, QUEUE_DEAD] {
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|_| QueueError::MissingTopology(format!("queue {q}")))?;
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    Ok(())
+}
+
+/// Properties of a job message: JSON, persistent, `message_id` = job id.
+pub fn job_properties(job_id: Option<Uuid>, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(id) = job_id {
+        p = p.with_message_id(id.to_string().into());
+    }
+    p
+}
+
+/// Publishes and waits for the broker's confirm. `mandatory` makes an
+/// unroutable publish an error instead of a silent drop.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<(), QueueError> {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            payload,
+            props,
+        )
+        .await?
+        .await?;
+    if confirm.is_nack() {
+        return Err(QueueError::Nacked {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        });
+    }
+    if confirm.take_message().is_some() {
+        return Err(QueueError::Unroutable {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads an integer header, whatever integer width the producer used.
+pub fn header_int(props: &BasicProperties, key: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortShortUInt(v) => Some(*v as i64),
+        AMQPValue::ShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortUInt(v) => Some(*v as i64),
+        AMQPValue::LongInt(v) => Some(*v as i64),
+        AMQPValue::LongUInt(v) => Some(*v as i64),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+pub fn string_value(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.to_string()))
+}
+
+pub fn short(s: &str) -> ShortString {
+    // Header keys are our own constants, well under the 255-byte limit.
+    ShortString::from(s)
+}

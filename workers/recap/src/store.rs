@@ -1,0 +1,441 @@
+//! PostgreSQL: the job state machine and the rows it leaves behind.
+//!
+//! Exactly-once effects rest on two facts: `jobs.job_id` is the primary
+//! key, and every transition runs in a transaction that first locks the job
+//! row and refuses to leave a terminal state. A redelivered message finds
+//! the job `succeeded` and writes nothing.
+
+use crate::config::{redact_url, Config};
+use chrono::{DateTime, Utc};
+use recap_engine::SummaryOutput;
+use recap_job::Job;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
+    PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&config.database.url)
+        .await
+        .map_err(|source| StoreError::Connect {
+            url: redact_url(&config.database.url),
+            source,
+        })
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// The states of a job. Terminal ones are never left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Routed,
+    Running,
+    Succeeded,
+    Failed,
+    Dead,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Routed => "routed",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Queued,
+            Status::Routed,
+            Status::Running,
+            Status::Succeeded,
+            Status::Failed,
+            Status::Dead,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Dead)
+    }
+}
+
+fn kinds(job: &Job) -> Vec<String> {
+    job.summaries
+        .iter()
+        .map(|k| k.as_str().to_string())
+        .collect()
+}
+
+/// Inserts the job in `status` unless it exists; returns the status it has
+/// after the call, locked for the rest of the transaction.
+async fn ensure_job_locked(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    status: Status,
+) -> Result<Status, StoreError> {
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
+                           callback_url, input_bytes, utterances, queued_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(job.job_id)
+    .bind(&job.tenant)
+    .bind(status.as_str())
+    .bind(job.quality.as_str())
+    .bind(job.language.as_deref())
+    .bind(kinds(job))
+    .bind(
+        job.metadata
+            .as_ref()
+            .map(|m| serde_json::Value::Object(m.clone())),
+    )
+    .bind(job.callback_url.as_deref())
+    .bind(job.transcript_bytes() as i32)
+    .bind(job.transcript.len() as i32)
+    .execute(&mut **tx)
+    .await?;
+    let row = sqlx::query("SELECT status FROM jobs WHERE job_id = $1 FOR UPDATE")
+        .bind(job.job_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let s: String = row.try_get("status")?;
+    Ok(Status::parse(&s).unwrap_or(Status::Queued))
+}
+
+/// What the router records for one decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub tier: String,
+    pub model: String,
+    pub reason: String,
+    pub features: serde_json::Value,
+    pub estimated_cost_usd: f64,
+    pub policy_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// First decision for this job: publish it.
+    Routed,
+    /// Decided before (a redelivery or a duplicate publish): the earlier tier.
+    AlreadyRouted { tier: String, status: Status },
+}
+
+/// Records a routing decision and moves the job to `routed`, in one
+/// transaction. An already-routed job keeps its first decision.
+pub async fn record_route(
+    pool: &PgPool,
+    job: &Job,
+    decision: &Decision,
+) -> Result<RouteOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    let status = ensure_job_locked(&mut tx, job, Status::Queued).await?;
+    if status != Status::Queued {
+        let tier: Option<String> = sqlx::query_scalar(
+            "SELECT tier FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
+        )
+        .bind(job.job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return Ok(RouteOutcome::AlreadyRouted {
+            tier: tier.unwrap_or_else(|| decision.tier.clone()),
+            status,
+        });
+    }
+    sqlx::query(
+        "INSERT INTO route_decisions (job_id, tier, model, reason, features, estimated_cost_usd, policy_version)
+         VALUES ($1, $2, $3, $4, $5, $6::float8::numeric, $7)",
+    )
+    .bind(job.job_id)
+    .bind(&decision.tier)
+    .bind(&decision.model)
+    .bind(&decision.reason)
+    .bind(&decision.features)
+    .bind(decision.estimated_cost_usd)
+    .bind(&decision.policy_version)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+         VALUES ($1, $2, $3, $4, 'estimate', $5::float8::numeric)",
+    )
+    .bind(&job.tenant)
+    .bind(job.job_id)
+    .bind(&decision.tier)
+    .bind(&decision.model)
+    .bind(decision.estimated_cost_usd)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
+         WHERE job_id = $1",
+    )
+    .bind(job.job_id)
+    .bind(&decision.tier)
+    .bind(&decision.model)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(RouteOutcome::Routed)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// Run it; this is try number `attempt`.
+    Run { attempt: i32 },
+    /// The job already ended (a redelivery): ack and move on.
+    AlreadyDone(Status),
+}
+
+/// A worker takes the job: `running`, one more attempt.
+pub async fn start_job(
+    pool: &PgPool,
+    job: &Job,
+    tier: &str,
+    model: &str,
+) -> Result<StartOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    let status = ensure_job_locked(&mut tx, job, Status::Routed).await?;
+    if status.is_terminal() {
+        tx.commit().await?;
+        return Ok(StartOutcome::AlreadyDone(status));
+    }
+    let attempt: i32 = sqlx::query_scalar(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = $3,
+                         started_at = now(), updated_at = now()
+         WHERE job_id = $1 RETURNING attempts",
+    )
+    .bind(job.job_id)
+    .bind(tier)
+    .bind(model)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StartOutcome::Run { attempt })
+}
+
+/// The finished work of one job.
+#[derive(Debug, Clone)]
+pub struct Completion<'a> {
+    pub tier: &'a str,
+    pub model: &'a str,
+    pub engine: &'a str,
+    pub outputs: &'a [SummaryOutput],
+    pub cost_usd: f64,
+}
+
+/// Commits the summaries and `succeeded` in one transaction. Returns false
+/// when the job had already ended: then nothing was written.
+pub async fn complete_job(
+    pool: &PgPool,
+    job: &Job,
+    done: &Completion<'_>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let status = ensure_job_locked(&mut tx, job, Status::Running).await?;
+    if status.is_terminal() {
+        tx.commit().await?;
+        return Ok(false);
+    }
+    let mut input_tokens = 0i64;
+    let mut output_tokens = 0i64;
+    let mut chunks = 1i32;
+    for out in done.outputs {
+        sqlx::query(
+            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
+                                    prefill_ms, decode_ms, total_ms, shadow)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, false)
+             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
+        )
+        .bind(job.job_id)
+        .bind(out.kind.as_str())
+        .bind(&out.text)
+        .bind(done.model)
+        .bind(done.engine)
+        .bind(out.input_tokens as i32)
+        .bind(out.output_tokens as i32)
+        .bind(out.prefill_ms)
+        .bind(out.decode_ms)
+        .bind(out.total_ms)
+        .execute(&mut *tx)
+        .await?;
+        input_tokens += out.input_tokens as i64;
+        output_tokens += out.output_tokens as i64;
+        chunks = chunks.max(out.chunks as i32);
+    }
+    sqlx::query(
+        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
+         VALUES ($1, $2, $3, $4, 'actual', $5, $6, $7::float8::numeric)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.tenant)
+    .bind(job.job_id)
+    .bind(done.tier)
+    .bind(done.model)
+    .bind(input_tokens.min(i32::MAX as i64) as i32)
+    .bind(output_tokens.min(i32::MAX as i64) as i32)
+    .bind(done.cost_usd)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET status = 'succeeded', chunks = $2, cost_usd = $3::float8::numeric,
+                         error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
+         WHERE job_id = $1",
+    )
+    .bind(job.job_id)
+    .bind(chunks)
+    .bind(done.cost_usd)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Marks a job `dead` (or `failed`) with its reason, creating the row when
+/// the job never got one (a refused message whose id could be read).
+/// A job that already ended keeps its state.
+pub async fn mark_ended(
+    pool: &PgPool,
+    job_id: Uuid,
+    tenant: Option<&str>,
+    status: Status,
+    code: &str,
+    message: &str,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, status, queued_at) VALUES ($1, $2, $3, now())
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(tenant.unwrap_or("(unknown)"))
+    .bind(status.as_str())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET status = $2, error_code = $3, error = $4, finished_at = now(), updated_at = now()
+         WHERE job_id = $1
+           AND (status NOT IN ('succeeded', 'failed', 'dead') OR (status = $2 AND error_code IS NULL))",
+    )
+    .bind(job_id)
+    .bind(status.as_str())
+    .bind(code)
+    .bind(message)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A job's row, as `recap` shows it to people and the gateway to clients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobRow {
+    pub job_id: Uuid,
+    pub tenant: String,
+    pub status: String,
+    pub tier: Option<String>,
+    pub model: Option<String>,
+    pub attempts: i32,
+    pub chunks: Option<i32>,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub cost_usd: Option<f64>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub routed_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobRow>, StoreError> {
+    let row = sqlx::query(
+        "SELECT job_id, tenant, status, tier, model, attempts, chunks, error_code, error,
+                cost_usd::float8 AS cost_usd, queued_at, routed_at, started_at, finished_at
+         FROM jobs WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(JobRow {
+        job_id: r.try_get("job_id")?,
+        tenant: r.try_get("tenant")?,
+        status: r.try_get("status")?,
+        tier: r.try_get("tier")?,
+        model: r.try_get("model")?,
+        attempts: r.try_get("attempts")?,
+        chunks: r.try_get("chunks")?,
+        error_code: r.try_get("error_code")?,
+        error: r.try_get("error")?,
+        cost_usd: r.try_get("cost_usd")?,
+        queued_at: r.try_get("queued_at")?,
+        routed_at: r.try_get("routed_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+    }))
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SummaryRow {
+    pub kind: String,
+    pub text: String,
+    pub model: String,
+    pub engine: String,
+    pub input_tokens: i32,
+    pub output_tokens: i32,
+    pub total_ms: f64,
+}
+
+pub async fn get_summaries(pool: &PgPool, job_id: Uuid) -> Result<Vec<SummaryRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT kind, text, model, engine, input_tokens, output_tokens, total_ms
+         FROM summaries WHERE job_id = $1 AND NOT shadow ORDER BY created_at, kind",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SummaryRow {
+                kind: r.try_get("kind")?,
+                text: r.try_get("text")?,
+                model: r.try_get("model")?,
+                engine: r.try_get("engine")?,
+                input_tokens: r.try_get("input_tokens")?,
+                output_tokens: r.try_get("output_tokens")?,
+                total_ms: r.try_get("total_ms")?,
+            })
+        })
+        .collect()
+}
+
+/// Liveness of the database connection, for readiness probes.
+pub async fn ping(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}

@@ -1,0 +1,146 @@
+//! `recap summarize FILE|-`: the engine on one transcript, no broker, no
+//! database. Reads plain text, a QMSum meeting JSON or a job JSON.
+
+use crate::config::Config;
+use crate::engines;
+use anyhow::{bail, Context, Result};
+use recap_engine::{Cancel, SummarizeRequest};
+use recap_job::{parse_job_value, utterances_from_text, SummaryKind, Utterance};
+use std::io::Read;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The transcript file, or - for standard input.
+    pub file: PathBuf,
+    /// Catalog id of the model; default: the compact tier's model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Summary kinds, comma-separated (overview, action_items, decisions, short).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A transcript read from any of the accepted formats.
+pub struct Input {
+    pub transcript: Vec<Utterance>,
+    pub kinds: Vec<SummaryKind>,
+    pub language: Option<String>,
+}
+
+pub fn read_input(bytes: &[u8], config: &Config) -> Result<Input> {
+    let text = std::str::from_utf8(bytes).context("the transcript is not UTF-8")?;
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+        if value.get("meeting_transcripts").is_some() {
+            return qmsum_meeting(&value);
+        }
+        if value.get("job_id").is_some() || value.get("version").is_some() {
+            let job =
+                parse_job_value(&value, &config.limits).map_err(|r| anyhow::anyhow!("{r}"))?;
+            return Ok(Input {
+                transcript: job.transcript,
+                kinds: job.summaries,
+                language: job.language,
+            });
+        }
+        bail!("JSON input is neither a job (job_id, version) nor a QMSum meeting (meeting_transcripts)");
+    }
+    let transcript = utterances_from_text(text);
+    if transcript.is_empty() {
+        bail!("the transcript is empty");
+    }
+    Ok(Input {
+        transcript,
+        kinds: vec![SummaryKind::Overview],
+        language: None,
+    })
+}
+
+fn qmsum_meeting(value: &serde_json::Value) -> Result<Input> {
+    let turns = value["meeting_transcripts"]
+        .as_array()
+        .context("meeting_transcripts is not an array")?;
+    let transcript: Vec<Utterance> = turns
+        .iter()
+        .filter_map(|t| {
+            let text = t.get("content")?.as_str()?.trim().to_string();
+            (!text.is_empty()).then(|| Utterance {
+                speaker: t
+                    .get("speaker")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_string),
+                start_s: None,
+                end_s: None,
+                text,
+            })
+        })
+        .collect();
+    if transcript.is_empty() {
+        bail!("the QMSum meeting has no utterances");
+    }
+    Ok(Input {
+        transcript,
+        kinds: vec![SummaryKind::Overview],
+        language: Some("en".into()),
+    })
+}
+
+pub fn run(config: &Config, args: Args) -> Result<()> {
+    let mut bytes = Vec::new();
+    if args.file.as_os_str() == "-" {
+        std::io::stdin().read_to_end(&mut bytes)?;
+    } else {
+        bytes = std::fs::read(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?;
+    }
+    let mut input = read_input(&bytes, config)?;
+    if !args.kinds.is_empty() {
+        input.kinds = args
+            .kinds
+            .iter()
+            .map(|k| SummaryKind::parse(k).with_context(|| format!("unknown summary kind {k:?}")))
+            .collect::<Result<_>>()?;
+    }
+    let model_id = match args.model {
+        Some(m) => m,
+        None => config
+            .tier_model("compact")
+            .context("no --model and no tiers.compact.model")?
+            .to_string(),
+    };
+    let engine = engines::load(&model_id, config)?;
+    let outputs = engine.summarize(&SummarizeRequest {
+        transcript: &input.transcript,
+        kinds: &input.kinds,
+        language: input.language.as_deref(),
+        deadline: None,
+        cancel: Cancel::default(),
+    })?;
+    if args.json {
+        let out: Vec<_> = outputs
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "kind": o.kind, "text": o.text, "model": model_id, "engine": engine.engine(),
+                    "input_tokens": o.input_tokens, "output_tokens": o.output_tokens,
+                    "prefill_ms": o.prefill_ms, "decode_ms": o.decode_ms, "total_ms": o.total_ms,
+                    "chunks": o.chunks,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for o in &outputs {
+            println!("== {} ({} via {}) ==", o.kind, model_id, engine.engine());
+            println!("{}", o.text);
+            println!(
+                "-- {} input tokens, {} output tokens, prefill {:.0} ms, decode {:.0} ms, total {:.0} ms, {} chunk(s)\n",
+                o.input_tokens, o.output_tokens, o.prefill_ms, o.decode_ms, o.total_ms, o.chunks
+            );
+        }
+    }
+    Ok(())
+}
