@@ -4,9 +4,25 @@
 //!
 //! - [`summarizer`]: the [`Summarizer`] interface every engine implements.
 //! - [`extractive`]: the deterministic Lead-N baseline (economy fallback, eval baseline).
+//! - [`catalog`]: the model catalog (ids, files, sha256, prices).
+//! - [`tokenizer`]: tokenizers built from GGUF metadata, matching llama.cpp.
+//! - [`prompts`]: versioned prompt templates and chat templates (minijinja).
+//! - [`generate`]: the generation loop (KV cache, sampling, stops, deadline).
+//! - [`chunking`]: long transcripts cut on utterance boundaries to a budget.
+//! - [`llm`]: GGUF decoder models (llama, qwen2) as a `Summarizer`.
+//! - [`t5`]: T5 / FLAN-T5 seq2seq models (Hugging Face safetensors layout).
+//! - [`mapreduce`]: one summary over a transcript of any length.
 
+pub mod catalog;
+pub mod chunking;
 pub mod extractive;
+pub mod generate;
+pub mod llm;
+pub mod mapreduce;
+pub mod prompts;
 pub mod summarizer;
+pub mod t5;
+pub mod tokenizer;
 
 pub use extractive::Extractive;
 pub use summarizer::{Cancel, EngineError, SummarizeRequest, Summarizer, SummaryOutput};

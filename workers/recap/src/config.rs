@@ -96,6 +96,9 @@ pub struct ModelsConfig {
     pub device: String,
     /// Threads for CPU inference; 0 means all cores.
     pub threads: usize,
+    /// Most tokens (prompt and output) one model call may use; longer
+    /// transcripts are chunked. Smaller is faster on CPU.
+    pub max_context: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +186,7 @@ impl Default for ModelsConfig {
             dir: None,
             device: "cpu".into(),
             threads: 0,
+            max_context: 4096,
         }
     }
 }
@@ -327,6 +331,9 @@ impl Config {
         if self.retry.delivery_limit == 0 {
             return Err(invalid("retry.delivery_limit", "must be at least 1"));
         }
+        if !(512..=1_048_576).contains(&self.models.max_context) {
+            return Err(invalid("models.max_context", "must be 512-1048576 tokens"));
+        }
         if self.worker.job_deadline_s == 0 {
             return Err(invalid("worker.job_deadline_s", "must be at least 1"));
         }
@@ -363,6 +370,17 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        if let Some(d) = &self.models.dir {
+            return d.clone();
+        }
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"));
+        cache.join("recap").join("models")
     }
 
     pub fn tier_model(&self, tier: &str) -> Option<&str> {
@@ -407,6 +425,14 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/recap.toml");
+        let c = Config::from_file(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-instruct-q4_1"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod consume;
 mod engines;
 mod enqueue;
 mod metrics;
+mod models;
 mod probes;
 mod queue;
 mod router;
@@ -47,6 +48,11 @@ enum Command {
     },
     /// Publish transcript files as jobs on RabbitMQ; with --wait, print their summaries.
     Enqueue(enqueue::Args),
+    /// The model catalog: list it, fetch weights.
+    Models {
+        #[command(subcommand)]
+        cmd: models::ModelsCommand,
+    },
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
 }
@@ -77,12 +83,18 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let config = Arc::new(Config::load(cli.config.as_deref())?);
+    if config.models.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle's CPU kernels run on rayon's global pool, sized from this
+        // variable the first time it is used, which is after this point.
+        std::env::set_var("RAYON_NUM_THREADS", config.models.threads.to_string());
+    }
     match cli.command {
         Command::Migrate => migrate(&config).await,
         Command::Router => run_router(config).await,
         Command::Worker { tier } => run_worker(config, tier).await,
         Command::Summarize(args) => summarize::run(&config, args),
         Command::Enqueue(args) => enqueue::run(&config, args).await,
+        Command::Models { cmd } => models::run(&config, cmd),
     }
 }
 
@@ -116,7 +128,7 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
         .tier_model("compact")
         .or(config.tier_model("large"))
         .unwrap_or(recap_engine::extractive::MODEL_ID);
-    let counter = engines::load(compact, &config)
+    let (counter, _) = engines::load(compact, &config)
         .with_context(|| format!("loading tokenizer of {compact}"))?;
     readiness.set_model(true);
     metrics::metrics()
@@ -164,24 +176,43 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         },
     )
     .await?;
-    let loaded = std::time::Instant::now();
-    let engine = engines::load(&model_id, &config)
-        .with_context(|| format!("loading model {model_id} for tier {tier}"))?;
-    metrics::metrics()
-        .model_load_seconds
-        .with_label_values(&[&model_id])
-        .set(loaded.elapsed().as_secs_f64());
+    // A model that will not load leaves the worker up but not ready (its
+    // probes say why), retrying now and then: an operator fixes the file
+    // and the worker comes up without a restart.
+    let mut wait_shutdown = shutdown.clone();
+    let (engine, price) = loop {
+        let loaded = std::time::Instant::now();
+        match engines::load(&model_id, &config) {
+            Ok(ok) => {
+                metrics::metrics()
+                    .model_load_seconds
+                    .with_label_values(&[&model_id])
+                    .set(loaded.elapsed().as_secs_f64());
+                break ok;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), %tier, model = %model_id, "model failed to load; not ready, retrying in 30 s");
+                readiness.set_model(false);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                    _ = wait_shutdown.wait() => return Ok(()),
+                }
+            }
+        }
+    };
     readiness.set_model(true);
     metrics::metrics()
         .ready
         .with_label_values(&["worker", &tier])
         .set(1.0);
-    tracing::info!(%tier, model = %model_id, "model loaded");
+    let rss = summarize::resident_memory().map(|r| r.0 >> 20).unwrap_or(0);
+    tracing::info!(%tier, model = %model_id, rss_mib = rss, "model loaded");
     let handler = Arc::new(worker::Worker {
         tier: tier.clone(),
         pool: pool.clone(),
         config: config.clone(),
         engine,
+        price,
     });
     let consumer = consume::Consumer {
         queue: queue::tier_queue(&tier),

@@ -111,7 +111,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
             .context("no --model and no tiers.compact.model")?
             .to_string(),
     };
-    let engine = engines::load(&model_id, config)?;
+    let (engine, _) = engines::load(&model_id, config)?;
     let outputs = engine.summarize(&SummarizeRequest {
         transcript: &input.transcript,
         kinds: &input.kinds,
@@ -119,6 +119,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
         deadline: None,
         cancel: Cancel::default(),
     })?;
+    let rss = resident_memory();
     if args.json {
         let out: Vec<_> = outputs
             .iter()
@@ -131,7 +132,13 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model_id, "summaries": out,
+                "rss_bytes": rss.map(|r| r.0), "peak_rss_bytes": rss.map(|r| r.1),
+            }))?
+        );
     } else {
         for o in &outputs {
             println!("== {} ({} via {}) ==", o.kind, model_id, engine.engine());
@@ -141,6 +148,24 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
                 o.input_tokens, o.output_tokens, o.prefill_ms, o.decode_ms, o.total_ms, o.chunks
             );
         }
+        if let Some((now, peak)) = rss {
+            println!(
+                "resident memory: {} MiB (peak {} MiB)",
+                now >> 20,
+                peak >> 20
+            );
+        }
     }
     Ok(())
+}
+
+/// Resident memory now and at peak, in bytes, from /proc (Linux).
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

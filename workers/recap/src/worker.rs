@@ -18,6 +18,8 @@ pub struct Worker {
     pub pool: PgPool,
     pub config: Arc<crate::config::Config>,
     pub engine: Arc<dyn Summarizer>,
+    /// The model's catalog entry: its prices make the job's cost.
+    pub price: recap_engine::catalog::ModelEntry,
 }
 
 impl Handler for Worker {
@@ -94,12 +96,15 @@ impl Handler for Worker {
         let inference = started.elapsed();
 
         let persist_start = Instant::now();
+        let (tin, tout) = outputs.iter().fold((0u64, 0u64), |(a, b), o| {
+            (a + o.input_tokens as u64, b + o.output_tokens as u64)
+        });
         let done = Completion {
             tier: &self.tier,
             model: &model,
             engine: self.engine.engine(),
             outputs: &outputs,
-            cost_usd: 0.0,
+            cost_usd: self.price.cost(tin, tout),
         };
         match store::complete_job(&self.pool, &job, &done).await {
             Ok(true) => {}
@@ -123,9 +128,6 @@ impl Handler for Worker {
         m.jobs_total
             .with_label_values(&[&self.tier, &model, "succeeded"])
             .inc();
-        let (tin, tout) = outputs.iter().fold((0u64, 0u64), |(a, b), o| {
-            (a + o.input_tokens as u64, b + o.output_tokens as u64)
-        });
         m.tokens_total
             .with_label_values(&[&model, "input"])
             .inc_by(tin as f64);

@@ -1,0 +1,155 @@
+//! The model catalog: what each model is, where its weights come from, how
+//! they are checked, and what it costs. Shipped in the repo
+//! (`workers/engine/catalog.toml`); pure data, no IO beyond parsing.
+
+use serde::Deserialize;
+
+pub const CATALOG_TOML: &str = include_str!("../catalog.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    #[serde(rename = "model")]
+    pub models: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub id: String,
+    /// Architecture family: `llama`, `qwen2`, `gemma3`, `t5`, `extractive`.
+    pub family: String,
+    /// `gguf`, `safetensors` (HF layout directory) or `builtin`.
+    pub format: String,
+    /// File name in the models directory (a directory for safetensors).
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// sha256 of the assembled file.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    pub context_length: usize,
+    /// `gguf` to use the file's own `tokenizer.chat_template`.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    pub price_per_1k_input: f64,
+    pub price_per_1k_output: f64,
+    pub licence: String,
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default)]
+    pub parts: Vec<Part>,
+}
+
+/// One piece of a model's weights inside a PyPI package.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    pub package: String,
+    pub version: String,
+    /// Path of the file inside the wheel.
+    pub member: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("model catalog: {0}")]
+    Parse(String),
+    #[error("unknown model `{id}`; the catalog has: {known}")]
+    Unknown { id: String, known: String },
+}
+
+impl Catalog {
+    pub fn builtin() -> Result<Catalog, CatalogError> {
+        Self::parse(CATALOG_TOML)
+    }
+
+    pub fn parse(text: &str) -> Result<Catalog, CatalogError> {
+        let c: Catalog = toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        for m in &c.models {
+            if m.price_per_1k_input < 0.0 || m.price_per_1k_output < 0.0 {
+                return Err(CatalogError::Parse(format!(
+                    "model {}: negative price",
+                    m.id
+                )));
+            }
+            if m.format != "builtin" && m.file.is_none() {
+                return Err(CatalogError::Parse(format!("model {}: no file", m.id)));
+            }
+            let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if let Some(h) = &m.sha256 {
+                if !hex64(h) {
+                    return Err(CatalogError::Parse(format!("model {}: bad sha256", m.id)));
+                }
+            }
+            if m.parts
+                .iter()
+                .any(|p| p.sha256.as_deref().is_some_and(|h| !hex64(h)))
+            {
+                return Err(CatalogError::Parse(format!(
+                    "model {}: bad part sha256",
+                    m.id
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn get(&self, id: &str) -> Result<&ModelEntry, CatalogError> {
+        self.models
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| CatalogError::Unknown {
+                id: id.to_string(),
+                known: self
+                    .models
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    pub fn defaults(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models.iter().filter(|m| m.default)
+    }
+}
+
+impl ModelEntry {
+    /// USD for a call with these token counts.
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.price_per_1k_input
+            + output_tokens as f64 * self.price_per_1k_output)
+            / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_catalog_parses() {
+        let c = Catalog::builtin().unwrap();
+        let smol = c.get("smollm2-135m-instruct-q4_1").unwrap();
+        assert_eq!(smol.family, "llama");
+        assert!(smol.default);
+        assert_eq!(c.defaults().count(), 2);
+        assert!(c.get("nope").unwrap_err().to_string().contains("smollm2"));
+        assert!((smol.cost(1000, 1000) - 0.00005).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_entries_are_refused() {
+        let bad = "[[model]]\nid='x'\nfamily='llama'\nformat='gguf'\nfile='f'\ncontext_length=1\nprice_per_1k_input=-1.0\nprice_per_1k_output=0.0\nlicence='l'\n";
+        assert!(Catalog::parse(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("negative"));
+        let unknown = "[[model]]\nid='x'\nfamily='llama'\nformat='gguf'\nfile='f'\ncontext_length=1\nprice_per_1k_input=1.0\nprice_per_1k_output=0.0\nlicence='l'\ncolour='red'\n";
+        assert!(Catalog::parse(unknown).is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! GGUF decoder models (llama, qwen2 families) as a [`Summarizer`]:
+//! weights and tokenizer from one GGUF file, the file's own chat template,
+//! chunked map-reduce for transcripts longer than the context budget.
+
+use crate::generate::{clean_output, generate, trim_unfinished, Decoder, GenParams, Generation};
+use crate::mapreduce::{self, Step};
+use crate::prompts::{self, ChatTemplate};
+use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
+use crate::tokenizer::GgufTokenizer;
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use recap_job::SummaryKind;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+use std::sync::Mutex;
+
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+}
+
+impl Decoder for Weights {
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward(ids, pos),
+            Weights::Qwen2(m) => m.forward(ids, pos),
+        }
+    }
+    fn clear_cache(&mut self) {
+        match self {
+            Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Qwen2(m) => m.clear_kv_cache(),
+        }
+    }
+}
+
+/// How a GGUF model is to be loaded.
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    pub id: String,
+    /// Checked before loading when given.
+    pub sha256: Option<String>,
+    pub device: Device,
+    /// Cap on the tokens one call may use (prompt + output); the model's
+    /// own context length caps it too. Smaller means faster on CPU and more
+    /// chunks for long transcripts.
+    pub max_context: usize,
+}
+
+pub struct GgufModel {
+    id: String,
+    weights: Mutex<Weights>,
+    tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+    device: Device,
+    context: usize,
+}
+
+fn bad_model(path: &Path, msg: impl std::fmt::Display) -> EngineError {
+    EngineError::BadModel(format!("{}: {msg}", path.display()))
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub(crate) fn max_new_tokens(kind: SummaryKind) -> usize {
+    match kind {
+        SummaryKind::Overview => 200,
+        SummaryKind::ActionItems | SummaryKind::Decisions => 160,
+        SummaryKind::Short => 60,
+    }
+}
+
+impl GgufModel {
+    pub fn load(path: &Path, opts: &GgufOptions) -> Result<GgufModel, EngineError> {
+        if !path.exists() {
+            return Err(bad_model(path, "file not found; run `recap models fetch`"));
+        }
+        if let Some(want) = &opts.sha256 {
+            let got = sha256_file(path).map_err(|e| bad_model(path, e))?;
+            if &got != want {
+                return Err(bad_model(
+                    path,
+                    format!("sha256 is {got}, expected {want}: the file is damaged or not this model; delete it and run `recap models fetch`"),
+                ));
+            }
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| bad_model(path, e))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| bad_model(path, format!("not a readable GGUF file: {e}")))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| bad_model(path, "no general.architecture in the GGUF metadata"))?;
+        let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|e| bad_model(path, e))?;
+        let ctx_key = format!("{arch}.context_length");
+        let trained_ctx = ct
+            .metadata
+            .get(&ctx_key)
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(2048) as usize;
+        let template_src = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| {
+                bad_model(
+                    path,
+                    "no tokenizer.chat_template: this is not an instruct model",
+                )
+            })?;
+        let tok_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            &template_src,
+            &tok_text(tokenizer.bos_id),
+            &tok_text(tokenizer.eos_id),
+        )?;
+        let weights = match arch.as_str() {
+            "llama" => Weights::Llama(
+                quantized_llama::ModelWeights::from_gguf(ct, &mut file, &opts.device)
+                    .map_err(|e| bad_model(path, format!("loading llama weights: {e}")))?,
+            ),
+            "qwen2" => Weights::Qwen2(
+                quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &opts.device)
+                    .map_err(|e| bad_model(path, format!("loading qwen2 weights: {e}")))?,
+            ),
+            other => {
+                return Err(bad_model(
+                    path,
+                    format!("architecture `{other}` is not supported (llama, qwen2 are)"),
+                ))
+            }
+        };
+        Ok(GgufModel {
+            id: opts.id.clone(),
+            weights: Mutex::new(weights),
+            tokenizer,
+            template,
+            device: opts.device.clone(),
+            context: opts.max_context.min(trained_ctx),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of a chat prompt with this system and user message.
+    pub fn prompt_ids(&self, user: &str) -> Result<Vec<u32>, EngineError> {
+        let prompt = self.template.render(prompts::system(), user)?;
+        // The rendered template's special tokens are real ones; the
+        // transcript inside it was escaped of none, but a transcript that
+        // types "<|im_start|>" gets plain-text ids: see `user_text`.
+        self.tokenizer.encode(&prompt, true)
+    }
+
+    /// One chat completion.
+    pub fn complete(
+        &self,
+        user: &str,
+        params: &GenParams,
+        req: &SummarizeRequest<'_>,
+    ) -> Result<(String, Generation), EngineError> {
+        let ids = self.prompt_ids(user)?;
+        let mut weights = self
+            .weights
+            .lock()
+            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let decode = |t: &[u32]| self.tokenizer.decode(t);
+        let g = generate(
+            &mut *weights,
+            &self.device,
+            &ids,
+            params,
+            &self.tokenizer.stop_ids,
+            &decode,
+            &req.cancel,
+            req.deadline,
+        )?;
+        let mut text = clean_output(&self.tokenizer.decode(&g.tokens)?, &params.stop_strings);
+        if g.finish == "max_tokens" {
+            text = trim_unfinished(&text);
+        }
+        Ok((text, g))
+    }
+
+    fn count(&self, text: &str) -> usize {
+        self.tokenizer
+            .encode(text, false)
+            .map(|v| v.len())
+            .unwrap_or(text.len() / 3 + 1)
+    }
+
+    /// Tokens of transcript a single call can hold for `kind`.
+    fn transcript_budget(&self, kind: SummaryKind) -> usize {
+        let overhead = self.count(prompts::system()) + self.count(prompts::instruction(kind)) + 64;
+        self.context
+            .saturating_sub(overhead + max_new_tokens(kind))
+            .max(64)
+    }
+
+    fn summarize_one(
+        &self,
+        req: &SummarizeRequest<'_>,
+        kind: SummaryKind,
+    ) -> Result<SummaryOutput, EngineError> {
+        let params = GenParams {
+            max_new_tokens: max_new_tokens(kind),
+            ..GenParams::default()
+        };
+        let suffix = language_suffix(req.language);
+        let count = |s: &str| self.count(s);
+        mapreduce::summarize_kind(
+            req.transcript,
+            kind,
+            self.transcript_budget(kind),
+            &count,
+            &mut |step| {
+                let user = match step {
+                    Step::Map(t) => prompts::user_turn(t, kind)?,
+                    Step::Reduce(p) => prompts::reduce_turn(p, kind)?,
+                };
+                self.complete(&format!("{user}{suffix}"), &params, req)
+            },
+        )
+    }
+}
+
+pub(crate) fn language_suffix(language: Option<&str>) -> String {
+    match language.map(|l| l.split('-').next().unwrap_or(l).to_lowercase()) {
+        None => String::new(),
+        Some(l) if l == "en" => String::new(),
+        Some(l) => {
+            let name = match l.as_str() {
+                "fr" => "French",
+                "de" => "German",
+                "es" => "Spanish",
+                "it" => "Italian",
+                "pt" => "Portuguese",
+                "nl" => "Dutch",
+                _ => return format!("\nAnswer in the language whose code is {l}."),
+            };
+            format!("\nAnswer in {name}.")
+        }
+    }
+}
+
+impl Summarizer for GgufModel {
+    fn model_id(&self) -> &str {
+        &self.id
+    }
+
+    fn engine(&self) -> &'static str {
+        "gguf"
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
+        Ok(self.tokenizer.encode(text, false)?.len())
+    }
+
+    fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError> {
+        req.kinds
+            .iter()
+            .map(|&k| self.summarize_one(req, k))
+            .collect()
+    }
+}

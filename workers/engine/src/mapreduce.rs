@@ -1,0 +1,152 @@
+//! One summary kind over a transcript of any length, for any engine: the
+//! whole transcript in one call when it fits the budget, otherwise map (each
+//! chunk summarized) then reduce (partials merged, in rounds while they
+//! overflow). Never a silent truncation: the output says how many chunks.
+
+use crate::chunking::{pack, split_oversize};
+use crate::generate::Generation;
+use crate::summarizer::{EngineError, SummaryOutput};
+use recap_job::{SummaryKind, Utterance};
+use std::time::Instant;
+
+/// What one model call is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub enum Step<'a> {
+    /// Summarize these transcript lines.
+    Map(&'a str),
+    /// Merge these partial summaries.
+    Reduce(&'a str),
+}
+
+/// What a model call returns: the clean text and the generation's counts.
+pub type CallResult = Result<(String, Generation), EngineError>;
+
+pub fn lines(us: &[Utterance]) -> String {
+    us.iter()
+        .map(Utterance::line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `call` as often as the transcript needs; `budget` is the tokens of
+/// transcript (or partials) one call may hold, `count` counts tokens.
+pub fn summarize_kind(
+    transcript: &[Utterance],
+    kind: SummaryKind,
+    budget: usize,
+    count: &dyn Fn(&str) -> usize,
+    call: &mut dyn FnMut(Step<'_>) -> CallResult,
+) -> Result<SummaryOutput, EngineError> {
+    let started = Instant::now();
+    let mut out = SummaryOutput {
+        kind,
+        text: String::new(),
+        input_tokens: 0,
+        output_tokens: 0,
+        prefill_ms: 0.0,
+        decode_ms: 0.0,
+        total_ms: 0.0,
+        chunks: 0,
+    };
+    let mut run = |step: Step<'_>, out: &mut SummaryOutput| -> Result<String, EngineError> {
+        let (text, g) = call(step)?;
+        out.input_tokens += g.prompt_tokens as u32;
+        out.output_tokens += g.tokens.len() as u32;
+        out.prefill_ms += g.prefill_ms;
+        out.decode_ms += g.decode_ms;
+        Ok(text)
+    };
+    let pieces = split_oversize(transcript, budget, count);
+    let costs: Vec<usize> = pieces.iter().map(|u| count(&u.line())).collect();
+    let chunks = pack(&costs, budget, 1);
+    out.chunks = chunks.len().max(1) as u32;
+    let text = if chunks.len() <= 1 {
+        run(Step::Map(&lines(&pieces)), &mut out)?
+    } else {
+        let mut partials = Vec::with_capacity(chunks.len());
+        for r in &chunks {
+            partials.push(run(Step::Map(&lines(&pieces[r.clone()])), &mut out)?);
+        }
+        loop {
+            let costs: Vec<usize> = partials.iter().map(|p| count(p)).collect();
+            let groups = pack(&costs, budget, 2);
+            if groups.len() <= 1 {
+                break run(Step::Reduce(&partials.join("\n\n")), &mut out)?;
+            }
+            let mut next = Vec::with_capacity(groups.len());
+            for g in groups {
+                next.push(run(Step::Reduce(&partials[g].join("\n\n")), &mut out)?);
+            }
+            partials = next;
+        }
+    };
+    out.text = text;
+    out.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recap_job::utterances_from_text;
+
+    fn gen(n: usize) -> Generation {
+        Generation {
+            tokens: vec![0; n],
+            prompt_tokens: 10,
+            prefill_ms: 1.0,
+            decode_ms: 1.0,
+            finish: "eos",
+        }
+    }
+
+    #[test]
+    fn fits_in_one_call() {
+        let t = utterances_from_text("A: one two\nB: three four");
+        let mut calls = Vec::new();
+        let out = summarize_kind(
+            &t,
+            SummaryKind::Short,
+            100,
+            &|s| s.split_whitespace().count(),
+            &mut |step| {
+                calls.push(format!("{step:?}"));
+                Ok(("sum".into(), gen(3)))
+            },
+        )
+        .unwrap();
+        assert_eq!(out.chunks, 1);
+        assert_eq!(calls.len(), 1);
+        assert_eq!((out.input_tokens, out.output_tokens), (10, 3));
+    }
+
+    #[test]
+    fn long_transcripts_map_then_reduce() {
+        let text: String = (0..40)
+            .map(|i| format!("S{}: word word word word\n", i % 3))
+            .collect();
+        let t = utterances_from_text(&text);
+        let (mut maps, mut reduces) = (0, 0);
+        let out = summarize_kind(
+            &t,
+            SummaryKind::Overview,
+            20,
+            &|s| s.split_whitespace().count(),
+            &mut |step| {
+                match step {
+                    Step::Map(s) => {
+                        maps += 1;
+                        assert!(s.split_whitespace().count() <= 20);
+                    }
+                    Step::Reduce(_) => reduces += 1,
+                }
+                Ok(("partial summary".into(), gen(2)))
+            },
+        )
+        .unwrap();
+        assert!(out.chunks >= 8, "{}", out.chunks);
+        assert_eq!(maps, out.chunks as usize);
+        assert!(reduces >= 1);
+        assert_eq!(out.text, "partial summary");
+    }
+}

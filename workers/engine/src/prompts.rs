@@ -1,0 +1,140 @@
+//! Prompt templates, versioned under `workers/engine/prompts/`, and the
+//! model's own chat template, both rendered with minijinja.
+
+use crate::summarizer::EngineError;
+use minijinja::{context, Environment, Error, ErrorKind};
+use recap_job::SummaryKind;
+
+pub const PROMPT_VERSION: &str = "v1";
+
+/// Lines of the prompts' own scaffolding, removed when a model echoes them.
+pub const SCAFFOLDING: [&str; 3] = ["Meeting transcript:", "Partial summaries:", "\"\"\""];
+
+const SYSTEM: &str = include_str!("../prompts/v1/system.txt");
+const USER: &str = include_str!("../prompts/v1/user.txt");
+const REDUCE: &str = include_str!("../prompts/v1/reduce.txt");
+const FLAN: &str = include_str!("../prompts/v1/flan.txt");
+
+pub fn instruction(kind: SummaryKind) -> &'static str {
+    match kind {
+        SummaryKind::Overview => include_str!("../prompts/v1/overview.txt"),
+        SummaryKind::ActionItems => include_str!("../prompts/v1/action_items.txt"),
+        SummaryKind::Decisions => include_str!("../prompts/v1/decisions.txt"),
+        SummaryKind::Short => include_str!("../prompts/v1/short.txt"),
+    }
+    .trim()
+}
+
+pub fn system() -> &'static str {
+    SYSTEM.trim()
+}
+
+fn render_str(template: &str, transcript: &str, instruction: &str) -> Result<String, EngineError> {
+    let env = Environment::new();
+    env.render_str(template, context! { transcript, instruction })
+        .map(|s| s.trim().to_string())
+        .map_err(|e| EngineError::Template(e.to_string()))
+}
+
+/// The user turn for one kind over (a chunk of) a transcript: the task
+/// first, then the fenced transcript.
+pub fn user_turn(transcript: &str, kind: SummaryKind) -> Result<String, EngineError> {
+    render_str(USER, transcript, instruction(kind))
+}
+
+/// The user turn that merges partial summaries.
+pub fn reduce_turn(partials: &str, kind: SummaryKind) -> Result<String, EngineError> {
+    render_str(REDUCE, partials, instruction(kind))
+}
+
+/// The whole input of a seq2seq (FLAN-T5) model.
+pub fn flan_input(transcript: &str, kind: SummaryKind) -> Result<String, EngineError> {
+    render_str(FLAN, transcript, instruction(kind))
+}
+
+/// A model's chat template (Jinja, as shipped in GGUF metadata or
+/// tokenizer_config.json), compiled once.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+fn raise_exception(msg: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate, EngineError> {
+        let mut env = Environment::new();
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat".to_string(), source.to_string())
+            .map_err(|e| EngineError::Template(format!("chat template does not compile: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
+    }
+
+    /// The prompt for a system and a user message, ready for generation.
+    pub fn render(&self, system: &str, user: &str) -> Result<String, EngineError> {
+        let messages = vec![
+            context! { role => "system", content => system },
+            context! { role => "user", content => user },
+        ];
+        self.env
+            .get_template("chat")
+            .and_then(|t| {
+                t.render(context! {
+                    messages,
+                    add_generation_prompt => true,
+                    bos_token => &self.bos,
+                    eos_token => &self.eos,
+                })
+            })
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn chatml_renders_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
+        let p = t.render("sys", "hello").unwrap();
+        assert_eq!(p, "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error_not_a_panic() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
+        assert!(t
+            .render("a", "b")
+            .unwrap_err()
+            .to_string()
+            .contains("no system role"));
+        assert!(ChatTemplate::new("{% if %}", "", "").is_err());
+    }
+
+    #[test]
+    fn the_instruction_leads_and_the_transcript_is_fenced() {
+        // Small models (SmolLM2-135M) continue a transcript that ends the
+        // prompt instead of summarizing it: the task comes first.
+        let u = user_turn("Alice: hi", SummaryKind::Short).unwrap();
+        let t = u.find("Alice: hi").unwrap();
+        let i = u.find("one sentence").unwrap();
+        assert!(i < t, "{u}");
+        assert!(u.ends_with("\"\"\""), "{u}");
+        assert!(reduce_turn("part one", SummaryKind::Decisions)
+            .unwrap()
+            .contains("part one"));
+        for k in SummaryKind::ALL {
+            assert!(!instruction(k).is_empty());
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! T5 / FLAN-T5 seq2seq models (the compact model of the Tiny Titans
+//! paper) from the Hugging Face layout: `config.json`, `model.safetensors`,
+//! `tokenizer.json`, in f32 or bf16 (FLAN-T5 overflows to NaN in f16, so
+//! f16 is refused).
+
+use crate::generate::{clean_output, generate, trim_unfinished, Decoder, GenParams, Generation};
+use crate::llm::max_new_tokens;
+use crate::mapreduce::{self, Step};
+use crate::prompts;
+use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::t5;
+use recap_job::SummaryKind;
+use std::path::Path;
+use std::sync::Mutex;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct T5Options {
+    pub id: String,
+    pub dtype: DType,
+    pub device: Device,
+    /// Tokens of input one call may hold; FLAN-T5 was trained on 512.
+    pub max_input_tokens: usize,
+}
+
+pub struct T5Summarizer {
+    id: String,
+    model: Mutex<t5::T5ForConditionalGeneration>,
+    tokenizer: Tokenizer,
+    config: t5::Config,
+    device: Device,
+    max_input: usize,
+}
+
+/// The decoder half, bound to one encoder output, for the generation loop.
+struct BoundDecoder<'a> {
+    model: &'a mut t5::T5ForConditionalGeneration,
+    encoded: &'a Tensor,
+}
+
+impl Decoder for BoundDecoder<'_> {
+    fn forward(&mut self, ids: &Tensor, _pos: usize) -> candle_core::Result<Tensor> {
+        // T5's relative attention derives positions from its own KV cache.
+        self.model.decode(ids, self.encoded)
+    }
+    fn clear_cache(&mut self) {
+        self.model.clear_kv_cache();
+    }
+}
+
+fn bad(dir: &Path, msg: impl std::fmt::Display) -> EngineError {
+    EngineError::BadModel(format!("{}: {msg}", dir.display()))
+}
+
+impl T5Summarizer {
+    pub fn load(dir: &Path, opts: &T5Options) -> Result<T5Summarizer, EngineError> {
+        if opts.dtype == DType::F16 {
+            return Err(bad(dir, "FLAN-T5 produces NaNs in f16: use bf16 or f32"));
+        }
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).map_err(|e| bad(dir, format!("{name}: {e}")))
+        };
+        let config: t5::Config = serde_json::from_slice(&read("config.json")?)
+            .map_err(|e| bad(dir, format!("config.json: {e}")))?;
+        if !config.is_encoder_decoder {
+            return Err(bad(dir, "config.json: not an encoder-decoder model"));
+        }
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| bad(dir, format!("tokenizer.json: {e}")))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(bad(dir, "model.safetensors is missing"));
+        }
+        // SAFETY: the file is mapped read-only and not modified while loaded.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], opts.dtype, &opts.device) }
+                .map_err(|e| bad(dir, format!("model.safetensors: {e}")))?;
+        let model = t5::T5ForConditionalGeneration::load(vb, &config)
+            .map_err(|e| bad(dir, format!("loading T5 weights: {e}")))?;
+        Ok(T5Summarizer {
+            id: opts.id.clone(),
+            model: Mutex::new(model),
+            tokenizer,
+            config,
+            device: opts.device.clone(),
+            max_input: opts.max_input_tokens,
+        })
+    }
+
+    fn encode_ids(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let mut ids = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        let eos = self.config.eos_token_id as u32;
+        if ids.last() != Some(&eos) {
+            ids.push(eos);
+        }
+        Ok(ids)
+    }
+
+    fn count(&self, text: &str) -> usize {
+        self.encode_ids(text)
+            .map(|v| v.len())
+            .unwrap_or(text.len() / 3 + 1)
+    }
+
+    /// One input text in, one output text out.
+    pub fn complete(
+        &self,
+        input: &str,
+        params: &GenParams,
+        req: &SummarizeRequest<'_>,
+    ) -> Result<(String, Generation), EngineError> {
+        let ids = self.encode_ids(input)?;
+        let mut model = self
+            .model
+            .lock()
+            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let input_t = Tensor::new(ids.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        model.clear_kv_cache();
+        let started = std::time::Instant::now();
+        let encoded = model
+            .encode(&input_t)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let encode_ms = started.elapsed().as_secs_f64() * 1e3;
+        let start_id = self
+            .config
+            .decoder_start_token_id
+            .unwrap_or(self.config.pad_token_id) as u32;
+        let decode = |t: &[u32]| {
+            self.tokenizer
+                .decode(t, true)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        };
+        let mut bound = BoundDecoder {
+            model: &mut model,
+            encoded: &encoded,
+        };
+        let mut g = generate(
+            &mut bound,
+            &self.device,
+            &[start_id],
+            params,
+            &[self.config.eos_token_id as u32],
+            &decode,
+            &req.cancel,
+            req.deadline,
+        )?;
+        // The encoder pass is this model's prefill.
+        g.prefill_ms += encode_ms;
+        g.prompt_tokens = ids.len();
+        let mut text = clean_output(&decode(&g.tokens)?, &params.stop_strings);
+        if g.finish == "max_tokens" {
+            text = trim_unfinished(&text);
+        }
+        Ok((text, g))
+    }
+
+    fn summarize_one(
+        &self,
+        req: &SummarizeRequest<'_>,
+        kind: SummaryKind,
+    ) -> Result<SummaryOutput, EngineError> {
+        let params = GenParams {
+            max_new_tokens: max_new_tokens(kind),
+            ..GenParams::default()
+        };
+        let overhead = self.count(prompts::instruction(kind)) + 16;
+        let budget = self.max_input.saturating_sub(overhead).max(32);
+        let suffix = crate::llm::language_suffix(req.language);
+        let count = |s: &str| self.count(s);
+        mapreduce::summarize_kind(req.transcript, kind, budget, &count, &mut |step| {
+            let input = match step {
+                Step::Map(t) => prompts::flan_input(t, kind)?,
+                Step::Reduce(p) => prompts::flan_input(p, kind)?,
+            };
+            self.complete(&format!("{input}{suffix}"), &params, req)
+        })
+    }
+}
+
+impl Summarizer for T5Summarizer {
+    fn model_id(&self) -> &str {
+        &self.id
+    }
+
+    fn engine(&self) -> &'static str {
+        "t5"
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
+        Ok(self.encode_ids(text)?.len())
+    }
+
+    fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError> {
+        req.kinds
+            .iter()
+            .map(|&k| self.summarize_one(req, k))
+            .collect()
+    }
+}
