@@ -48,6 +48,14 @@ pub struct Config {
     pub models: ModelsConfig,
     pub tiers: BTreeMap<String, TierConfig>,
     pub metrics: MetricsConfig,
+    pub policy: PolicySection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// The cost policy file (TOML); default: the shipped config/policy.toml.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +147,7 @@ impl Default for Config {
             models: ModelsConfig::default(),
             tiers,
             metrics: MetricsConfig::default(),
+            policy: PolicySection::default(),
         }
     }
 }
@@ -200,7 +209,8 @@ impl Default for MetricsConfig {
 }
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 9] = [
+pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+    ("RECAP_POLICY", "policy.file"),
     ("RECAP_AMQP_URL", "amqp.url"),
     ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
     ("RECAP_DATABASE_URL", "database.url"),
@@ -264,6 +274,7 @@ impl Config {
                     );
                 }
                 "metrics.listen" => self.metrics.listen = value.clone(),
+                "policy.file" => self.policy.file = Some(PathBuf::from(&value)),
                 _ => {}
             }
         }

@@ -50,3 +50,34 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
     };
     Ok((model, entry))
 }
+
+/// Counts tokens as a model does, without loading its weights: the router
+/// needs only the compact model's tokenizer.
+pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
+    let catalog = Catalog::builtin()?;
+    let entry = catalog.get(model_id)?;
+    match entry.format.as_str() {
+        "gguf" => {
+            let file = entry
+                .file
+                .as_deref()
+                .context("catalog entry without a file")?;
+            let path = config.models_dir().join(file);
+            let mut f = std::fs::File::open(&path)
+                .with_context(|| format!("{}: run `recap models fetch`", path.display()))?;
+            let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+                .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+            let tk = recap_engine::tokenizer::GgufTokenizer::from_gguf(&ct)?;
+            Ok(Arc::new(move |text: &str| {
+                // A tokenizer failure must not lose the job: bytes/4 is the
+                // usual rule of thumb.
+                tk.encode(text, false)
+                    .map(|v| v.len())
+                    .unwrap_or(text.len() / 4)
+            }))
+        }
+        _ => Ok(Arc::new(|text: &str| text.split_whitespace().count())),
+    }
+}

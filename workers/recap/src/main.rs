@@ -6,6 +6,8 @@ mod engines;
 mod enqueue;
 mod metrics;
 mod models;
+mod policy;
+mod policy_cmd;
 mod probes;
 mod queue;
 mod router;
@@ -53,6 +55,16 @@ enum Command {
         #[command(subcommand)]
         cmd: models::ModelsCommand,
     },
+    /// The cost policy: explain a decision.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy_cmd::PolicyCommand,
+    },
+    /// Tenant budgets.
+    Budget {
+        #[command(subcommand)]
+        cmd: policy_cmd::BudgetCommand,
+    },
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
 }
@@ -95,6 +107,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Summarize(args) => summarize::run(&config, args),
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Models { cmd } => models::run(&config, cmd),
+        Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
+        Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
     }
 }
 
@@ -123,13 +137,15 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
         },
     )
     .await?;
+    let policy = policy::SharedPolicy::new(policy::load(&config)?);
+    policy.reload_on_sighup(config.clone())?;
     // The router counts tokens with the compact model's tokenizer.
     let compact = config
         .tier_model("compact")
         .or(config.tier_model("large"))
         .unwrap_or(recap_engine::extractive::MODEL_ID);
-    let (counter, _) = engines::load(compact, &config)
-        .with_context(|| format!("loading tokenizer of {compact}"))?;
+    let counter = engines::token_counter(compact, &config)
+        .with_context(|| format!("loading the tokenizer of {compact}"))?;
     readiness.set_model(true);
     metrics::metrics()
         .ready
@@ -140,6 +156,8 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
     let handler = Arc::new(router::Router {
         pool: pool.clone(),
         config: config.clone(),
+        tiers: policy::tiers(&config),
+        policy,
         counter,
         publish,
     });
@@ -207,12 +225,19 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         .set(1.0);
     let rss = summarize::resident_memory().map(|r| r.0 >> 20).unwrap_or(0);
     tracing::info!(%tier, model = %model_id, rss_mib = rss, "model loaded");
+    let policy = policy::SharedPolicy::new(policy::load(&config)?);
+    policy.reload_on_sighup(config.clone())?;
+    let conn = queue::connect(&config, "worker-publish").await?;
+    let publish = queue::confirm_channel(&conn).await?;
     let handler = Arc::new(worker::Worker {
         tier: tier.clone(),
         pool: pool.clone(),
         config: config.clone(),
         engine,
         price,
+        extractive: Arc::new(recap_engine::Extractive::default()),
+        policy,
+        publish,
     });
     let consumer = consume::Consumer {
         queue: queue::tier_queue(&tier),

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub model_load_seconds: GaugeVec,
     pub dead_letters_total: CounterVec,
     pub ready: GaugeVec,
+    pub policy_reloads_total: CounterVec,
+    pub budget_remaining_usd: GaugeVec,
+    pub cascades_total: CounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
@@ -105,6 +108,24 @@ impl Metrics {
                 "recap_ready",
                 "1 when this process is ready to take work.",
                 &["role", "tier"],
+            ),
+            policy_reloads_total: counter(
+                &r,
+                "recap_policy_reloads_total",
+                "Policy reloads on SIGHUP, by outcome (ok, refused).",
+                &["outcome"],
+            ),
+            budget_remaining_usd: gauge(
+                &r,
+                "recap_budget_remaining_usd",
+                "Budget left at the last decision, by tenant and period.",
+                &["tenant", "period"],
+            ),
+            cascades_total: counter(
+                &r,
+                "recap_cascades_total",
+                "Compact outputs sent on to the large tier, by failed check.",
+                &["check"],
             ),
             registry: r,
         }

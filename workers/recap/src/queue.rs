@@ -37,6 +37,12 @@ pub const H_REASON: &str = "x-recap-reason";
 pub const H_DETAIL: &str = "x-recap-detail";
 /// Header: the queue the message was taken from when it died.
 pub const H_SOURCE: &str = "x-recap-source-queue";
+/// Header: the model the router chose (the tier's model, or the extractive baseline).
+pub const H_MODEL: &str = "x-recap-model";
+/// Header: a shadow run for calibration; its output is recorded, never returned.
+pub const H_SHADOW: &str = "x-recap-shadow";
+/// Header: set on a job sent on to the large tier by the cascade.
+pub const H_CASCADE: &str = "x-recap-cascade";
 /// Header: how many tries the job has had (1 on first delivery).
 pub const H_ATTEMPT: &str = "x-recap-attempt";
 
@@ -305,6 +311,25 @@ pub async fn publish_confirmed(
         });
     }
     Ok(())
+}
+
+/// Reads a string header.
+pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Reads a boolean header (absent is false).
+pub fn header_bool(props: &BasicProperties, key: &str) -> bool {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key).cloned())
+        .is_some_and(|v| matches!(v, AMQPValue::Boolean(true)))
 }
 
 /// Reads an integer header, whatever integer width the producer used.

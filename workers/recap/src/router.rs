@@ -1,73 +1,71 @@
 //! `recap router`: consumes `recap.ingest`, decides each job's tier with the
 //! cost policy, records the decision and publishes the job to its tier
-//! queue. The decision row and the job's move to `routed` commit together;
-//! the ingest message is acked only after the tier publish is confirmed.
+//! queue. The decision row, the budget estimate and the job's move to
+//! `routed` commit together under the tenant's budget lock; the ingest
+//! message is acked only after the tier publish is confirmed.
 
 use crate::consume::{Ctx, Handler, Verdict};
+use crate::engines::TokenCounter;
 use crate::metrics::metrics;
-use crate::queue::{self, EXCHANGE_JOBS};
+use crate::policy::SharedPolicy;
+use crate::queue::{self, EXCHANGE_JOBS, H_MODEL, H_SHADOW};
 use crate::store::{self, Decision, RouteOutcome};
 use lapin::message::Delivery;
+use lapin::types::AMQPValue;
 use lapin::Channel;
-use recap_engine::Summarizer;
 use recap_job::{parse_job, Job};
-use recap_policy::{Features, Tiers};
+use recap_policy::{BudgetState, Features, Tiers};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const POLICY_VERSION: &str = "foundation-1";
-
 pub struct Router {
     pub pool: PgPool,
     pub config: Arc<crate::config::Config>,
+    pub policy: SharedPolicy,
+    pub tiers: Tiers,
     /// The compact model's tokenizer, for the `input_tokens` feature.
-    pub counter: Arc<dyn Summarizer>,
+    pub counter: TokenCounter,
     /// Publishes to the tier queues; confirm mode.
     pub publish: Channel,
 }
 
-impl Router {
-    pub fn tiers(&self) -> Tiers {
-        Tiers {
-            compact: self.config.tier_model("compact").map(str::to_string),
-            large: self.config.tier_model("large").map(str::to_string),
-        }
-    }
-
-    pub fn features(&self, job: &Job) -> Features {
-        let text: String = job
-            .transcript
+/// The features the policy decides on.
+pub fn features(job: &Job, counter: &TokenCounter) -> Features {
+    let text: String = job
+        .transcript
+        .iter()
+        .map(|u| u.line())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Features {
+        job_id: job.job_id.to_string(),
+        tenant: job.tenant.clone(),
+        input_tokens: counter(&text) as u64,
+        utterances: job.transcript.len() as u32,
+        speakers: job.speakers().len() as u32,
+        kinds: job
+            .summaries
             .iter()
-            .map(|u| u.line())
-            .collect::<Vec<_>>()
-            .join("\n");
-        // A tokenizer failure must not lose the job: fall back to bytes/4,
-        // the usual rule of thumb, and say so in the log.
-        let input_tokens = self.counter.count_tokens(&text).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "token count failed; estimating from bytes");
-            text.len() / 4
-        }) as u64;
-        Features {
-            tenant: job.tenant.clone(),
-            input_tokens,
-            utterances: job.transcript.len() as u32,
-            speakers: job.speakers().len() as u32,
-            kinds: job
-                .summaries
-                .iter()
-                .map(|k| k.as_str().to_string())
-                .collect(),
-            quality: job.quality.as_str().to_string(),
-        }
+            .map(|k| k.as_str().to_string())
+            .collect(),
+        quality: job.quality.as_str().to_string(),
     }
+}
 
-    async fn publish_to_tier(
+impl Router {
+    async fn publish_to(
         &self,
         delivery: &Delivery,
         tier: &str,
+        model: &str,
+        shadow: bool,
     ) -> Result<(), queue::QueueError> {
-        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(queue::short(H_MODEL), queue::string_value(model));
+        if shadow {
+            headers.insert(queue::short(H_SHADOW), AMQPValue::Boolean(true));
+        }
         let mut props = queue::job_properties(None, headers);
         if let Some(id) = delivery.properties.message_id() {
             props = props.with_message_id(id.clone());
@@ -90,43 +88,73 @@ impl Handler for Router {
                 }
             }
         };
-        let features = self.features(&job);
-        let decision = match recap_policy::decide(&features, &self.tiers()) {
-            Ok(d) => d,
-            Err(e) => {
-                return Verdict::DeadLetter {
-                    code: "no_tier".into(),
-                    detail: e.to_string(),
-                    job_id: Some(job.job_id),
-                    tenant: Some(job.tenant.clone()),
-                }
+        let features = features(&job, &self.counter);
+        let policy = self.policy.current();
+        let tiers = self.tiers.clone();
+        let decide = |budget: BudgetState| {
+            let m = metrics();
+            if let Some(d) = budget.daily_remaining_usd {
+                m.budget_remaining_usd
+                    .with_label_values(&[&job.tenant, "daily"])
+                    .set(d);
             }
+            if let Some(mo) = budget.monthly_remaining_usd {
+                m.budget_remaining_usd
+                    .with_label_values(&[&job.tenant, "monthly"])
+                    .set(mo);
+            }
+            policy.decide(&features, &tiers, &budget).map(|d| Decision {
+                tier: d.tier.as_str().to_string(),
+                model: d.model.clone(),
+                reason: d.reason.clone(),
+                features: serde_json::to_value(&features).unwrap_or_default(),
+                trail: serde_json::to_value(&d.trail).unwrap_or_default(),
+                estimated_cost_usd: d.estimated_cost_usd,
+                policy_version: policy.version.clone(),
+                shadow: d.shadow,
+            })
         };
-        let row = Decision {
-            tier: decision.tier.clone(),
-            model: decision.model.clone(),
-            reason: decision.reason.clone(),
-            features: serde_json::to_value(&features).unwrap_or_default(),
-            estimated_cost_usd: decision.estimated_cost_usd,
-            policy_version: POLICY_VERSION.into(),
-        };
-        let tier = match store::record_route(&self.pool, &job, &row).await {
-            Ok(RouteOutcome::Routed) => {
+        let (tier, model, shadow) = match store::route_job(&self.pool, &job, decide).await {
+            Ok(RouteOutcome::Routed {
+                tier,
+                model,
+                shadow,
+            }) => {
+                let reason: Option<String> = sqlx::query_scalar(
+                    "SELECT reason FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
+                )
+                .bind(job.job_id)
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten();
                 metrics()
                     .route_decisions_total
-                    .with_label_values(&[&decision.tier, &decision.reason])
+                    .with_label_values(&[&tier, reason.as_deref().unwrap_or("unknown")])
                     .inc();
-                decision.tier
+                (tier, model, shadow)
             }
-            Ok(RouteOutcome::AlreadyRouted { tier, status }) => {
+            Ok(RouteOutcome::AlreadyRouted {
+                tier,
+                model,
+                status,
+            }) => {
                 // A redelivery may be one whose first tier publish never
                 // got confirmed: publish again (workers deduplicate). A
                 // fresh duplicate of a routed job is dropped.
-                if status.is_terminal() || !delivery.redelivered {
+                if status.is_terminal() || !delivery.redelivered || tier.is_empty() {
                     tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
                     return Verdict::Ack;
                 }
-                tier
+                (tier, model, false)
+            }
+            Ok(RouteOutcome::Refused { code, message }) => {
+                return Verdict::DeadLetter {
+                    code,
+                    detail: message,
+                    job_id: Some(job.job_id),
+                    tenant: Some(job.tenant.clone()),
+                }
             }
             Err(e) => {
                 return Verdict::Requeue {
@@ -134,10 +162,18 @@ impl Handler for Router {
                 }
             }
         };
-        if let Err(e) = self.publish_to_tier(delivery, &tier).await {
+        if let Err(e) = self.publish_to(delivery, &tier, &model, false).await {
             return Verdict::Requeue {
                 detail: format!("publishing to tier {tier}: {e}"),
             };
+        }
+        if shadow {
+            if let Some(large) = self.tiers.large.as_deref() {
+                if let Err(e) = self.publish_to(delivery, "large", large, true).await {
+                    // The job itself is on its way; a lost shadow costs only calibration data.
+                    tracing::warn!(job_id = %job.job_id, error = %e, "shadow publish failed");
+                }
+            }
         }
         metrics()
             .job_duration_seconds

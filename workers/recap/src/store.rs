@@ -135,53 +135,108 @@ pub struct Decision {
     pub model: String,
     pub reason: String,
     pub features: serde_json::Value,
+    pub trail: serde_json::Value,
     pub estimated_cost_usd: f64,
     pub policy_version: String,
+    pub shadow: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RouteOutcome {
-    /// First decision for this job: publish it.
-    Routed,
-    /// Decided before (a redelivery or a duplicate publish): the earlier tier.
-    AlreadyRouted { tier: String, status: Status },
+    /// First decision for this job: publish it to `tier` (and to large as a
+    /// shadow when `shadow`), naming `model`.
+    Routed {
+        tier: String,
+        model: String,
+        shadow: bool,
+    },
+    /// Decided before (a redelivery or a duplicate publish): the earlier route.
+    AlreadyRouted {
+        tier: String,
+        model: String,
+        status: Status,
+    },
+    /// The policy refused the job (no tier, budget exhausted): no row written
+    /// but the job's own.
+    Refused { code: String, message: String },
 }
 
-/// Records a routing decision and moves the job to `routed`, in one
-/// transaction. An already-routed job keeps its first decision.
-pub async fn record_route(
+/// Money left to a tenant, read under the lock of its budget row. Spent is
+/// the actual cost of finished jobs and the estimate of the others.
+async fn budget_state(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: &str,
+) -> Result<recap_policy::BudgetState, StoreError> {
+    let row: Option<(Option<f64>, Option<f64>)> = sqlx::query_as(
+        "SELECT daily_usd::float8, monthly_usd::float8 FROM tenant_budgets WHERE tenant = $1 FOR UPDATE",
+    )
+    .bind(tenant)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((daily, monthly)) = row else {
+        return Ok(recap_policy::BudgetState::default());
+    };
+    // The latest entry of each job counts: its actual cost once booked, its
+    // estimate until then.
+    const SPENT_SINCE: &str = "SELECT coalesce(sum(cost), 0)::float8 FROM (
+            SELECT DISTINCT ON (job_id) cost_usd AS cost FROM usage_ledger
+            WHERE tenant = $1 AND entry IN ('estimate', 'actual')
+              AND created_at >= date_trunc($2, now())
+            ORDER BY job_id, (entry = 'actual') DESC, id DESC) s";
+    let day: f64 = sqlx::query_scalar(SPENT_SINCE)
+        .bind(tenant)
+        .bind("day")
+        .fetch_one(&mut **tx)
+        .await?;
+    let month: f64 = sqlx::query_scalar(SPENT_SINCE)
+        .bind(tenant)
+        .bind("month")
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(recap_policy::BudgetState {
+        daily_remaining_usd: daily.map(|d| d - day),
+        monthly_remaining_usd: monthly.map(|m| m - month),
+    })
+}
+
+/// Decides and records a job's route in one transaction: the job row and
+/// the tenant's budget row are locked, `decide` sees the budget left, and
+/// the decision, the estimate in the ledger and the move to `routed`
+/// commit together. An already-routed job keeps its first decision.
+pub async fn route_job(
     pool: &PgPool,
     job: &Job,
-    decision: &Decision,
+    decide: impl FnOnce(recap_policy::BudgetState) -> Result<Decision, recap_policy::PolicyError>,
 ) -> Result<RouteOutcome, StoreError> {
     let mut tx = pool.begin().await?;
     let status = ensure_job_locked(&mut tx, job, Status::Queued).await?;
     if status != Status::Queued {
-        let tier: Option<String> = sqlx::query_scalar(
-            "SELECT tier FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
+        let first: Option<(String, String)> = sqlx::query_as(
+            "SELECT tier, model FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
         )
         .bind(job.job_id)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
+        let (tier, model) = first.unwrap_or_default();
         return Ok(RouteOutcome::AlreadyRouted {
-            tier: tier.unwrap_or_else(|| decision.tier.clone()),
+            tier,
+            model,
             status,
         });
     }
-    sqlx::query(
-        "INSERT INTO route_decisions (job_id, tier, model, reason, features, estimated_cost_usd, policy_version)
-         VALUES ($1, $2, $3, $4, $5, $6::float8::numeric, $7)",
-    )
-    .bind(job.job_id)
-    .bind(&decision.tier)
-    .bind(&decision.model)
-    .bind(&decision.reason)
-    .bind(&decision.features)
-    .bind(decision.estimated_cost_usd)
-    .bind(&decision.policy_version)
-    .execute(&mut *tx)
-    .await?;
+    let budget = budget_state(&mut tx, &job.tenant).await?;
+    let decision = match decide(budget) {
+        Ok(d) => d,
+        Err(e) => {
+            tx.commit().await?;
+            return Ok(RouteOutcome::Refused {
+                code: e.code().to_string(),
+                message: e.to_string(),
+            });
+        }
+    };
+    insert_decision(&mut tx, job.job_id, &decision).await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
          VALUES ($1, $2, $3, $4, 'estimate', $5::float8::numeric)",
@@ -203,7 +258,144 @@ pub async fn record_route(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(RouteOutcome::Routed)
+    Ok(RouteOutcome::Routed {
+        tier: decision.tier,
+        model: decision.model,
+        shadow: decision.shadow,
+    })
+}
+
+async fn insert_decision(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    d: &Decision,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO route_decisions (job_id, tier, model, reason, features, trail, estimated_cost_usd, policy_version, shadow)
+         VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)",
+    )
+    .bind(job_id)
+    .bind(&d.tier)
+    .bind(&d.model)
+    .bind(&d.reason)
+    .bind(&d.features)
+    .bind(&d.trail)
+    .bind(d.estimated_cost_usd)
+    .bind(&d.policy_version)
+    .bind(d.shadow)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The cascade: a compact output failed its checks, so the job goes to the
+/// large tier. Records the `cascade` decision once (a redelivered compact
+/// message finds it there) and moves the job back to `routed` on large.
+/// Returns false when the job already ended.
+pub async fn record_cascade(
+    pool: &PgPool,
+    job: &Job,
+    decision: &Decision,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let status = ensure_job_locked(&mut tx, job, Status::Running).await?;
+    if status.is_terminal() {
+        tx.commit().await?;
+        return Ok(false);
+    }
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM route_decisions WHERE job_id = $1 AND reason = 'cascade')",
+    )
+    .bind(job.job_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !exists {
+        insert_decision(&mut tx, job.job_id, decision).await?;
+    }
+    sqlx::query(
+        "UPDATE jobs SET status = 'routed', tier = $2, model = $3, updated_at = now() WHERE job_id = $1",
+    )
+    .bind(job.job_id)
+    .bind(&decision.tier)
+    .bind(&decision.model)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A shadow run's outputs: recorded for calibration, never returned, and
+/// the job's own state untouched.
+pub async fn record_shadow(
+    pool: &PgPool,
+    job: &Job,
+    done: &Completion<'_>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for out in done.outputs {
+        sqlx::query(
+            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
+                                    prefill_ms, decode_ms, total_ms, shadow)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true)
+             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
+        )
+        .bind(job.job_id)
+        .bind(out.kind.as_str())
+        .bind(&out.text)
+        .bind(done.model)
+        .bind(done.engine)
+        .bind(out.input_tokens as i32)
+        .bind(out.output_tokens as i32)
+        .bind(out.prefill_ms)
+        .bind(out.decode_ms)
+        .bind(out.total_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+         VALUES ($1, $2, $3, $4, 'shadow', $5::float8::numeric)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.tenant)
+    .bind(job.job_id)
+    .bind(done.tier)
+    .bind(done.model)
+    .bind(done.cost_usd)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Sets a tenant's budgets (None clears one).
+pub async fn set_budget(
+    pool: &PgPool,
+    tenant: &str,
+    daily: Option<f64>,
+    monthly: Option<f64>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO tenant_budgets (tenant, daily_usd, monthly_usd) VALUES ($1, $2::float8::numeric, $3::float8::numeric)
+         ON CONFLICT (tenant) DO UPDATE SET daily_usd = EXCLUDED.daily_usd, monthly_usd = EXCLUDED.monthly_usd, updated_at = now()",
+    )
+    .bind(tenant)
+    .bind(daily)
+    .bind(monthly)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A tenant's budget state as the router would see it now.
+pub async fn read_budget(
+    pool: &PgPool,
+    tenant: &str,
+) -> Result<recap_policy::BudgetState, StoreError> {
+    let mut tx = pool.begin().await?;
+    let b = budget_state(&mut tx, tenant).await?;
+    tx.rollback().await?;
+    Ok(b)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

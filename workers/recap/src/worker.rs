@@ -5,10 +5,14 @@
 
 use crate::consume::{Ctx, Handler, Verdict};
 use crate::metrics::metrics;
-use crate::store::{self, Completion, StartOutcome};
+use crate::policy::SharedPolicy;
+use crate::queue::{self, EXCHANGE_JOBS, H_CASCADE, H_MODEL, H_SHADOW};
+use crate::store::{self, Completion, Decision, StartOutcome};
 use lapin::message::Delivery;
-use recap_engine::{EngineError, SummarizeRequest, Summarizer};
-use recap_job::parse_job;
+use lapin::types::AMQPValue;
+use lapin::Channel;
+use recap_engine::{EngineError, Extractive, SummarizeRequest, Summarizer, SummaryOutput};
+use recap_job::{parse_job, Job};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +24,89 @@ pub struct Worker {
     pub engine: Arc<dyn Summarizer>,
     /// The model's catalog entry: its prices make the job's cost.
     pub price: recap_engine::catalog::ModelEntry,
+    /// The free baseline, for jobs the policy routed to it (economy, budget).
+    pub extractive: Arc<Extractive>,
+    pub policy: SharedPolicy,
+    /// Publishes cascades to the large tier; confirm mode.
+    pub publish: Channel,
+}
+
+impl Worker {
+    /// The cascade's verdict on compact outputs: the failed checks, if any.
+    fn cascade_failures(&self, job: &Job, outputs: &[SummaryOutput]) -> Vec<String> {
+        let policy = self.policy.current();
+        if !policy.rules.cascade
+            || self.tier != "compact"
+            || self.config.tier_model("large").is_none()
+        {
+            return Vec::new();
+        }
+        let speakers = job.speakers();
+        let mut failed: Vec<String> = outputs
+            .iter()
+            .flat_map(|o| {
+                recap_policy::cascade::check(
+                    &o.text,
+                    o.kind.as_str(),
+                    &speakers,
+                    job.language.as_deref(),
+                    &policy.cascade,
+                )
+                .into_iter()
+                .map(move |f| format!("{}:{}", o.kind, f.as_str()))
+            })
+            .collect();
+        failed.dedup();
+        failed
+    }
+
+    /// Sends the job on to the large tier, once, with reason `cascade`.
+    async fn cascade(&self, delivery: &Delivery, job: &Job, failed: &[String]) -> Verdict {
+        let Some(large) = self.config.tier_model("large") else {
+            return Verdict::Ack;
+        };
+        let policy = self.policy.current();
+        let decision = Decision {
+            tier: "large".into(),
+            model: large.to_string(),
+            reason: "cascade".into(),
+            features: serde_json::json!({ "failed_checks": failed, "compact_model": self.engine.model_id() }),
+            trail: serde_json::json!([format!(
+                "cascade: compact output failed {}",
+                failed.join(", ")
+            )]),
+            estimated_cost_usd: 0.0,
+            policy_version: policy.version.clone(),
+            shadow: false,
+        };
+        match store::record_cascade(&self.pool, job, &decision).await {
+            Ok(true) => {}
+            Ok(false) => return Verdict::Ack,
+            Err(e) => {
+                return Verdict::Requeue {
+                    detail: format!("recording the cascade: {e}"),
+                }
+            }
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(queue::short(H_CASCADE), AMQPValue::Boolean(true));
+        headers.insert(queue::short(H_MODEL), queue::string_value(large));
+        let props = queue::job_properties(Some(job.job_id), headers);
+        if let Err(e) =
+            queue::publish_confirmed(&self.publish, EXCHANGE_JOBS, "large", &delivery.data, props)
+                .await
+        {
+            return Verdict::Requeue {
+                detail: format!("publishing the cascade: {e}"),
+            };
+        }
+        for f in failed {
+            let check = f.split(':').nth(1).unwrap_or(f);
+            metrics().cascades_total.with_label_values(&[check]).inc();
+        }
+        tracing::info!(job_id = %job.job_id, failed = ?failed, "compact output failed its checks: cascaded to large");
+        Verdict::Ack
+    }
 }
 
 impl Handler for Worker {
@@ -35,27 +122,37 @@ impl Handler for Worker {
                 }
             }
         };
-        let model = self.engine.model_id().to_string();
-        match store::start_job(&self.pool, &job, &self.tier, &model).await {
-            Ok(StartOutcome::Run { .. }) => {}
-            Ok(StartOutcome::AlreadyDone(status)) => {
-                tracing::info!(job_id = %job.job_id, status = status.as_str(), "job already ended; redelivery acked");
-                return Verdict::Ack;
-            }
-            Err(e) => {
-                return Verdict::Requeue {
-                    detail: format!("starting the job: {e}"),
+        let shadow = queue::header_bool(&delivery.properties, H_SHADOW);
+        let routed_model = queue::header_str(&delivery.properties, H_MODEL);
+        let engine: Arc<dyn Summarizer> =
+            if routed_model.as_deref() == Some(self.extractive.model_id()) {
+                self.extractive.clone()
+            } else {
+                self.engine.clone()
+            };
+        let model = engine.model_id().to_string();
+        if !shadow {
+            match store::start_job(&self.pool, &job, &self.tier, &model).await {
+                Ok(StartOutcome::Run { .. }) => {}
+                Ok(StartOutcome::AlreadyDone(status)) => {
+                    tracing::info!(job_id = %job.job_id, status = status.as_str(), "job already ended; redelivery acked");
+                    return Verdict::Ack;
+                }
+                Err(e) => {
+                    return Verdict::Requeue {
+                        detail: format!("starting the job: {e}"),
+                    }
                 }
             }
         }
 
         let started = Instant::now();
-        let engine = self.engine.clone();
+        let engine_for_task = engine.clone();
         let deadline = started + Duration::from_secs(self.config.worker.job_deadline_s);
         let cancel = ctx.cancel.clone();
         let job_for_engine = job.clone();
         let result = tokio::task::spawn_blocking(move || {
-            engine.summarize(&SummarizeRequest {
+            engine_for_task.summarize(&SummarizeRequest {
                 transcript: &job_for_engine.transcript,
                 kinds: &job_for_engine.summaries,
                 language: job_for_engine.language.as_deref(),
@@ -99,13 +196,32 @@ impl Handler for Worker {
         let (tin, tout) = outputs.iter().fold((0u64, 0u64), |(a, b), o| {
             (a + o.input_tokens as u64, b + o.output_tokens as u64)
         });
+        let price = if model == self.price.id {
+            self.price.cost(tin, tout)
+        } else {
+            0.0
+        };
         let done = Completion {
             tier: &self.tier,
             model: &model,
-            engine: self.engine.engine(),
+            engine: engine.engine(),
             outputs: &outputs,
-            cost_usd: self.price.cost(tin, tout),
+            cost_usd: price,
         };
+        if shadow {
+            return match store::record_shadow(&self.pool, &job, &done).await {
+                Ok(()) => Verdict::Ack,
+                Err(e) => Verdict::Requeue {
+                    detail: format!("recording the shadow run: {e}"),
+                },
+            };
+        }
+        if !queue::header_bool(&delivery.properties, H_CASCADE) && engine.engine() != "extractive" {
+            let failed = self.cascade_failures(&job, &outputs);
+            if !failed.is_empty() {
+                return self.cascade(delivery, &job, &failed).await;
+            }
+        }
         match store::complete_job(&self.pool, &job, &done).await {
             Ok(true) => {}
             Ok(false) => {

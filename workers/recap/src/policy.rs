@@ -1,0 +1,108 @@
+//! The cost policy in a running process: loaded from its file against the
+//! deployment's tiers and the catalog's prices, shared by the tasks that
+//! decide, and reloaded on SIGHUP. A bad file is refused and the last good
+//! policy stays in force.
+
+use crate::config::Config;
+use crate::metrics::metrics;
+use anyhow::{Context, Result};
+use recap_engine::catalog::Catalog;
+use recap_policy::{load_policy, PolicyConfig, Prices, Tiers};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// The policy shipped with recap, used when `policy.file` is not set.
+pub const DEFAULT_POLICY: &str = include_str!("../../../config/policy.toml");
+
+pub fn tiers(config: &Config) -> Tiers {
+    Tiers {
+        compact: config.tier_model("compact").map(str::to_string),
+        large: config.tier_model("large").map(str::to_string),
+    }
+}
+
+pub fn catalog_prices() -> Result<BTreeMap<String, Prices>> {
+    Ok(Catalog::builtin()?
+        .models
+        .iter()
+        .map(|m| {
+            (
+                m.id.clone(),
+                Prices {
+                    input_per_1k: m.price_per_1k_input,
+                    output_per_1k: m.price_per_1k_output,
+                    ..Prices::default()
+                },
+            )
+        })
+        .collect())
+}
+
+pub fn load(config: &Config) -> Result<PolicyConfig> {
+    let (text, source) = match &config.policy.file {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy file {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (
+            DEFAULT_POLICY.to_string(),
+            "the built-in policy".to_string(),
+        ),
+    };
+    load_policy(&text, &tiers(config), &catalog_prices()?)
+        .with_context(|| format!("loading {source}"))
+}
+
+/// The policy in force, swapped whole on reload.
+#[derive(Clone)]
+pub struct SharedPolicy(Arc<RwLock<Arc<PolicyConfig>>>);
+
+impl SharedPolicy {
+    pub fn new(p: PolicyConfig) -> SharedPolicy {
+        SharedPolicy(Arc::new(RwLock::new(Arc::new(p))))
+    }
+
+    pub fn current(&self) -> Arc<PolicyConfig> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, p: PolicyConfig) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(p),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(p),
+        }
+    }
+
+    /// Reloads on every SIGHUP for the life of the process.
+    pub fn reload_on_sighup(&self, config: Arc<Config>) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let shared = self.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match load(&config) {
+                    Ok(p) => {
+                        tracing::info!(version = %p.version, "SIGHUP: policy reloaded");
+                        metrics()
+                            .policy_reloads_total
+                            .with_label_values(&["ok"])
+                            .inc();
+                        shared.replace(p);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), version = %shared.current().version, "SIGHUP: policy refused; keeping the last good one");
+                        metrics()
+                            .policy_reloads_total
+                            .with_label_values(&["refused"])
+                            .inc();
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
