@@ -74,6 +74,21 @@ async fn real_models_summarize_jobs_from_both_tiers() {
                 .unwrap();
         assert_eq!(t, tier);
         assert!(cost > 0.0, "{tier}: cost {cost}");
+        // The estimate made at routing and the actual cost from real tokens
+        // both sit in the ledger; budgets count the actual once it exists.
+        let entries: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT entry, cost_usd::float8 FROM usage_ledger WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            ["estimate", "actual"],
+            "{tier}"
+        );
+        assert!((entries[1].1 - cost).abs() < 1e-9);
         eprintln!("{tier} ({model}): {text}");
     }
 }

@@ -1,0 +1,341 @@
+//! The cost policy in the running router and workers, on the real broker,
+//! database and models: routes and reasons, budgets under two concurrent
+//! routers, the cascade, and a policy change by SIGHUP.
+
+mod common;
+
+use common::*;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use std::time::Duration;
+use uuid::Uuid;
+
+const COMPACT: &str = "smollm2-135m-instruct-q4_1";
+const LARGE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m";
+
+fn models(policy: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("RECAP_COMPACT_MODEL", COMPACT.to_string()),
+        ("RECAP_LARGE_MODEL", LARGE.to_string()),
+        ("RECAP_POLICY", policy.display().to_string()),
+    ]
+}
+
+fn spawn_with(
+    env: &mut TestEnv,
+    args: &[&str],
+    vars: &[(&'static str, String)],
+    extra: &[(&str, &str)],
+) -> usize {
+    let mut all: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    env.spawn(args, &all)
+}
+
+fn job(tenant: &str, quality: &str, kinds: &[&str], repeat: usize) -> (Uuid, Vec<u8>) {
+    let id = Uuid::new_v4();
+    let mut v: serde_json::Value = serde_json::from_slice(&job_json(id, tenant, kinds)).unwrap();
+    v["quality"] = serde_json::json!(quality);
+    if repeat > 1 {
+        let t = v["transcript"].as_array().unwrap().clone();
+        v["transcript"] =
+            serde_json::Value::Array(t.iter().cycle().take(t.len() * repeat).cloned().collect());
+    }
+    (id, serde_json::to_vec(&v).unwrap())
+}
+
+async fn reasons(env: &TestEnv, id: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT tier, reason FROM route_decisions WHERE job_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_routed(env: &TestEnv, n: i64) {
+    let got = env
+        .wait_count(
+            "SELECT count(*) FROM route_decisions",
+            n,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(got >= n, "{got} of {n} routed; logs:\n{}", env.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_land_in_the_expected_queues_with_their_reasons() {
+    let mut env = TestEnv::new("routes").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+version = "routes-1"
+rules = ["quality", "context_fit"]
+extractive_model = "extractive-lead"
+[quality]
+best = "large"
+economy_extractive = true
+[context_fit]
+compact_window = 200
+overflow = "large"
+"#,
+    )
+    .unwrap();
+    let vars = models(&policy);
+    spawn_with(&mut env, &["router"], &vars, &[]);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let cases = [
+        (
+            job("alpha", "balanced", &["short"], 1),
+            "compact",
+            "default",
+        ),
+        (
+            job("beta", "balanced", &["short"], 40),
+            "large",
+            "context_overflow",
+        ),
+        (job("alpha", "best", &["short"], 1), "large", "quality_best"),
+        (
+            job("beta", "economy", &["short"], 1),
+            "compact",
+            "quality_economy",
+        ),
+    ];
+    for ((id, body), _, _) in &cases {
+        publish(&ch, "ingest", body, Some(&id.to_string())).await;
+    }
+    wait_routed(&env, cases.len() as i64).await;
+    for ((id, _), tier, reason) in &cases {
+        assert_eq!(
+            reasons(&env, *id).await,
+            vec![(tier.to_string(), reason.to_string())],
+            "job {id}"
+        );
+    }
+    assert_eq!(queue_depth(&conn, "recap.compact").await, 2);
+    assert_eq!(queue_depth(&conn, "recap.large").await, 2);
+    // The economy job carries the model the policy chose: the extractive baseline.
+    let ch2 = conn.create_channel().await.unwrap();
+    let mut models_seen = Vec::new();
+    while let Some(m) = ch2
+        .basic_get("recap.compact".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        if let Some(AMQPValue::LongString(s)) = h.inner().get("x-recap-model") {
+            models_seen.push(String::from_utf8_lossy(s.as_bytes()).into_owned());
+        }
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    models_seen.sort();
+    assert_eq!(
+        models_seen,
+        vec!["extractive-lead".to_string(), COMPACT.to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_budget_holds_under_two_concurrent_routers() {
+    let mut env = TestEnv::new("budget").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+version = "budget-1"
+rules = ["quality", "budget"]
+extractive_model = "extractive-lead"
+[prices."{LARGE}"]
+input_per_1k = 0.01
+output_per_1k = 0.01
+[prices."{COMPACT}"]
+input_per_1k = 0.001
+output_per_1k = 0.001
+"#
+        ),
+    )
+    .unwrap();
+    let budget = 0.01;
+    let out = env
+        .command(&["budget", "set", "thrifty", "--daily", &budget.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars = models(&policy);
+    spawn_with(
+        &mut env,
+        &["router"],
+        &vars,
+        &[("RECAP_AMQP_PREFETCH", "8")],
+    );
+    spawn_with(
+        &mut env,
+        &["router"],
+        &vars,
+        &[("RECAP_AMQP_PREFETCH", "8")],
+    );
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let n = 40;
+    for _ in 0..n {
+        let (id, body) = job("thrifty", "best", &["short"], 1);
+        publish(&ch, "ingest", &body, Some(&id.to_string())).await;
+    }
+    wait_routed(&env, n).await;
+    let spent: f64 = sqlx::query_scalar("SELECT coalesce(sum(cost_usd), 0)::float8 FROM usage_ledger WHERE tenant = 'thrifty' AND entry = 'estimate'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(spent <= budget + 1e-9, "spent {spent} of a {budget} budget");
+    let by_reason: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT tier, model, count(*) FROM route_decisions GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    eprintln!("spent {spent:.6} of {budget}: {by_reason:?}");
+    let count = |m: &str| {
+        by_reason
+            .iter()
+            .filter(|r| r.1 == m)
+            .map(|r| r.2)
+            .sum::<i64>()
+    };
+    assert!(count(LARGE) >= 1, "some best jobs got the large model");
+    assert!(
+        count("extractive-lead") >= 1,
+        "the budget ran out and jobs stepped down"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM route_decisions WHERE reason = 'budget'")
+            .await
+            + count(LARGE),
+        n
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degenerate_compact_output_cascades_exactly_once() {
+    let mut env = TestEnv::new("cascade").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    // Any real summary is longer than two words: every compact output
+    // counts as degenerate (too long) and must be sent on, once.
+    std::fs::write(
+        &policy,
+        r#"
+version = "cascade-1"
+rules = ["cascade"]
+[cascade]
+min_words = 0
+max_words = 2
+"#,
+    )
+    .unwrap();
+    let vars = models(&policy);
+    spawn_with(&mut env, &["router"], &vars, &[]);
+    spawn_with(&mut env, &["worker", "--tier", "compact"], &vars, &[]);
+    spawn_with(&mut env, &["worker", "--tier", "large"], &vars, &[]);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let (id, body) = job("acme", "balanced", &["short"], 1);
+    publish(&ch, "ingest", &body, Some(&id.to_string())).await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            1,
+            Duration::from_secs(300),
+        )
+        .await;
+    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        reasons(&env, id).await,
+        vec![
+            ("compact".to_string(), "default".to_string()),
+            ("large".to_string(), "cascade".to_string())
+        ]
+    );
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT model, shadow FROM summaries WHERE job_id = $1")
+            .bind(id)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(LARGE.to_string(), false)]);
+    let (tier, model): (String, String) =
+        sqlx::query_as("SELECT tier, model FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((tier.as_str(), model.as_str()), ("large", LARGE));
+    assert_eq!(queue_depth(&conn, "recap.large").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_policy_change_applies_to_the_next_job_and_a_bad_one_is_refused() {
+    let mut env = TestEnv::new("sighup").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"a\"\nrules = [\"quality\"]\n").unwrap();
+    let vars = models(&policy);
+    let router = spawn_with(&mut env, &["router"], &vars, &[]);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+
+    let (first, body) = job("acme", "best", &["short"], 1);
+    publish(&ch, "ingest", &body, Some(&first.to_string())).await;
+    wait_routed(&env, 1).await;
+    assert_eq!(
+        reasons(&env, first).await,
+        vec![("large".to_string(), "quality_best".to_string())]
+    );
+
+    // Policy b: the quality rule is off. Best jobs now go compact.
+    std::fs::write(&policy, "version = \"b\"\nrules = []\n").unwrap();
+    env.signal(router, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (second, body) = job("acme", "best", &["short"], 1);
+    publish(&ch, "ingest", &body, Some(&second.to_string())).await;
+    wait_routed(&env, 2).await;
+    assert_eq!(
+        reasons(&env, second).await,
+        vec![("compact".to_string(), "default".to_string())]
+    );
+    let version: String =
+        sqlx::query_scalar("SELECT policy_version FROM route_decisions WHERE job_id = $1")
+            .bind(second)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, "b");
+
+    // A bad policy is refused; the router keeps b and lives on.
+    std::fs::write(&policy, "version = \"c\"\nrules = [\"telepathy\"]\n").unwrap();
+    env.signal(router, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (third, body) = job("acme", "best", &["short"], 1);
+    publish(&ch, "ingest", &body, Some(&third.to_string())).await;
+    wait_routed(&env, 3).await;
+    assert_eq!(
+        reasons(&env, third).await,
+        vec![("compact".to_string(), "default".to_string())]
+    );
+    assert!(env.is_running(router));
+    assert!(
+        env.logs().contains("telepathy"),
+        "the refusal names the bad rule:\n{}",
+        env.logs()
+    );
+}
