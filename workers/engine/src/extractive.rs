@@ -140,6 +140,7 @@ mod tests {
                 transcript: &t,
                 kinds,
                 language: None,
+                query: None,
                 deadline: None,
                 cancel: Cancel::default(),
             })
@@ -188,6 +189,7 @@ mod tests {
                 transcript: &t,
                 kinds: &[SummaryKind::Short],
                 language: None,
+                query: None,
                 deadline: None,
                 cancel,
             })

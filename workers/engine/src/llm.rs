@@ -228,6 +228,7 @@ impl GgufModel {
         };
         let suffix = language_suffix(req.language);
         let count = |s: &str| self.count(s);
+        let task = prompts::task(kind, req.query);
         mapreduce::summarize_kind(
             req.transcript,
             kind,
@@ -235,8 +236,8 @@ impl GgufModel {
             &count,
             &mut |step| {
                 let user = match step {
-                    Step::Map(t) => prompts::user_turn(t, kind)?,
-                    Step::Reduce(p) => prompts::reduce_turn(p, kind)?,
+                    Step::Map(t) => prompts::user_turn(t, &task)?,
+                    Step::Reduce(p) => prompts::reduce_turn(p, &task)?,
                 };
                 self.complete(&format!("{user}{suffix}"), &params, req)
             },

@@ -36,20 +36,28 @@ fn render_str(template: &str, transcript: &str, instruction: &str) -> Result<Str
         .map_err(|e| EngineError::Template(e.to_string()))
 }
 
-/// The user turn for one kind over (a chunk of) a transcript: the task
+/// The task of one call: the kind's instruction, or the user's question.
+pub fn task(kind: SummaryKind, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{} Answer in a few sentences.", q.trim()),
+        None => instruction(kind).to_string(),
+    }
+}
+
+/// The user turn for a task over (a chunk of) a transcript: the task
 /// first, then the fenced transcript.
-pub fn user_turn(transcript: &str, kind: SummaryKind) -> Result<String, EngineError> {
-    render_str(USER, transcript, instruction(kind))
+pub fn user_turn(transcript: &str, task: &str) -> Result<String, EngineError> {
+    render_str(USER, transcript, task)
 }
 
 /// The user turn that merges partial summaries.
-pub fn reduce_turn(partials: &str, kind: SummaryKind) -> Result<String, EngineError> {
-    render_str(REDUCE, partials, instruction(kind))
+pub fn reduce_turn(partials: &str, task: &str) -> Result<String, EngineError> {
+    render_str(REDUCE, partials, task)
 }
 
 /// The whole input of a seq2seq (FLAN-T5) model.
-pub fn flan_input(transcript: &str, kind: SummaryKind) -> Result<String, EngineError> {
-    render_str(FLAN, transcript, instruction(kind))
+pub fn flan_input(transcript: &str, task: &str) -> Result<String, EngineError> {
+    render_str(FLAN, transcript, task)
 }
 
 /// A model's chat template (Jinja, as shipped in GGUF metadata or
@@ -125,12 +133,12 @@ mod tests {
     fn the_instruction_leads_and_the_transcript_is_fenced() {
         // Small models (SmolLM2-135M) continue a transcript that ends the
         // prompt instead of summarizing it: the task comes first.
-        let u = user_turn("Alice: hi", SummaryKind::Short).unwrap();
+        let u = user_turn("Alice: hi", &task(SummaryKind::Short, None)).unwrap();
         let t = u.find("Alice: hi").unwrap();
         let i = u.find("one sentence").unwrap();
         assert!(i < t, "{u}");
         assert!(u.ends_with("\"\"\""), "{u}");
-        assert!(reduce_turn("part one", SummaryKind::Decisions)
+        assert!(reduce_turn("part one", &task(SummaryKind::Decisions, None))
             .unwrap()
             .contains("part one"));
         for k in SummaryKind::ALL {

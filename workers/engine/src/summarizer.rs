@@ -12,6 +12,9 @@ pub struct SummarizeRequest<'a> {
     pub transcript: &'a [Utterance],
     pub kinds: &'a [SummaryKind],
     pub language: Option<&'a str>,
+    /// A question to answer about the meeting (query-focused summarization,
+    /// as in QMSum); it replaces the kinds' own instructions.
+    pub query: Option<&'a str>,
     /// Give up (with [`EngineError::DeadlineExceeded`]) after this instant.
     pub deadline: Option<Instant>,
     pub cancel: Cancel,

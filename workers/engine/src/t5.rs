@@ -176,10 +176,11 @@ impl T5Summarizer {
         let budget = self.max_input.saturating_sub(overhead).max(32);
         let suffix = crate::llm::language_suffix(req.language);
         let count = |s: &str| self.count(s);
+        let task = prompts::task(kind, req.query);
         mapreduce::summarize_kind(req.transcript, kind, budget, &count, &mut |step| {
             let input = match step {
-                Step::Map(t) => prompts::flan_input(t, kind)?,
-                Step::Reduce(p) => prompts::flan_input(p, kind)?,
+                Step::Map(t) => prompts::flan_input(t, &task)?,
+                Step::Reduce(p) => prompts::flan_input(p, &task)?,
             };
             self.complete(&format!("{input}{suffix}"), &params, req)
         })

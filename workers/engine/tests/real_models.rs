@@ -72,6 +72,7 @@ fn smollm2_summarizes_a_meeting() {
             transcript: &t,
             kinds: &[SummaryKind::Overview, SummaryKind::ActionItems],
             language: Some("en"),
+            query: None,
             deadline: None,
             cancel: Cancel::default(),
         })
@@ -98,6 +99,7 @@ fn smollm2_chunks_a_long_transcript_and_says_so() {
             transcript: &t,
             kinds: &[SummaryKind::Short],
             language: None,
+            query: None,
             deadline: None,
             cancel: Cancel::default(),
         })
@@ -120,6 +122,7 @@ fn qwen_summarizes_a_meeting() {
             transcript: &t,
             kinds: &[SummaryKind::Decisions],
             language: None,
+            query: None,
             deadline: None,
             cancel: Cancel::default(),
         })

@@ -134,6 +134,7 @@ fn flan_t5_round_trip_on_tiny_weights_in_f32_and_bf16() {
                 transcript: &transcript,
                 kinds: &[SummaryKind::Short, SummaryKind::Decisions],
                 language: None,
+                query: None,
                 deadline: None,
                 cancel: Cancel::default(),
             })
@@ -180,6 +181,7 @@ fn long_input_is_chunked_for_t5_too() {
             transcript: &t,
             kinds: &[SummaryKind::Short],
             language: None,
+            query: None,
             deadline: None,
             cancel: Cancel::default(),
         })

@@ -4,6 +4,7 @@ mod config;
 mod consume;
 mod engines;
 mod enqueue;
+mod eval;
 mod metrics;
 mod models;
 mod policy;
@@ -65,6 +66,10 @@ enum Command {
         #[command(subcommand)]
         cmd: policy_cmd::BudgetCommand,
     },
+    /// ROUGE of a candidate summary against a reference.
+    Rouge(eval::RougeArgs),
+    /// Evaluate models, baselines and the policy on QMSum: quality, cost, latency.
+    Eval(eval::EvalArgs),
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
 }
@@ -107,6 +112,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Summarize(args) => summarize::run(&config, args),
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Models { cmd } => models::run(&config, cmd),
+        Command::Rouge(args) => eval::rouge(args),
+        Command::Eval(args) => eval::eval(&config, args),
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
     }

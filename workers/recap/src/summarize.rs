@@ -116,6 +116,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
         transcript: &input.transcript,
         kinds: &input.kinds,
         language: input.language.as_deref(),
+        query: None,
         deadline: None,
         cancel: Cancel::default(),
     })?;

@@ -156,6 +156,7 @@ impl Handler for Worker {
                 transcript: &job_for_engine.transcript,
                 kinds: &job_for_engine.summaries,
                 language: job_for_engine.language.as_deref(),
+                query: None,
                 deadline: Some(deadline),
                 cancel,
             })
