@@ -472,7 +472,8 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
     })
 }
 
-fn valid_tenant(t: &str, max_len: usize) -> bool {
+/// Whether `t` is an acceptable tenant name: 1 to `max_len` of A-Z, a-z, 0-9, `.`, `_`, `-`.
+pub fn valid_tenant(t: &str, max_len: usize) -> bool {
     !t.is_empty()
         && t.len() <= max_len
         && t.bytes()

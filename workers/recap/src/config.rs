@@ -49,6 +49,29 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     pub metrics: MetricsConfig,
     pub policy: PolicySection,
+    pub gateway: GatewayConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests per second per tenant (token bucket), and the burst.
+    pub rate_per_s: f64,
+    pub burst: f64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            rate_per_s: 50.0,
+            burst: 200.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -148,6 +171,7 @@ impl Default for Config {
             tiers,
             metrics: MetricsConfig::default(),
             policy: PolicySection::default(),
+            gateway: GatewayConfig::default(),
         }
     }
 }
@@ -209,7 +233,10 @@ impl Default for MetricsConfig {
 }
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+pub const ENV_OVERRIDES: [(&str, &str); 13] = [
+    ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
+    ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
+    ("RECAP_GATEWAY_BURST", "gateway.burst"),
     ("RECAP_POLICY", "policy.file"),
     ("RECAP_AMQP_URL", "amqp.url"),
     ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
@@ -275,6 +302,18 @@ impl Config {
                 }
                 "metrics.listen" => self.metrics.listen = value.clone(),
                 "policy.file" => self.policy.file = Some(PathBuf::from(&value)),
+                "gateway.listen" => self.gateway.listen = value.clone(),
+                "gateway.rate_per_s" | "gateway.burst" => {
+                    let v: f64 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid(key, format!("must be a number, got {value:?}")))?;
+                    if key == "gateway.burst" {
+                        self.gateway.burst = v;
+                    } else {
+                        self.gateway.rate_per_s = v;
+                    }
+                }
                 _ => {}
             }
         }
@@ -341,6 +380,22 @@ impl Config {
         }
         if self.retry.delivery_limit == 0 {
             return Err(invalid("retry.delivery_limit", "must be at least 1"));
+        }
+        if self.gateway.max_body_bytes < 1024 {
+            return Err(invalid("gateway.max_body_bytes", "must be at least 1024"));
+        }
+        let (rate, burst) = (self.gateway.rate_per_s, self.gateway.burst);
+        if rate.is_nan() || rate <= 0.0 || burst.is_nan() || burst < 1.0 {
+            return Err(invalid(
+                "gateway.rate_per_s",
+                "rate must be above 0 and burst at least 1",
+            ));
+        }
+        if self.gateway.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "gateway.listen",
+                format!("must be HOST:PORT, got {:?}", self.gateway.listen),
+            ));
         }
         if !(512..=1_048_576).contains(&self.models.max_context) {
             return Err(invalid("models.max_context", "must be 512-1048576 tokens"));

@@ -300,6 +300,18 @@ impl<H: Handler> Task<H> {
                 return Ok(());
             }
         }
+        if let Some(id) = job_id {
+            let payload = crate::webhooks::event_payload(
+                "job.failed",
+                id,
+                tenant.unwrap_or("(unknown)"),
+                "dead",
+                serde_json::json!({"error_code": code, "error": detail}),
+            );
+            if let Err(e) = crate::webhooks::publish_event(&self.publish, &payload).await {
+                tracing::warn!(%id, error = %e, "failure event not published");
+            }
+        }
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(queue::short(H_REASON), queue::string_value(code));
         headers.insert(queue::short(H_DETAIL), queue::string_value(detail));

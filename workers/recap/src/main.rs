@@ -5,6 +5,7 @@ mod consume;
 mod engines;
 mod enqueue;
 mod eval;
+mod gateway;
 mod metrics;
 mod models;
 mod policy;
@@ -14,7 +15,10 @@ mod queue;
 mod router;
 mod shutdown;
 mod store;
+mod submit;
 mod summarize;
+mod tenants;
+mod webhooks;
 mod worker;
 
 use anyhow::{Context, Result};
@@ -70,6 +74,21 @@ enum Command {
     Rouge(eval::RougeArgs),
     /// Evaluate models, baselines and the policy on QMSum: quality, cost, latency.
     Eval(eval::EvalArgs),
+    /// The HTTP gateway: /v1/jobs, /openapi.json, probes and metrics.
+    Gateway {
+        /// Address to listen on (default: gateway.listen).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Tenants and their API keys.
+    Tenants {
+        #[command(subcommand)]
+        cmd: tenants::TenantsCommand,
+    },
+    /// Send transcripts through the gateway; with --wait, print their summaries.
+    Submit(submit::Args),
+    /// Print the OpenAPI document of the gateway.
+    Openapi,
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
 }
@@ -112,6 +131,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Summarize(args) => summarize::run(&config, args),
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Models { cmd } => models::run(&config, cmd),
+        Command::Gateway { listen } => {
+            let (trigger, shutdown) = shutdown::channel();
+            shutdown::on_signals(trigger)?;
+            let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
+            gateway::run(config, listen, shutdown).await
+        }
+        Command::Tenants { cmd } => tenants::run(&config, cmd).await,
+        Command::Submit(args) => submit::run(&config, args).await,
+        Command::Openapi => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{}", gateway::openapi_json());
+            Ok(())
+        }
         Command::Rouge(args) => eval::rouge(args),
         Command::Eval(args) => eval::eval(&config, args),
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,

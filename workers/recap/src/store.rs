@@ -128,6 +128,42 @@ async fn ensure_job_locked(
     Ok(Status::parse(&s).unwrap_or(Status::Queued))
 }
 
+/// Gateway side: the job is accepted as `queued`. Returns false when a job
+/// with this id already existed (nothing is written then).
+pub async fn insert_queued(pool: &PgPool, job: &Job) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let existed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1)")
+        .bind(job.job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !existed {
+        ensure_job_locked(&mut tx, job, Status::Queued).await?;
+    }
+    tx.commit().await?;
+    Ok(!existed)
+}
+
+/// Writes the webhook outbox row for a job that ended, when it gave a
+/// callback URL; in the caller's transaction, so that the end and the
+/// notification commit together.
+async fn enqueue_webhook(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    payload: &serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (job_id, tenant, url, event, payload)
+         SELECT job_id, tenant, callback_url, $2, $3 FROM jobs WHERE job_id = $1 AND callback_url IS NOT NULL
+         ON CONFLICT (job_id, event) DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(payload["event"].as_str().unwrap_or("job.completed"))
+    .bind(payload)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// What the router records for one decision.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -496,6 +532,19 @@ pub async fn complete_job(
     .bind(done.cost_usd)
     .execute(&mut *tx)
     .await?;
+    let payload = crate::webhooks::event_payload(
+        "job.completed",
+        job.job_id,
+        &job.tenant,
+        "succeeded",
+        serde_json::json!({
+            "model": done.model,
+            "tier": done.tier,
+            "cost_usd": done.cost_usd,
+            "summaries": done.outputs.iter().map(|o| serde_json::json!({"kind": o.kind, "text": o.text})).collect::<Vec<_>>(),
+        }),
+    );
+    enqueue_webhook(&mut tx, job.job_id, &payload).await?;
     sqlx::query(
         "UPDATE jobs SET status = 'succeeded', chunks = $2, cost_usd = $3::float8::numeric,
                          error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
@@ -542,6 +591,18 @@ pub async fn mark_ended(
     .bind(message)
     .execute(&mut *tx)
     .await?;
+    let tenant: String = sqlx::query_scalar("SELECT tenant FROM jobs WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let payload = crate::webhooks::event_payload(
+        "job.failed",
+        job_id,
+        &tenant,
+        status.as_str(),
+        serde_json::json!({"error_code": code, "error": message}),
+    );
+    enqueue_webhook(&mut tx, job_id, &payload).await?;
     tx.commit().await?;
     Ok(())
 }

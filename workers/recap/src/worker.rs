@@ -224,7 +224,19 @@ impl Handler for Worker {
             }
         }
         match store::complete_job(&self.pool, &job, &done).await {
-            Ok(true) => {}
+            Ok(true) => {
+                let payload = crate::webhooks::event_payload(
+                    "job.completed",
+                    job.job_id,
+                    &job.tenant,
+                    "succeeded",
+                    serde_json::json!({"model": model, "tier": self.tier, "cost_usd": done.cost_usd}),
+                );
+                // The summaries are committed; a lost event is logged, not retried.
+                if let Err(e) = crate::webhooks::publish_event(&self.publish, &payload).await {
+                    tracing::warn!(job_id = %job.job_id, error = %e, "completion event not published");
+                }
+            }
             Ok(false) => {
                 tracing::info!(job_id = %job.job_id, "job ended meanwhile; result discarded");
                 return Verdict::Ack;

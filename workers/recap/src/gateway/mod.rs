@@ -1,0 +1,627 @@
+//! `recap gateway`: the HTTP front door. Validates job v1, stores the
+//! `queued` row, publishes with a confirm and answers 202 only once the job
+//! is durably queued. Tenants see only their own jobs.
+
+mod problem;
+mod ratelimit;
+
+use crate::config::Config;
+use crate::metrics::metrics;
+use crate::probes::{self, ProbeState, Readiness};
+use crate::queue::{self, EXCHANGE_JOBS, ROUTE_INGEST};
+use crate::store;
+use crate::tenants;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use lapin::types::FieldTable;
+use problem::Problem;
+use ratelimit::RateLimiter;
+use recap_job::{parse_job_value, RejectCode};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use utoipa::{OpenApi, ToSchema};
+use uuid::Uuid;
+
+pub struct Gateway {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    publisher: Mutex<Option<(lapin::Connection, lapin::Channel)>>,
+    limiter: RateLimiter,
+    pub readiness: Arc<Readiness>,
+}
+
+type Shared = Arc<Gateway>;
+
+impl Gateway {
+    pub fn new(pool: PgPool, config: Arc<Config>, readiness: Arc<Readiness>) -> Gateway {
+        Gateway {
+            limiter: RateLimiter::new(config.gateway.rate_per_s, config.gateway.burst),
+            pool,
+            config,
+            publisher: Mutex::new(None),
+            readiness,
+        }
+    }
+
+    /// Publishes with a confirm, reconnecting to the broker when needed.
+    async fn publish(&self, job_id: Uuid, body: &[u8]) -> Result<(), Problem> {
+        let mut guard = self.publisher.lock().await;
+        let healthy = guard
+            .as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected());
+        if !healthy {
+            let conn = queue::connect(&self.config, "gateway")
+                .await
+                .map_err(|e| Problem::unavailable(format!("broker unavailable: {e}")))?;
+            let ch = queue::confirm_channel(&conn)
+                .await
+                .map_err(|e| Problem::unavailable(format!("broker unavailable: {e}")))?;
+            *guard = Some((conn, ch));
+            self.readiness.set_broker(true);
+        }
+        let Some((_, ch)) = guard.as_ref() else {
+            return Err(Problem::unavailable("broker unavailable"));
+        };
+        let props = queue::job_properties(Some(job_id), FieldTable::default());
+        let result = queue::publish_confirmed(ch, EXCHANGE_JOBS, ROUTE_INGEST, body, props).await;
+        if let Err(e) = result {
+            *guard = None;
+            self.readiness.set_broker(false);
+            return Err(Problem::unavailable(format!(
+                "the job could not be queued ({e}); retry with the same job_id"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A job as clients see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub job_id: Uuid,
+    pub tenant: String,
+    /// queued, routed, running, succeeded, failed or dead
+    pub status: String,
+    pub tier: Option<String>,
+    pub model: Option<String>,
+    pub route_reason: Option<String>,
+    pub attempts: i32,
+    pub chunks: Option<i32>,
+    pub cost_usd: Option<f64>,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub routed_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SummaryView {
+    pub kind: String,
+    pub text: String,
+    pub model: String,
+    pub engine: String,
+    pub input_tokens: i32,
+    pub output_tokens: i32,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListParams {
+    /// Only jobs in this status.
+    pub status: Option<String>,
+    /// Only jobs created at or after this time (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Only jobs created before this time (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<i64>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+}
+
+async fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Problem> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            Problem::unauthorized("an API key is required: Authorization: Bearer <key>")
+        })?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+        .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <key>`"))?;
+    match tenants::authenticate(&gw.pool, key).await {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => Err(Problem::unauthorized("the API key is unknown or revoked")),
+        Err(e) => Err(Problem::unavailable(format!("database unavailable: {e}"))),
+    }
+}
+
+fn rate_limit(gw: &Gateway, tenant: &str) -> Result<(), Problem> {
+    gw.limiter
+        .check(tenant, std::time::Instant::now())
+        .map_err(|wait| {
+            let mut p = Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("tenant {tenant} is over its request rate; retry after {wait} s"),
+            );
+            p.retry_after_s = Some(wait);
+            p
+        })
+}
+
+async fn job_view(pool: &PgPool, job_id: Uuid, tenant: &str) -> Result<Option<JobView>, Problem> {
+    let row = store::get_job(pool, job_id)
+        .await
+        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    let Some(r) = row.filter(|r| r.tenant == tenant) else {
+        return Ok(None);
+    };
+    let reason: Option<String> = sqlx::query_scalar(
+        "SELECT reason FROM route_decisions WHERE job_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    Ok(Some(JobView {
+        job_id: r.job_id,
+        tenant: r.tenant,
+        status: r.status,
+        tier: r.tier,
+        model: r.model,
+        route_reason: reason,
+        attempts: r.attempts,
+        chunks: r.chunks,
+        cost_usd: r.cost_usd,
+        error_code: r.error_code,
+        error: r.error,
+        queued_at: r.queued_at,
+        routed_at: r.routed_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+    }))
+}
+
+fn with_location(status: StatusCode, view: JobView) -> Response {
+    let loc = format!("/v1/jobs/{}", view.job_id);
+    let mut res = (status, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+fn rejection(r: recap_job::Rejection) -> Problem {
+    let status = match r.code {
+        RejectCode::InvalidJson | RejectCode::InvalidUtf8 => StatusCode::BAD_REQUEST,
+        RejectCode::TranscriptTooLarge | RejectCode::TooManyUtterances => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let mut p = Problem::new(status, r.code.as_str(), r.message.clone());
+    p.field = r.field;
+    p
+}
+
+/// Submit a job.
+///
+/// The body is a job v1 (schemas/job-v1.schema.json). `tenant` is taken from
+/// the API key (a different one is refused); `version` defaults to 1 and
+/// `job_id` to a fresh UUID. Posting the same `job_id` again returns the
+/// existing job and creates nothing.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = Object, content_type = "application/json", description = "A job v1"),
+    responses(
+        (status = 202, description = "Queued (durably: the broker confirmed it)", body = JobView, headers(("Location" = String))),
+        (status = 200, description = "This job_id was submitted before: the existing job", body = JobView),
+        (status = 400, description = "Not JSON or not UTF-8", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No key, or an unknown or revoked one", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The body names another tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job_id belongs to another tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or transcript over the limits", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid job", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the tenant's rate; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry with the same job_id", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+async fn submit(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, Problem> {
+    let tenant = authenticate(&gw, &headers).await?;
+    rate_limit(&gw, &tenant)?;
+    let limit = gw.config.gateway.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_utf8",
+            format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+        )
+    })?;
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not JSON: {e}"),
+        )
+    })?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_json",
+            "a job must be a JSON object",
+        ));
+    };
+    match obj.get("tenant") {
+        Some(serde_json::Value::String(t)) if t != &tenant => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "tenant_mismatch",
+                "the body names another tenant than the API key's",
+            ));
+        }
+        _ => {}
+    }
+    obj.insert("tenant".into(), serde_json::Value::String(tenant.clone()));
+    obj.entry("version").or_insert(serde_json::json!(1));
+    obj.entry("job_id")
+        .or_insert_with(|| serde_json::json!(Uuid::new_v4()));
+    let job = parse_job_value(&value, &gw.config.limits).map_err(rejection)?;
+
+    let created = store::insert_queued(&gw.pool, &job)
+        .await
+        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    let existing = job_view(&gw.pool, job.job_id, &tenant).await?;
+    let Some(view) = existing else {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "job_id_in_use",
+            "this job_id is in use; choose another",
+        ));
+    };
+    // A job still `queued` may never have reached the broker (a crash or a
+    // 503 between the row and the publish): publish it (again); the router
+    // deduplicates.
+    if created || view.status == "queued" {
+        gw.publish(job.job_id, &job.to_json()).await?;
+        metrics()
+            .jobs_total
+            .with_label_values(&["gateway", "", "accepted"])
+            .inc();
+        return Ok(with_location(StatusCode::ACCEPTED, view));
+    }
+    Ok(with_location(StatusCode::OK, view))
+}
+
+/// A job's status, route, timings and cost.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job_id")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job for this tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+async fn get_job(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, Problem> {
+    let tenant = authenticate(&gw, &headers).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
+    job_view(&gw.pool, id, &tenant)
+        .await?
+        .map(Json)
+        .ok_or_else(Problem::not_found)
+}
+
+/// A job's summaries (empty until it succeeds).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/summaries", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job_id")),
+    responses(
+        (status = 200, body = [SummaryView]),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+async fn get_summaries(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SummaryView>>, Problem> {
+    let tenant = authenticate(&gw, &headers).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
+    if job_view(&gw.pool, id, &tenant).await?.is_none() {
+        return Err(Problem::not_found());
+    }
+    let rows = store::get_summaries(&gw.pool, id)
+        .await
+        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|s| SummaryView {
+                kind: s.kind,
+                text: s.text,
+                model: s.model,
+                engine: s.engine,
+                input_tokens: s.input_tokens,
+                output_tokens: s.output_tokens,
+                total_ms: s.total_ms,
+            })
+            .collect(),
+    ))
+}
+
+/// The tenant's jobs, newest first, paged.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListParams),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+async fn list_jobs(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    Query(p): Query<ListParams>,
+) -> Result<Json<JobPage>, Problem> {
+    let tenant = authenticate(&gw, &headers).await?;
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "limit must be 1-200",
+        ));
+    }
+    if let Some(s) = &p.status {
+        if store::Status::parse(s).is_none() {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("unknown status {s:?}"),
+            ));
+        }
+    }
+    // The cursor is the last row's (created_at, job_id).
+    let after: Option<(DateTime<Utc>, Uuid)> = match &p.after {
+        None => None,
+        Some(c) => {
+            let bad = || {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "bad `after` cursor",
+                )
+            };
+            let (t, id) = c.split_once('_').ok_or_else(bad)?;
+            let micros: i64 = t.parse().map_err(|_| bad())?;
+            Some((
+                DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+                Uuid::parse_str(id).map_err(|_| bad())?,
+            ))
+        }
+    };
+    let rows = sqlx::query(
+        "SELECT job_id, created_at FROM jobs
+         WHERE tenant = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::timestamptz IS NULL OR created_at >= $3)
+           AND ($4::timestamptz IS NULL OR created_at < $4)
+           AND ($5::timestamptz IS NULL OR (created_at, job_id) < ($5, $6))
+         ORDER BY created_at DESC, job_id DESC LIMIT $7",
+    )
+    .bind(&tenant)
+    .bind(&p.status)
+    .bind(p.since)
+    .bind(p.until)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit + 1)
+    .fetch_all(&gw.pool)
+    .await
+    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    let more = rows.len() as i64 > limit;
+    let mut jobs = Vec::new();
+    let mut last = None;
+    for r in rows.iter().take(limit as usize) {
+        let id: Uuid = r
+            .try_get("job_id")
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        let at: DateTime<Utc> = r
+            .try_get("created_at")
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        if let Some(v) = job_view(&gw.pool, id, &tenant).await? {
+            jobs.push(v);
+        }
+        last = Some(format!("{}_{id}", at.timestamp_micros()));
+    }
+    Ok(Json(JobPage {
+        jobs,
+        next: if more { last } else { None },
+    }))
+}
+
+/// Cancel a job that is still queued or routed.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "job_id")),
+    responses(
+        (status = 200, description = "Cancelled: status failed, error_code cancelled", body = JobView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already running or ended", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+async fn cancel(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, Problem> {
+    let tenant = authenticate(&gw, &headers).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'failed', error_code = 'cancelled', error = 'cancelled by the client',
+                         finished_at = now(), updated_at = now()
+         WHERE job_id = $1 AND tenant = $2 AND status IN ('queued', 'routed')",
+    )
+    .bind(id)
+    .bind(&tenant)
+    .execute(&gw.pool)
+    .await
+    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    let view = job_view(&gw.pool, id, &tenant)
+        .await?
+        .ok_or_else(Problem::not_found)?;
+    if done.rows_affected() == 0 {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "not_cancellable",
+            format!(
+                "the job is {}; only queued or routed jobs can be cancelled",
+                view.status
+            ),
+        ));
+    }
+    Ok(Json(view))
+}
+
+struct ApiKeyScheme;
+
+impl utoipa::Modify for ApiKeyScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A tenant's API key from `recap tenants create`"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "recap", description = "Meeting transcripts in, summaries out. Jobs are queued on RabbitMQ and summarized by compact or large models according to a cost policy."),
+    paths(submit, get_job, get_summaries, list_jobs, cancel),
+    components(schemas(JobView, SummaryView, JobPage, Problem)),
+    modifiers(&ApiKeyScheme),
+    tags((name = "jobs", description = "Submit jobs and read their results"))
+)]
+pub struct ApiDoc;
+
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+pub fn app(gw: Shared, probes: ProbeState) -> Router {
+    let api = Router::new()
+        .route("/v1/jobs", post(submit).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/summaries", get(get_summaries))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/openapi.json", get(openapi))
+        // The body limit is enforced in `submit`, so that it answers problem+json.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(gw);
+    api.merge(probes::routes(probes))
+}
+
+pub async fn run(
+    config: Arc<Config>,
+    listen: String,
+    mut shutdown: crate::shutdown::Shutdown,
+) -> anyhow::Result<()> {
+    let pool = store::connect(&config).await?;
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_model(true);
+    let gw = Arc::new(Gateway::new(
+        pool.clone(),
+        config.clone(),
+        readiness.clone(),
+    ));
+    // Connect to the broker up front so that readiness is true from the start.
+    if let Err(p) = gw.publish_probe().await {
+        tracing::warn!(detail = %p.detail, "broker not reachable yet; readiness stays false until it is");
+    }
+    crate::webhooks::spawn_dispatcher(pool.clone(), shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "gateway serving /v1/jobs, /openapi.json, /healthz, /readyz, /metrics");
+    let app = app(
+        gw,
+        ProbeState {
+            readiness: readiness.clone(),
+            pool: Some(pool),
+        },
+    );
+    let stop = readiness.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+            stop.set_stopping();
+        })
+        .await?;
+    Ok(())
+}
+
+impl Gateway {
+    async fn publish_probe(&self) -> Result<(), Problem> {
+        let mut guard = self.publisher.lock().await;
+        let conn = queue::connect(&self.config, "gateway")
+            .await
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        let ch = queue::confirm_channel(&conn)
+            .await
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        *guard = Some((conn, ch));
+        self.readiness.set_broker(true);
+        Ok(())
+    }
+}
