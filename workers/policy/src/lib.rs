@@ -44,6 +44,11 @@ pub struct Features {
 pub struct BudgetState {
     pub daily_remaining_usd: Option<f64>,
     pub monthly_remaining_usd: Option<f64>,
+    /// The budgets themselves, for reporting.
+    #[serde(default)]
+    pub daily_limit_usd: Option<f64>,
+    #[serde(default)]
+    pub monthly_limit_usd: Option<f64>,
 }
 
 impl BudgetState {

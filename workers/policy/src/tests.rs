@@ -125,6 +125,7 @@ fn budgets_move_jobs_down_or_refuse_them() {
     let tight = BudgetState {
         daily_remaining_usd: Some(0.005),
         monthly_remaining_usd: Some(1.0),
+        ..BudgetState::default()
     };
     let d = p.decide(&f("best", 1000), &tiers(), &tight).unwrap();
     assert_eq!(
@@ -134,12 +135,14 @@ fn budgets_move_jobs_down_or_refuse_them() {
     let tighter = BudgetState {
         daily_remaining_usd: Some(0.0001),
         monthly_remaining_usd: None,
+        ..BudgetState::default()
     };
     let d = p.decide(&f("best", 1000), &tiers(), &tighter).unwrap();
     assert_eq!(d.model, "extractive-lead");
     let none_left = BudgetState {
         daily_remaining_usd: Some(-1.0),
         monthly_remaining_usd: None,
+        ..BudgetState::default()
     };
     assert!(matches!(
         p.decide(&f("best", 1000), &tiers(), &none_left),
@@ -220,7 +223,7 @@ proptest! {
         };
         let mut x = f(&q, tokens);
         x.job_id = id;
-        let budget = BudgetState { daily_remaining_usd: daily, monthly_remaining_usd: monthly };
+        let budget = BudgetState { daily_remaining_usd: daily, monthly_remaining_usd: monthly, ..BudgetState::default() };
         match p.decide(&x, &t, &budget) {
             Ok(d) => {
                 if d.model != "extractive-lead" {

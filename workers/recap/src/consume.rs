@@ -325,9 +325,11 @@ impl<H: Handler> Task<H> {
             props,
         )
         .await?;
-        metrics()
-            .dead_letters_total
-            .with_label_values(&[code])
+        let m = metrics();
+        m.dead_letters_total.with_label_values(&[code]).inc();
+        // A dead letter is a job's end too: it counts in the error ratio.
+        m.jobs_total
+            .with_label_values(&[&self.tier_label, "", "dead"])
             .inc();
         tracing::warn!(job_id = ?job_id, code, detail, queue = %self.queue, "dead-lettered");
         delivery.ack(BasicAckOptions::default()).await?;

@@ -251,6 +251,10 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), %tier, model = %model_id, "model failed to load; not ready, retrying in 30 s");
                 readiness.set_model(false);
+                metrics::metrics()
+                    .model_load_failures_total
+                    .with_label_values(&[&model_id])
+                    .inc();
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
                     _ = wait_shutdown.wait() => return Ok(()),

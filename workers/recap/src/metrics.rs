@@ -21,6 +21,9 @@ pub struct Metrics {
     pub policy_reloads_total: CounterVec,
     pub budget_remaining_usd: GaugeVec,
     pub cascades_total: CounterVec,
+    pub budget_limit_usd: GaugeVec,
+    pub model_load_failures_total: CounterVec,
+    pub gateway_submissions_total: CounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
@@ -126,6 +129,24 @@ impl Metrics {
                 "recap_cascades_total",
                 "Compact outputs sent on to the large tier, by failed check.",
                 &["check"],
+            ),
+            budget_limit_usd: gauge(
+                &r,
+                "recap_budget_limit_usd",
+                "A tenant's budget for the period, as of the last decision.",
+                &["tenant", "period"],
+            ),
+            model_load_failures_total: counter(
+                &r,
+                "recap_model_load_failures_total",
+                "Models that failed to load, by model.",
+                &["model"],
+            ),
+            gateway_submissions_total: counter(
+                &r,
+                "recap_gateway_submissions_total",
+                "Jobs submitted over HTTP, by outcome (accepted, duplicate, rejected).",
+                &["outcome"],
             ),
             registry: r,
         }

@@ -103,6 +103,16 @@ impl Handler for Router {
                     .with_label_values(&[&job.tenant, "monthly"])
                     .set(mo);
             }
+            for (period, limit) in [
+                ("daily", budget.daily_limit_usd),
+                ("monthly", budget.monthly_limit_usd),
+            ] {
+                if let Some(l) = limit {
+                    m.budget_limit_usd
+                        .with_label_values(&[&job.tenant, period])
+                        .set(l);
+                }
+            }
             policy.decide(&features, &tiers, &budget).map(|d| Decision {
                 tier: d.tier.as_str().to_string(),
                 model: d.model.clone(),

@@ -232,6 +232,8 @@ async fn budget_state(
     Ok(recap_policy::BudgetState {
         daily_remaining_usd: daily.map(|d| d - day),
         monthly_remaining_usd: monthly.map(|m| m - month),
+        daily_limit_usd: daily,
+        monthly_limit_usd: monthly,
     })
 }
 

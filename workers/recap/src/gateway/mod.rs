@@ -295,7 +295,13 @@ async fn submit(
     obj.entry("version").or_insert(serde_json::json!(1));
     obj.entry("job_id")
         .or_insert_with(|| serde_json::json!(Uuid::new_v4()));
-    let job = parse_job_value(&value, &gw.config.limits).map_err(rejection)?;
+    let job = parse_job_value(&value, &gw.config.limits).map_err(|r| {
+        metrics()
+            .gateway_submissions_total
+            .with_label_values(&["rejected"])
+            .inc();
+        rejection(r)
+    })?;
 
     let created = store::insert_queued(&gw.pool, &job)
         .await
@@ -314,11 +320,15 @@ async fn submit(
     if created || view.status == "queued" {
         gw.publish(job.job_id, &job.to_json()).await?;
         metrics()
-            .jobs_total
-            .with_label_values(&["gateway", "", "accepted"])
+            .gateway_submissions_total
+            .with_label_values(&["accepted"])
             .inc();
         return Ok(with_location(StatusCode::ACCEPTED, view));
     }
+    metrics()
+        .gateway_submissions_total
+        .with_label_values(&["duplicate"])
+        .inc();
     Ok(with_location(StatusCode::OK, view))
 }
 
@@ -590,6 +600,16 @@ pub async fn run(
         tracing::warn!(detail = %p.detail, "broker not reachable yet; readiness stays false until it is");
     }
     crate::webhooks::spawn_dispatcher(pool.clone(), shutdown.clone());
+    // The probes are on the API port too; metrics.listen gives them the same
+    // port as every other process (what the ServiceMonitor scrapes).
+    probes::serve(
+        &config.metrics.listen,
+        ProbeState {
+            readiness: readiness.clone(),
+            pool: Some(pool.clone()),
+        },
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
