@@ -53,6 +53,9 @@ pub enum Verdict {
 pub struct Ctx {
     /// Set when a stopping process runs out of grace: stop work, requeue.
     pub cancel: Cancel,
+    /// This broker session's confirm channel: publishes made through it die
+    /// with the session, never outlive a reconnect.
+    pub publish: Arc<Channel>,
 }
 
 pub trait Handler: Send + Sync + 'static {
@@ -195,6 +198,7 @@ impl<H: Handler> Task<H> {
                 &delivery,
                 Ctx {
                     cancel: self.cancel.clone(),
+                    publish: self.publish.clone(),
                 },
             )
             .await;
@@ -260,9 +264,10 @@ impl<H: Handler> Task<H> {
             }
             Verdict::Requeue { detail } => {
                 tracing::warn!(detail = %detail, "requeueing delivery");
-                // A pause, so that a database outage does not become a hot
-                // loop that burns the delivery limit in seconds.
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                // Hold the delivery until the database answers again (or a
+                // while passes), so that an outage does not become a hot loop
+                // that burns the delivery limit and dead-letters good jobs.
+                self.wait_for_database().await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -272,6 +277,19 @@ impl<H: Handler> Task<H> {
             }
         }
         Ok(())
+    }
+
+    /// Waits, with backoff, until PostgreSQL answers, for up to ten minutes.
+    async fn wait_for_database(&self) {
+        let mut pause = Duration::from_millis(500);
+        let start = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(pause).await;
+            if crate::store::ping(&self.pool).await || start.elapsed() > Duration::from_secs(600) {
+                return;
+            }
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
     }
 
     /// Records the death, publishes the message to `recap.dead` with its
@@ -290,7 +308,7 @@ impl<H: Handler> Task<H> {
                 store::mark_ended(&self.pool, id, tenant, Status::Dead, code, detail).await
             {
                 tracing::error!(error = %e, %id, "cannot record dead job; requeueing");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.wait_for_database().await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,

@@ -191,15 +191,12 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
         .ready
         .with_label_values(&["router", ""])
         .set(1.0);
-    let conn = queue::connect(&config, "router-publish").await?;
-    let publish = queue::confirm_channel(&conn).await?;
     let handler = Arc::new(router::Router {
         pool: pool.clone(),
         config: config.clone(),
         tiers: policy::tiers(&config),
         policy,
         counter,
-        publish,
     });
     let consumer = consume::Consumer {
         queue: queue::QUEUE_INGEST.to_string(),
@@ -271,8 +268,6 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
     tracing::info!(%tier, model = %model_id, rss_mib = rss, "model loaded");
     let policy = policy::SharedPolicy::new(policy::load(&config)?);
     policy.reload_on_sighup(config.clone())?;
-    let conn = queue::connect(&config, "worker-publish").await?;
-    let publish = queue::confirm_channel(&conn).await?;
     let handler = Arc::new(worker::Worker {
         tier: tier.clone(),
         pool: pool.clone(),
@@ -281,7 +276,6 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         price,
         extractive: Arc::new(recap_engine::Extractive::default()),
         policy,
-        publish,
     });
     let consumer = consume::Consumer {
         queue: queue::tier_queue(&tier),

@@ -12,7 +12,6 @@ use crate::queue::{self, EXCHANGE_JOBS, H_MODEL, H_SHADOW};
 use crate::store::{self, Decision, RouteOutcome};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use lapin::Channel;
 use recap_job::{parse_job, Job};
 use recap_policy::{BudgetState, Features, Tiers};
 use sqlx::PgPool;
@@ -26,8 +25,6 @@ pub struct Router {
     pub tiers: Tiers,
     /// The compact model's tokenizer, for the `input_tokens` feature.
     pub counter: TokenCounter,
-    /// Publishes to the tier queues; confirm mode.
-    pub publish: Channel,
 }
 
 /// The features the policy decides on.
@@ -56,6 +53,7 @@ pub fn features(job: &Job, counter: &TokenCounter) -> Features {
 impl Router {
     async fn publish_to(
         &self,
+        ch: &lapin::Channel,
         delivery: &Delivery,
         tier: &str,
         model: &str,
@@ -70,12 +68,12 @@ impl Router {
         if let Some(id) = delivery.properties.message_id() {
             props = props.with_message_id(id.clone());
         }
-        queue::publish_confirmed(&self.publish, EXCHANGE_JOBS, tier, &delivery.data, props).await
+        queue::publish_confirmed(ch, EXCHANGE_JOBS, tier, &delivery.data, props).await
     }
 }
 
 impl Handler for Router {
-    async fn handle(&self, delivery: &Delivery, _ctx: Ctx) -> Verdict {
+    async fn handle(&self, delivery: &Delivery, ctx: Ctx) -> Verdict {
         let started = Instant::now();
         let job = match parse_job(&delivery.data, &self.config.limits) {
             Ok(job) => job,
@@ -172,14 +170,20 @@ impl Handler for Router {
                 }
             }
         };
-        if let Err(e) = self.publish_to(delivery, &tier, &model, false).await {
+        if let Err(e) = self
+            .publish_to(&ctx.publish, delivery, &tier, &model, false)
+            .await
+        {
             return Verdict::Requeue {
                 detail: format!("publishing to tier {tier}: {e}"),
             };
         }
         if shadow {
             if let Some(large) = self.tiers.large.as_deref() {
-                if let Err(e) = self.publish_to(delivery, "large", large, true).await {
+                if let Err(e) = self
+                    .publish_to(&ctx.publish, delivery, "large", large, true)
+                    .await
+                {
                     // The job itself is on its way; a lost shadow costs only calibration data.
                     tracing::warn!(job_id = %job.job_id, error = %e, "shadow publish failed");
                 }

@@ -10,7 +10,6 @@ use crate::queue::{self, EXCHANGE_JOBS, H_CASCADE, H_MODEL, H_SHADOW};
 use crate::store::{self, Completion, Decision, StartOutcome};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use lapin::Channel;
 use recap_engine::{EngineError, Extractive, SummarizeRequest, Summarizer, SummaryOutput};
 use recap_job::{parse_job, Job};
 use sqlx::PgPool;
@@ -27,8 +26,6 @@ pub struct Worker {
     /// The free baseline, for jobs the policy routed to it (economy, budget).
     pub extractive: Arc<Extractive>,
     pub policy: SharedPolicy,
-    /// Publishes cascades to the large tier; confirm mode.
-    pub publish: Channel,
 }
 
 impl Worker {
@@ -61,7 +58,13 @@ impl Worker {
     }
 
     /// Sends the job on to the large tier, once, with reason `cascade`.
-    async fn cascade(&self, delivery: &Delivery, job: &Job, failed: &[String]) -> Verdict {
+    async fn cascade(
+        &self,
+        ch: &lapin::Channel,
+        delivery: &Delivery,
+        job: &Job,
+        failed: &[String],
+    ) -> Verdict {
         let Some(large) = self.config.tier_model("large") else {
             return Verdict::Ack;
         };
@@ -93,8 +96,7 @@ impl Worker {
         headers.insert(queue::short(H_MODEL), queue::string_value(large));
         let props = queue::job_properties(Some(job.job_id), headers);
         if let Err(e) =
-            queue::publish_confirmed(&self.publish, EXCHANGE_JOBS, "large", &delivery.data, props)
-                .await
+            queue::publish_confirmed(ch, EXCHANGE_JOBS, "large", &delivery.data, props).await
         {
             return Verdict::Requeue {
                 detail: format!("publishing the cascade: {e}"),
@@ -220,7 +222,7 @@ impl Handler for Worker {
         if !queue::header_bool(&delivery.properties, H_CASCADE) && engine.engine() != "extractive" {
             let failed = self.cascade_failures(&job, &outputs);
             if !failed.is_empty() {
-                return self.cascade(delivery, &job, &failed).await;
+                return self.cascade(&ctx.publish, delivery, &job, &failed).await;
             }
         }
         match store::complete_job(&self.pool, &job, &done).await {
@@ -233,7 +235,7 @@ impl Handler for Worker {
                     serde_json::json!({"model": model, "tier": self.tier, "cost_usd": done.cost_usd}),
                 );
                 // The summaries are committed; a lost event is logged, not retried.
-                if let Err(e) = crate::webhooks::publish_event(&self.publish, &payload).await {
+                if let Err(e) = crate::webhooks::publish_event(&ctx.publish, &payload).await {
                     tracing::warn!(job_id = %job.job_id, error = %e, "completion event not published");
                 }
             }

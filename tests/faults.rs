@@ -1,0 +1,247 @@
+//! Faults: a worker killed with SIGKILL in the middle of inference, and a
+//! RabbitMQ restart under load. Nothing is lost and nothing is done twice.
+//! The broker restart runs on a private RabbitMQ node started by the test on
+//! free ports, so it never disturbs the shared broker or other tests.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A RabbitMQ node of the test's own: its own name, ports, data and config.
+struct PrivateRabbit {
+    node: String,
+    port: u16,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl PrivateRabbit {
+    fn new() -> PrivateRabbit {
+        use std::os::unix::fs::PermissionsExt;
+        // rabbitmq-server drops to the rabbitmq user: its folder must be open to it.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        let node = format!(
+            "recap-{}@localhost",
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .unwrap();
+        for f in ["enabled_plugins", "rabbitmq.conf"] {
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        PrivateRabbit {
+            node,
+            port,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"));
+    }
+
+    fn start(&self) {
+        let mut c = Command::new("rabbitmq-server");
+        c.arg("-detached");
+        self.env(&mut c);
+        assert!(c.status().unwrap().success(), "rabbitmq-server -detached");
+        // The node must register with epmd before await_startup can reach it.
+        let start = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let out = Command::new("rabbitmqctl")
+                .args(["-n", &self.node, "-q", "--timeout", "60", "await_startup"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "private RabbitMQ did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn stop(&self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "-q", "stop"])
+            .output();
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_under_load_loses_nothing_and_doubles_nothing() {
+    let mut env = TestEnv::new("brokerrestart").await;
+    let rabbit = PrivateRabbit::new();
+    rabbit.start();
+    env.amqp_url = rabbit.url();
+    env.migrate();
+    let fast = [("RECAP_AMQP_PREFETCH", "8")];
+    let router = env.spawn(&["router"], &fast);
+    let worker = env.spawn(&["worker", "--tier", "compact"], &fast);
+    let total = 2000i64;
+    {
+        let conn = env.amqp().await;
+        let ch = confirm_channel(&conn).await;
+        for _ in 0..total {
+            let id = Uuid::new_v4();
+            publish(
+                &ch,
+                "ingest",
+                &job_json(id, "acme", &["short", "decisions"]),
+                Some(&id.to_string()),
+            )
+            .await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    env.wait_count(
+        "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+        30,
+        Duration::from_secs(60),
+    )
+    .await;
+    let at_stop = env
+        .count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        .await;
+    rabbit.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        env.is_running(router) && env.is_running(worker),
+        "processes ride out the outage"
+    );
+    rabbit.start();
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            total,
+            Duration::from_secs(180),
+        )
+        .await;
+    assert!(
+        at_stop < total,
+        "the restart came mid-batch ({at_stop} done)"
+    );
+    assert_eq!(done, total, "logs:\n{}", env.logs());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, 2 * total);
+    assert_eq!(
+        env.count("SELECT count(*) FROM route_decisions").await,
+        total
+    );
+    let conn = env.amqp().await;
+    assert_eq!(queue_depth(&conn, "recap.dead").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_inference_then_the_job_completes_exactly_once() {
+    let mut env = TestEnv::new("kill9").await;
+    env.migrate();
+    // A policy without cascade or shadow: the job stays on the compact tier.
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"kill9\"\nrules = []\n").unwrap();
+    let policy = policy.to_str().unwrap().to_string();
+    let vars = [
+        ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
+        ("RECAP_POLICY", policy.as_str()),
+    ];
+    env.spawn(&["router"], &vars);
+    let worker = env.spawn(&["worker", "--tier", "compact"], &vars);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let id = Uuid::new_v4();
+    publish(
+        &ch,
+        "ingest",
+        &job_json(id, "acme", &["overview", "action_items"]),
+        Some(&id.to_string()),
+    )
+    .await;
+    // Wait until the worker is inside inference, then kill it outright.
+    let start = Instant::now();
+    loop {
+        let running = env
+            .count(&format!(
+                "SELECT count(*) FROM jobs WHERE job_id = '{id}' AND status = 'running'"
+            ))
+            .await;
+        if running == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job never started; logs:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.signal(worker, libc::SIGKILL);
+    env.wait_exit(worker, Duration::from_secs(10));
+    assert_eq!(
+        env.count("SELECT count(*) FROM summaries").await,
+        0,
+        "killed before it committed"
+    );
+    // A new worker takes the redelivered job.
+    env.spawn(&["worker", "--tier", "compact"], &vars);
+    let done = env
+        .wait_count(
+            &format!("SELECT count(*) FROM jobs WHERE job_id = '{id}' AND status = 'succeeded'"),
+            1,
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, 2);
+    assert_eq!(
+        env.count(&format!(
+            "SELECT attempts::bigint FROM jobs WHERE job_id = '{id}'"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(queue_depth(&conn, "recap.compact").await, 0);
+}
