@@ -245,3 +245,126 @@ async fn kill_9_mid_inference_then_the_job_completes_exactly_once() {
     );
     assert_eq!(queue_depth(&conn, "recap.compact").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_coming_back_reaches_dead_after_the_delivery_limit() {
+    let env = TestEnv::new("poison").await;
+    env.migrate();
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let id = Uuid::new_v4();
+    publish(
+        &ch,
+        "compact",
+        &job_json(id, "acme", &["short"]),
+        Some(&id.to_string()),
+    )
+    .await;
+    // A consumer that dies on this message every time: take it, hand it
+    // back, over and over (retry.delivery_limit is 5).
+    let taker = conn.create_channel().await.unwrap();
+    let mut taken = 0;
+    for _ in 0..20 {
+        match taker
+            .basic_get(
+                "recap.compact".into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            Some(m) => {
+                taken += 1;
+                m.delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            None => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!((5..=7).contains(&taken), "delivered {taken} times");
+    let dead = drain_dead(&conn, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "the poison message is in recap.dead, not lost"
+    );
+    assert_eq!(queue_depth(&conn, "recap.compact").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_makes_the_model_fail_is_retried_with_backoff_then_dead_with_its_reason() {
+    let mut env = TestEnv::new("modelfail").await;
+    let config = env.dir.path().join("recap.toml");
+    // One second of inference is not enough for SmolLM2 on this job: every
+    // try ends in deadline_exceeded.
+    std::fs::write(
+        &config,
+        "[retry]\nmax_attempts = 3\nbackoff_ms = [300, 600]\n[worker]\njob_deadline_s = 1\n[tiers.compact]\nmodel = \"smollm2-135m-instruct-q4_1\"\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let out = env
+        .command(&["migrate"])
+        .env("RECAP_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"t\"\nrules = []\n").unwrap();
+    let vars = [
+        ("RECAP_CONFIG", cfg.as_str()),
+        ("RECAP_POLICY", policy.to_str().unwrap()),
+    ];
+    env.spawn(&["router"], &vars);
+    let worker = env.spawn(&["worker", "--tier", "compact"], &vars);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let id = Uuid::new_v4();
+    let long: String = (0..20)
+        .map(|i| format!("Alice: point number {i} about the launch plan and the budget.\n"))
+        .collect();
+    let mut v: serde_json::Value = serde_json::from_slice(&job_json(
+        id,
+        "acme",
+        &["overview", "action_items", "decisions"],
+    ))
+    .unwrap();
+    v["transcript"] = serde_json::json!(long);
+    publish(
+        &ch,
+        "ingest",
+        &serde_json::to_vec(&v).unwrap(),
+        Some(&id.to_string()),
+    )
+    .await;
+    let dead = drain_dead(&conn, 1, Duration::from_secs(120)).await;
+    assert_eq!(dead.len(), 1, "logs:\n{}", env.logs());
+    assert_eq!(dead[0].reason, "deadline_exceeded", "{}", dead[0].detail);
+    assert!(
+        dead[0].detail.contains("after 3 attempts"),
+        "{}",
+        dead[0].detail
+    );
+    let (status, code, attempts): (String, Option<String>, i32) =
+        sqlx::query_as("SELECT status, error_code, attempts FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), code.as_deref(), attempts),
+        ("dead", Some("deadline_exceeded"), 3)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, 0);
+    assert!(env.is_running(worker));
+}

@@ -96,6 +96,13 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(EngineError::Model("empty prompt".into()));
     }
+    // A call that starts past its deadline does not spend a prefill.
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(EngineError::DeadlineExceeded(0));
+    }
+    if cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
     model.clear_cache();
     let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling());
     let start = Instant::now();
