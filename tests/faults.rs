@@ -11,14 +11,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A RabbitMQ node of the test's own: its own name, ports, data and config.
 struct PrivateRabbit {
     node: String,

@@ -41,12 +41,7 @@ fn create_tenant(env: &TestEnv, name: &str) -> Tenant {
 }
 
 fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", free_port())
 }
 
 async fn start_gateway(env: &mut TestEnv, extra: &[(&str, &str)]) -> String {

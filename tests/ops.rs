@@ -47,14 +47,6 @@ const DOCUMENTED_ZERO: [(&str, &str); 8] = [
     ),
 ];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tool(name: &str) {
     assert!(
         Command::new(name)

@@ -16,6 +16,14 @@ use uuid::Uuid;
 pub const AMQP_BASE: &str = "amqp://guest:guest@127.0.0.1:5672";
 pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
 
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_recap"))
 }

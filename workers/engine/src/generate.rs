@@ -227,6 +227,17 @@ pub fn clean_output(raw: &str, stop_strings: &[String]) -> String {
     dedup_sentences(&text)
 }
 
+/// The text of a finished generation: cleaned, and cut back to the last
+/// whole sentence when the token cap stopped it.
+pub fn finished_text(raw: &str, g: &Generation, params: &GenParams) -> String {
+    let text = clean_output(raw, &params.stop_strings);
+    if g.finish == "max_tokens" {
+        trim_unfinished(&text)
+    } else {
+        text
+    }
+}
+
 /// Cuts the unfinished tail of an output that hit its token cap, back to
 /// the last sentence or line end, unless that would leave nothing.
 pub fn trim_unfinished(text: &str) -> String {

@@ -2,7 +2,7 @@
 //! weights and tokenizer from one GGUF file, the file's own chat template,
 //! chunked map-reduce for transcripts longer than the context budget.
 
-use crate::generate::{clean_output, generate, trim_unfinished, Decoder, GenParams, Generation};
+use crate::generate::{finished_text, generate, Decoder, GenParams, Generation};
 use crate::mapreduce::{self, Step};
 use crate::prompts::{self, ChatTemplate};
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
@@ -163,13 +163,23 @@ impl GgufModel {
         &self.tokenizer
     }
 
-    /// Token ids of a chat prompt with this system and user message.
+    /// Token ids of a chat prompt with this system and user message. The
+    /// template's own markup is tokenized with special tokens parsed; the
+    /// user message (which holds the transcript) as plain text, so that a
+    /// transcript that types `<|im_start|>` cannot inject a control token.
     pub fn prompt_ids(&self, user: &str) -> Result<Vec<u32>, EngineError> {
-        let prompt = self.template.render(prompts::system(), user)?;
-        // The rendered template's special tokens are real ones; the
-        // transcript inside it was escaped of none, but a transcript that
-        // types "<|im_start|>" gets plain-text ids: see `user_text`.
-        self.tokenizer.encode(&prompt, true)
+        // A private-use character no template or tokenizer gives meaning to.
+        const SLOT: &str = "\u{E000}recap-user\u{E000}";
+        let prompt = self.template.render(prompts::system(), SLOT)?;
+        let Some((before, after)) = prompt.split_once(SLOT) else {
+            return Err(EngineError::Template(
+                "the chat template dropped the user message".into(),
+            ));
+        };
+        let mut ids = self.tokenizer.encode(before, true)?;
+        ids.extend(self.tokenizer.encode(user, false)?);
+        ids.extend(self.tokenizer.encode(after, true)?);
+        Ok(ids)
     }
 
     /// One chat completion.
@@ -195,10 +205,7 @@ impl GgufModel {
             &req.cancel,
             req.deadline,
         )?;
-        let mut text = clean_output(&self.tokenizer.decode(&g.tokens)?, &params.stop_strings);
-        if g.finish == "max_tokens" {
-            text = trim_unfinished(&text);
-        }
+        let text = finished_text(&self.tokenizer.decode(&g.tokens)?, &g, params);
         Ok((text, g))
     }
 

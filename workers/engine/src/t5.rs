@@ -3,7 +3,7 @@
 //! `tokenizer.json`, in f32 or bf16 (FLAN-T5 overflows to NaN in f16, so
 //! f16 is refused).
 
-use crate::generate::{clean_output, generate, trim_unfinished, Decoder, GenParams, Generation};
+use crate::generate::{finished_text, generate, Decoder, GenParams, Generation};
 use crate::llm::max_new_tokens;
 use crate::mapreduce::{self, Step};
 use crate::prompts;
@@ -156,10 +156,7 @@ impl T5Summarizer {
         // The encoder pass is this model's prefill.
         g.prefill_ms += encode_ms;
         g.prompt_tokens = ids.len();
-        let mut text = clean_output(&decode(&g.tokens)?, &params.stop_strings);
-        if g.finish == "max_tokens" {
-            text = trim_unfinished(&text);
-        }
+        let text = finished_text(&decode(&g.tokens)?, &g, params);
         Ok((text, g))
     }
 

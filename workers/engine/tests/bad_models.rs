@@ -1,6 +1,8 @@
 //! Bad model files give clear errors, never panics: truncated, wrong
 //! sha256, an unknown architecture, a missing tokenizer.
 
+mod common;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -39,15 +41,7 @@ fn write_gguf(path: &Path, metadata: &[(&str, Value)]) {
 }
 
 fn smollm2() -> PathBuf {
-    let base = std::env::var_os("RECAP_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("recap/models")
-        });
-    base.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]

@@ -4,17 +4,9 @@
 
 use candle_core::quantized::gguf_file;
 use recap_engine::tokenizer::GgufTokenizer;
-use std::path::PathBuf;
+mod common;
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("RECAP_MODELS_DIR") {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-    cache.join("recap/models")
-}
+use common::models_dir;
 
 fn check(model_key: &str, file: &str) {
     let path = models_dir().join(file);

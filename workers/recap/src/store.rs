@@ -370,26 +370,7 @@ pub async fn record_shadow(
     done: &Completion<'_>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    for out in done.outputs {
-        sqlx::query(
-            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
-                                    prefill_ms, decode_ms, total_ms, shadow)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true)
-             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
-        )
-        .bind(job.job_id)
-        .bind(out.kind.as_str())
-        .bind(&out.text)
-        .bind(done.model)
-        .bind(done.engine)
-        .bind(out.input_tokens as i32)
-        .bind(out.output_tokens as i32)
-        .bind(out.prefill_ms)
-        .bind(out.decode_ms)
-        .bind(out.total_ms)
-        .execute(&mut *tx)
-        .await?;
-    }
+    insert_summaries(&mut tx, job.job_id, done, true).await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
          VALUES ($1, $2, $3, $4, 'shadow', $5::float8::numeric)
@@ -481,6 +462,37 @@ pub struct Completion<'a> {
     pub cost_usd: f64,
 }
 
+/// One `summaries` row per output; a row already there is kept.
+async fn insert_summaries(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    done: &Completion<'_>,
+    shadow: bool,
+) -> Result<(), StoreError> {
+    for out in done.outputs {
+        sqlx::query(
+            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
+                                    prefill_ms, decode_ms, total_ms, shadow)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
+        )
+        .bind(job_id)
+        .bind(out.kind.as_str())
+        .bind(&out.text)
+        .bind(done.model)
+        .bind(done.engine)
+        .bind(out.input_tokens as i32)
+        .bind(out.output_tokens as i32)
+        .bind(out.prefill_ms)
+        .bind(out.decode_ms)
+        .bind(out.total_ms)
+        .bind(shadow)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Commits the summaries and `succeeded` in one transaction. Returns false
 /// when the job had already ended: then nothing was written.
 pub async fn complete_job(
@@ -497,25 +509,8 @@ pub async fn complete_job(
     let mut input_tokens = 0i64;
     let mut output_tokens = 0i64;
     let mut chunks = 1i32;
+    insert_summaries(&mut tx, job.job_id, done, false).await?;
     for out in done.outputs {
-        sqlx::query(
-            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
-                                    prefill_ms, decode_ms, total_ms, shadow)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, false)
-             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
-        )
-        .bind(job.job_id)
-        .bind(out.kind.as_str())
-        .bind(&out.text)
-        .bind(done.model)
-        .bind(done.engine)
-        .bind(out.input_tokens as i32)
-        .bind(out.output_tokens as i32)
-        .bind(out.prefill_ms)
-        .bind(out.decode_ms)
-        .bind(out.total_ms)
-        .execute(&mut *tx)
-        .await?;
         input_tokens += out.input_tokens as i64;
         output_tokens += out.output_tokens as i64;
         chunks = chunks.max(out.chunks as i32);
