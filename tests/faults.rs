@@ -360,3 +360,183 @@ async fn a_job_that_makes_the_model_fail_is_retried_with_backoff_then_dead_with_
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 0);
     assert!(env.is_running(worker));
 }
+
+/// A PostgreSQL cluster of the test's own, on a free port.
+struct PrivatePostgres {
+    port: u16,
+    data: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    fn new() -> PrivatePostgres {
+        use std::os::unix::fs::PermissionsExt;
+        // initdb refuses root: the cluster belongs to the postgres user.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let data = tmp.path().join("data");
+        let out = Command::new("runuser")
+            .args([
+                "-u", "postgres", "--", "initdb", "-A", "trust", "-U", "postgres", "-D",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrivatePostgres {
+            port: free_port(),
+            data,
+            _tmp: tmp,
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.data.parent().unwrap().display()
+        );
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pg_ctl", "-D"])
+            .arg(&self.data)
+            .args(["-o", &opts, "-l"])
+            .arg(self.data.parent().unwrap().join("pg.log"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&self) {
+        self.pg_ctl(&["-w", "start"]);
+    }
+
+    fn stop(&self) {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pg_ctl", "-D"])
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+async fn readyz(addr: &str) -> Option<u16> {
+    let res = reqwest::Client::new()
+        .get(format!("http://{addr}/readyz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    Some(res.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_for_30_seconds_under_load_loses_nothing() {
+    let mut env = TestEnv::new("pgdown").await;
+    let pg = PrivatePostgres::new();
+    pg.start();
+    env.db_url = pg.url();
+    env.pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&env.db_url)
+        .await
+        .unwrap();
+    env.migrate();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let fast = [("RECAP_AMQP_PREFETCH", "4")];
+    env.spawn(&["router"], &fast);
+    let w = env.spawn(
+        &["worker", "--tier", "compact"],
+        &[
+            ("RECAP_AMQP_PREFETCH", "4"),
+            ("RECAP_METRICS_LISTEN", &addr),
+        ],
+    );
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let total = 1500i64;
+    for _ in 0..total / 2 {
+        let id = Uuid::new_v4();
+        publish(
+            &ch,
+            "ingest",
+            &job_json(id, "acme", &["short"]),
+            Some(&id.to_string()),
+        )
+        .await;
+    }
+    env.wait_count(
+        "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+        50,
+        Duration::from_secs(60),
+    )
+    .await;
+    let before = env
+        .count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        .await;
+    pg.stop();
+    // Load keeps coming while the database is away.
+    for _ in 0..total / 2 {
+        let id = Uuid::new_v4();
+        publish(
+            &ch,
+            "ingest",
+            &job_json(id, "acme", &["short"]),
+            Some(&id.to_string()),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        readyz(&addr).await,
+        Some(503),
+        "readiness turns false while the database is down"
+    );
+    tokio::time::sleep(Duration::from_secs(27)).await;
+    assert!(env.is_running(w));
+    pg.start();
+    env.pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&env.db_url)
+        .await
+        .unwrap();
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            total,
+            Duration::from_secs(240),
+        )
+        .await;
+    assert!(
+        before < total / 2,
+        "the outage came mid-load ({before} done)"
+    );
+    assert_eq!(done, total, "logs:\n{}", env.logs());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, total);
+    assert_eq!(
+        queue_depth(&conn, "recap.dead").await,
+        0,
+        "nothing was dead-lettered by the outage"
+    );
+    assert_eq!(readyz(&addr).await, Some(200));
+}
