@@ -540,3 +540,81 @@ async fn postgres_down_for_30_seconds_under_load_loses_nothing() {
     );
     assert_eq!(readyz(&addr).await, Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_turns_unready_first_and_finishes_in_flight_work() {
+    let mut env = TestEnv::new("graceful").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"g\"\nrules = []\n").unwrap();
+    let policy = policy.to_str().unwrap().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let vars = [
+        ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
+        ("RECAP_POLICY", policy.as_str()),
+    ];
+    env.spawn(&["router"], &vars);
+    let w = env.spawn(
+        &["worker", "--tier", "compact"],
+        &[vars[0], vars[1], ("RECAP_METRICS_LISTEN", addr.as_str())],
+    );
+    let start = Instant::now();
+    while readyz(&addr).await != Some(200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "worker never ready; logs:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        publish(
+            &ch,
+            "ingest",
+            &job_json(*id, "acme", &["overview", "action_items"]),
+            Some(&id.to_string()),
+        )
+        .await;
+    }
+    while env
+        .count("SELECT count(*) FROM jobs WHERE status = 'running'")
+        .await
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "no job started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.signal(w, libc::SIGTERM);
+    // Not ready while the in-flight job drains; the process still answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        readyz(&addr).await,
+        Some(503),
+        "readiness turns false first"
+    );
+    assert!(env.is_running(w), "still draining the in-flight job");
+    assert_eq!(env.wait_exit(w, Duration::from_secs(120)), Some(0));
+    // The job in flight finished; the others stayed queued for the next worker.
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE status = 'running'")
+            .await,
+        0
+    );
+    let finished = env
+        .count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        .await;
+    assert!(finished >= 1, "the in-flight job finished before exit");
+    env.spawn(&["worker", "--tier", "compact"], &vars);
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            3,
+            Duration::from_secs(240),
+        )
+        .await;
+    assert_eq!(done, 3, "logs:\n{}", env.logs());
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, 6);
+}
