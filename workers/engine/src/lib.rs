@@ -20,6 +20,7 @@ pub mod generate;
 pub mod llm;
 pub mod mapreduce;
 pub mod prompts;
+pub mod spm;
 pub mod summarizer;
 pub mod t5;
 pub mod tokenizer;

@@ -9,7 +9,7 @@ use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput
 use crate::tokenizer::GgufTokenizer;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
 use recap_job::SummaryKind;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -19,6 +19,7 @@ use std::sync::Mutex;
 enum Weights {
     Llama(quantized_llama::ModelWeights),
     Qwen2(quantized_qwen2::ModelWeights),
+    Gemma3(quantized_gemma3::ModelWeights),
 }
 
 impl Decoder for Weights {
@@ -26,15 +27,22 @@ impl Decoder for Weights {
         match self {
             Weights::Llama(m) => m.forward(ids, pos),
             Weights::Qwen2(m) => m.forward(ids, pos),
+            Weights::Gemma3(m) => m.forward(ids, pos),
         }
     }
     fn clear_cache(&mut self) {
         match self {
             Weights::Llama(m) => m.clear_kv_cache(),
             Weights::Qwen2(m) => m.clear_kv_cache(),
+            // Gemma3 starts its cache afresh at position 0 by itself.
+            Weights::Gemma3(_) => {}
         }
     }
 }
+
+/// The prompt layout of base models, whose GGUF carries no chat template.
+const PLAIN_TEMPLATE: &str =
+    "{{ bos_token }}{{ messages[0].content }}\n\n{{ messages[1].content }}\n\nAnswer:\n";
 
 /// How a GGUF model is to be loaded.
 #[derive(Debug, Clone)]
@@ -114,16 +122,12 @@ impl GgufModel {
             .get(&ctx_key)
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
+        // Base models (no chat template) get a plain instruction layout.
         let template_src = ct
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| {
-                bad_model(
-                    path,
-                    "no tokenizer.chat_template: this is not an instruct model",
-                )
-            })?;
+            .unwrap_or_else(|| PLAIN_TEMPLATE.to_string());
         let tok_text = |id: Option<u32>| {
             id.and_then(|i| tokenizer.tokens.get(i as usize).cloned())
                 .unwrap_or_default()
@@ -142,10 +146,14 @@ impl GgufModel {
                 quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading qwen2 weights: {e}")))?,
             ),
+            "gemma3" | "gemma2" | "gemma" => Weights::Gemma3(
+                quantized_gemma3::ModelWeights::from_gguf(ct, &mut file, &opts.device)
+                    .map_err(|e| bad_model(path, format!("loading gemma3 weights: {e}")))?,
+            ),
             other => {
                 return Err(bad_model(
                     path,
-                    format!("architecture `{other}` is not supported (llama, qwen2 are)"),
+                    format!("architecture `{other}` is not supported (llama, qwen2, gemma3 are)"),
                 ))
             }
         };

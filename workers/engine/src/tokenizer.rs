@@ -30,14 +30,23 @@ const TYPE_USER_DEFINED: i64 = 4;
 /// A GGUF model's tokenizer, in two forms: one that parses special-token
 /// text and one that treats it as plain text.
 pub struct GgufTokenizer {
-    with_special: Tokenizer,
-    plain: Tokenizer,
+    backend: Backend,
     pub tokens: Vec<String>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     /// Ids that end generation: EOS, EOT and the chat turn ends.
     pub stop_ids: Vec<u32>,
     pub pre: String,
+}
+
+enum Backend {
+    /// Byte-level BPE (`gpt2`): with and without special-token parsing.
+    Bpe {
+        with_special: Box<Tokenizer>,
+        plain: Box<Tokenizer>,
+    },
+    /// SentencePiece-style (`llama`), as llama.cpp's SPM tokenizer.
+    Spm(Box<crate::spm::Spm>),
 }
 
 fn bad(msg: impl Into<String>) -> EngineError {
@@ -119,9 +128,12 @@ impl GgufTokenizer {
         let model = md(ct, "tokenizer.ggml.model")
             .and_then(|v| v.to_string().ok().cloned())
             .ok_or_else(|| bad("GGUF has no `tokenizer.ggml.model`: no tokenizer in this file"))?;
+        if model == "llama" {
+            return Self::spm_from_gguf(ct);
+        }
         if model != "gpt2" {
             return Err(bad(format!(
-                "tokenizer model `{model}` is not supported yet (byte-level BPE `gpt2` is)"
+                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` and SentencePiece `llama` are)"
             )));
         }
         let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
@@ -193,8 +205,10 @@ impl GgufTokenizer {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(GgufTokenizer {
-            with_special: build(true)?,
-            plain: build(false)?,
+            backend: Backend::Bpe {
+                with_special: Box::new(build(true)?),
+                plain: Box::new(build(false)?),
+            },
             tokens,
             bos_id,
             eos_id,
@@ -207,21 +221,86 @@ impl GgufTokenizer {
     /// text to its id (for rendered chat prompts); off, it is plain text
     /// (for transcripts, which must not inject control tokens).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
-        let tk = if parse_special {
-            &self.with_special
-        } else {
-            &self.plain
-        };
-        let enc = tk
-            .encode(text, false)
-            .map_err(|e| bad(format!("encode: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.backend {
+            Backend::Bpe {
+                with_special,
+                plain,
+            } => {
+                let tk = if parse_special { with_special } else { plain };
+                let enc = tk
+                    .encode(text, false)
+                    .map_err(|e| bad(format!("encode: {e}")))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Backend::Spm(spm) => Ok(spm.encode(text, parse_special)),
+        }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
-        self.with_special
-            .decode(ids, true)
-            .map_err(|e| bad(format!("decode: {e}")))
+        match &self.backend {
+            Backend::Bpe { with_special, .. } => with_special
+                .decode(ids, true)
+                .map_err(|e| bad(format!("decode: {e}"))),
+            Backend::Spm(spm) => Ok(spm.decode(ids)),
+        }
+    }
+
+    /// A SentencePiece-style tokenizer (`tokenizer.ggml.model = llama`).
+    fn spm_from_gguf(ct: &Content) -> Result<GgufTokenizer, EngineError> {
+        let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
+        let scores: Vec<f32> =
+            match md(ct, "tokenizer.ggml.scores") {
+                Some(v) => v
+                    .to_vec()
+                    .map_err(|e| bad(format!("scores: {e}")))?
+                    .iter()
+                    .map(|x| x.to_f32().unwrap_or(0.0))
+                    .collect(),
+                None => return Err(bad(
+                    "GGUF has no `tokenizer.ggml.scores`: a SentencePiece vocabulary needs them",
+                )),
+            };
+        let types: Vec<i64> = match md(ct, "tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| bad(format!("token_type: {e}")))?
+                .iter()
+                .map(|x| value_i64(x).unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        let bos_id = md_u32(ct, "tokenizer.ggml.bos_token_id");
+        let eos_id = md_u32(ct, "tokenizer.ggml.eos_token_id");
+        let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
+        if let Some(eot) = md_u32(ct, "tokenizer.ggml.eot_token_id") {
+            stop_ids.push(eot);
+        }
+        for end in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == end) {
+                stop_ids.push(i as u32);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let pre = md(ct, "tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "spm".into());
+        Ok(GgufTokenizer {
+            backend: Backend::Spm(Box::new(crate::spm::Spm::new(
+                tokens.clone(),
+                scores,
+                &types,
+                add_space_prefix,
+            ))),
+            tokens,
+            bos_id,
+            eos_id,
+            stop_ids,
+            pre,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -140,3 +140,25 @@ fn a_transcript_cannot_inject_control_tokens() {
     assert_eq!(count(&clean), 3);
     assert_eq!(count(&evil), 3, "the transcript's <|im_start|> stays text");
 }
+
+#[test]
+fn gemma3_base_model_loads_and_generates() {
+    let m = load("gemma-3-270m-q4_k_m", 1024);
+    let t = utterances_from_text(MEETING);
+    let out = m
+        .summarize(&SummarizeRequest {
+            transcript: &t,
+            kinds: &[SummaryKind::Short],
+            language: None,
+            query: None,
+            deadline: None,
+            cancel: Cancel::default(),
+        })
+        .unwrap();
+    eprintln!(
+        "--- gemma3 short ({} in, {} out): {}",
+        out[0].input_tokens, out[0].output_tokens, out[0].text
+    );
+    assert!(out[0].input_tokens > 200);
+    assert!(out[0].output_tokens > 0, "the model generated nothing");
+}

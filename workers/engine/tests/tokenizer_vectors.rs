@@ -64,3 +64,8 @@ fn qwen2_ids_match_llama_cpp() {
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     );
 }
+
+#[test]
+fn gemma3_ids_match_llama_cpp() {
+    check("gemma-3-270m-q4_k_m", "gemma-3-270m-q4_k_m.gguf");
+}
