@@ -11,6 +11,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// A temporary folder any user may write: the private services run as
+/// their own users (rabbitmq, postgres), not as the test's root.
+fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    tmp
+}
+
 /// A RabbitMQ node of the test's own: its own name, ports, data and config.
 struct PrivateRabbit {
     node: String,
@@ -23,8 +32,7 @@ impl PrivateRabbit {
     fn new() -> PrivateRabbit {
         use std::os::unix::fs::PermissionsExt;
         // rabbitmq-server drops to the rabbitmq user: its folder must be open to it.
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let tmp = open_tempdir();
         let dir = tmp.path().to_path_buf();
         let port = free_port();
         let node = format!(
@@ -370,10 +378,8 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn new() -> PrivatePostgres {
-        use std::os::unix::fs::PermissionsExt;
         // initdb refuses root: the cluster belongs to the postgres user.
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let tmp = open_tempdir();
         let data = tmp.path().join("data");
         let out = Command::new("runuser")
             .args([

@@ -126,19 +126,12 @@ impl Handler for Router {
             Ok(RouteOutcome::Routed {
                 tier,
                 model,
+                reason,
                 shadow,
             }) => {
-                let reason: Option<String> = sqlx::query_scalar(
-                    "SELECT reason FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
-                )
-                .bind(job.job_id)
-                .fetch_optional(&self.pool)
-                .await
-                .ok()
-                .flatten();
                 metrics()
                     .route_decisions_total
-                    .with_label_values(&[&tier, reason.as_deref().unwrap_or("unknown")])
+                    .with_label_values(&[&tier, &reason])
                     .inc();
                 (tier, model, shadow)
             }

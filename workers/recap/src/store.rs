@@ -184,6 +184,7 @@ pub enum RouteOutcome {
     Routed {
         tier: String,
         model: String,
+        reason: String,
         shadow: bool,
     },
     /// Decided before (a redelivery or a duplicate publish): the earlier route.
@@ -299,6 +300,7 @@ pub async fn route_job(
     Ok(RouteOutcome::Routed {
         tier: decision.tier,
         model: decision.model,
+        reason: decision.reason,
         shadow: decision.shadow,
     })
 }
