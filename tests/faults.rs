@@ -30,6 +30,11 @@ struct PrivateRabbit {
 
 impl PrivateRabbit {
     fn new() -> PrivateRabbit {
+        PrivateRabbit::with_conf("")
+    }
+
+    /// A node with extra lines in its rabbitmq.conf.
+    fn with_conf(extra: &str) -> PrivateRabbit {
         use std::os::unix::fs::PermissionsExt;
         // rabbitmq-server drops to the rabbitmq user: its folder must be open to it.
         let tmp = open_tempdir();
@@ -42,7 +47,7 @@ impl PrivateRabbit {
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n{extra}"),
         )
         .unwrap();
         for f in ["enabled_plugins", "rabbitmq.conf"] {
@@ -367,6 +372,133 @@ async fn a_job_that_makes_the_model_fail_is_retried_with_backoff_then_dead_with_
     );
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 0);
     assert!(env.is_running(worker));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_the_brokers_consumer_timeout_is_cut_by_its_deadline_first() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let mut env = TestEnv::new("consumertimeout").await;
+    // A broker that times out unacknowledged deliveries after 12 s.
+    let rabbit = PrivateRabbit::with_conf("consumer_timeout = 12000\n");
+    rabbit.start();
+    env.amqp_url = rabbit.url();
+    env.migrate();
+
+    // Control: the timeout bites. A consumer that holds a delivery past it has
+    // its channel closed by the broker.
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "control".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "control".into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"held",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "control".into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = consumer
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("delivery ok");
+    assert_eq!(held.data, b"held");
+    let start = Instant::now();
+    while ch.status().connected() && start.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let closed_after = start.elapsed();
+    assert!(
+        !ch.status().connected(),
+        "the broker closed the holder's channel"
+    );
+    assert!(closed_after >= Duration::from_secs(11), "{closed_after:?}");
+
+    // A worker whose deadline could outlast the timeout refuses to start.
+    let out = env
+        .command(&["worker", "--tier", "compact"])
+        .env("RECAP_AMQP_CONSUMER_TIMEOUT_S", "12")
+        .env("RECAP_JOB_DEADLINE_S", "900")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("worker.job_deadline_s") && stderr.contains("consumer_timeout"),
+        "{stderr}"
+    );
+
+    // A worker configured for this broker: a job that would run far longer
+    // than 12 s is cut by its 6 s deadline on every try, retried, then dead
+    // with its reason; the broker never times the worker out.
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"t\"\nrules = []\n").unwrap();
+    let config = env.dir.path().join("recap.toml");
+    std::fs::write(&config, "[retry]\nmax_attempts = 2\nbackoff_ms = [300]\n").unwrap();
+    let vars = [
+        ("RECAP_CONFIG", config.to_str().unwrap()),
+        ("RECAP_POLICY", policy.to_str().unwrap()),
+        ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
+        ("RECAP_AMQP_CONSUMER_TIMEOUT_S", "12"),
+        ("RECAP_JOB_DEADLINE_S", "6"),
+    ];
+    env.spawn(&["router"], &vars);
+    let worker = env.spawn(&["worker", "--tier", "compact"], &vars);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let id = Uuid::new_v4();
+    let long: String = (0..200)
+        .map(|i| format!("Alice: point number {i} about the launch plan and the budget.\n"))
+        .collect();
+    let mut v: serde_json::Value = serde_json::from_slice(&job_json(
+        id,
+        "acme",
+        &["overview", "action_items", "decisions", "short"],
+    ))
+    .unwrap();
+    v["transcript"] = serde_json::json!(long);
+    publish(
+        &ch,
+        "ingest",
+        &serde_json::to_vec(&v).unwrap(),
+        Some(&id.to_string()),
+    )
+    .await;
+    let dead = drain_dead(&conn, 1, Duration::from_secs(180)).await;
+    assert_eq!(dead.len(), 1, "logs:\n{}", env.logs());
+    assert_eq!(dead[0].reason, "deadline_exceeded", "{}", dead[0].detail);
+    let attempts = env
+        .count(&format!(
+            "SELECT attempts::bigint FROM jobs WHERE job_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(attempts, 2, "no try was lost to a broker timeout");
+    assert!(env.is_running(worker));
+    let logs = env.logs();
+    assert!(
+        !logs.contains("consumer stream ended") && !logs.contains("PRECONDITION_FAILED"),
+        "the broker never closed the worker's channel:\n{logs}"
+    );
 }
 
 /// A PostgreSQL cluster of the test's own, on a free port.

@@ -15,65 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
-struct Tenant {
-    key: String,
-    secret: String,
-}
-
-fn create_tenant(env: &TestEnv, name: &str) -> Tenant {
-    let out = env.command(&["tenants", "create", name]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |label: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(label))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|| panic!("no {label} in {text}"))
-    };
-    Tenant {
-        key: field("api key:"),
-        secret: field("webhook secret:"),
-    }
-}
-
-fn free_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
-async fn start_gateway(env: &mut TestEnv, extra: &[(&str, &str)]) -> String {
-    let addr = free_addr();
-    let mut vars = vec![("RECAP_GATEWAY_LISTEN", addr.as_str())];
-    vars.extend_from_slice(extra);
-    env.spawn(&["gateway"], &vars);
-    let base = format!("http://{addr}");
-    for _ in 0..100 {
-        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
-            return base;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("gateway did not start; logs:\n{}", env.logs());
-}
-
-fn job_body(id: Uuid, extra: serde_json::Value) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "job_id": id,
-        "transcript": [
-            {"speaker": "Alice", "text": "We agreed to ship on Friday."},
-            {"speaker": "Bob", "text": "I'll update the roadmap."}
-        ],
-        "summaries": ["short"]
-    });
-    if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-        o.extend(e);
-    }
-    v
-}
-
 async fn assert_problem(res: reqwest::Response, status: u16) -> serde_json::Value {
     assert_eq!(res.status().as_u16(), status);
     assert_eq!(

@@ -337,3 +337,98 @@ pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
         .expect("queue exists");
     q.message_count()
 }
+
+pub struct Tenant {
+    pub key: String,
+    pub secret: String,
+}
+
+pub fn create_tenant(env: &TestEnv, name: &str) -> Tenant {
+    let out = env
+        .command(&["tenants", "create", name])
+        .output()
+        .expect("run recap tenants create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |label: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {label} in {text}"))
+    };
+    Tenant {
+        key: field("api key:"),
+        secret: field("webhook secret:"),
+    }
+}
+
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+pub async fn start_gateway(env: &mut TestEnv, extra: &[(&str, &str)]) -> String {
+    let addr = free_addr();
+    let mut vars = vec![("RECAP_GATEWAY_LISTEN", addr.as_str())];
+    vars.extend_from_slice(extra);
+    env.spawn(&["gateway"], &vars);
+    let base = format!("http://{addr}");
+    for _ in 0..100 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+            return base;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gateway did not start; logs:\n{}", env.logs());
+}
+
+pub fn job_body(id: Uuid, extra: serde_json::Value) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "job_id": id,
+        "transcript": [
+            {"speaker": "Alice", "text": "We agreed to ship on Friday."},
+            {"speaker": "Bob", "text": "I'll update the roadmap."}
+        ],
+        "summaries": ["short"]
+    });
+    if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    v
+}
+
+/// The text a process serves at `/metrics`.
+pub async fn scrape(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("metrics endpoint answers")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The sum of every sample of `name` whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let has = |k: &str, v: &str| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+            if labels.iter().all(|(k, v)| has(k, v)) {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}

@@ -217,6 +217,37 @@ impl GgufModel {
         Ok((text, g))
     }
 
+    /// Generates from prompt ids as they are (no template, no cleaning):
+    /// the inference benchmark feeds recap and llama.cpp the same ids.
+    /// Without `stop_at_eos` it runs to `max_new_tokens` whatever it says.
+    pub fn generate_ids(
+        &self,
+        ids: &[u32],
+        params: &GenParams,
+        stop_at_eos: bool,
+    ) -> Result<Generation, EngineError> {
+        let mut weights = self
+            .weights
+            .lock()
+            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let decode = |t: &[u32]| self.tokenizer.decode(t);
+        let stop: &[u32] = if stop_at_eos {
+            &self.tokenizer.stop_ids
+        } else {
+            &[]
+        };
+        generate(
+            &mut *weights,
+            &self.device,
+            ids,
+            params,
+            stop,
+            &decode,
+            &crate::summarizer::Cancel::default(),
+            None,
+        )
+    }
+
     fn count(&self, text: &str) -> usize {
         self.tokenizer
             .encode(text, false)

@@ -180,6 +180,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Largest message body worth decoding: a transcript at the limit with
+    /// room for JSON escaping, the metadata and the other fields. Anything
+    /// bigger is refused before it is parsed, so no body costs more memory
+    /// than a job may.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_transcript_bytes
+            .saturating_mul(2)
+            .saturating_add(self.max_metadata_bytes)
+            .saturating_add(64 * 1024)
+    }
+}
+
 /// Why a job was refused: stable, machine-readable codes. They travel in
 /// the `x-recap-reason` header of dead letters and in problem+json `type`s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -245,6 +258,7 @@ impl Rejection {
 
 /// Parses and validates a job from raw message bytes.
 pub fn parse_job(bytes: &[u8], limits: &Limits) -> Result<Job, Rejection> {
+    check_message_size(bytes, limits)?;
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Rejection::new(
             RejectCode::InvalidUtf8,
@@ -260,6 +274,54 @@ pub fn parse_job(bytes: &[u8], limits: &Limits) -> Result<Job, Rejection> {
         )
     })?;
     parse_job_value(&value, limits)
+}
+
+/// Why a gateway submission was refused before it became a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmissionError {
+    /// The body names a tenant other than the caller's.
+    TenantMismatch,
+    /// The body is JSON but not an object.
+    NotAnObject,
+    /// The job itself is refused.
+    Rejected(Rejection),
+}
+
+/// Decodes an HTTP submission body into a job for `tenant`: the tenant comes
+/// from the caller's credentials (a body naming another is refused),
+/// `version` defaults to 1 and `job_id` to `new_id`.
+pub fn parse_submission(
+    bytes: &[u8],
+    tenant: &str,
+    new_id: Uuid,
+    limits: &Limits,
+) -> Result<Job, SubmissionError> {
+    check_message_size(bytes, limits).map_err(SubmissionError::Rejected)?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        SubmissionError::Rejected(Rejection::new(
+            RejectCode::InvalidUtf8,
+            None,
+            format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+        ))
+    })?;
+    let mut value: Value = serde_json::from_str(text).map_err(|e| {
+        SubmissionError::Rejected(Rejection::new(
+            RejectCode::InvalidJson,
+            None,
+            format!("body is not JSON: {e}"),
+        ))
+    })?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(SubmissionError::NotAnObject);
+    };
+    if matches!(obj.get("tenant"), Some(Value::String(t)) if t != tenant) {
+        return Err(SubmissionError::TenantMismatch);
+    }
+    obj.insert("tenant".into(), Value::String(tenant.to_string()));
+    obj.entry("version").or_insert(Value::from(1));
+    obj.entry("job_id")
+        .or_insert_with(|| Value::String(new_id.to_string()));
+    parse_job_value(&value, limits).map_err(SubmissionError::Rejected)
 }
 
 /// Validates an already-decoded JSON value as a job.
@@ -578,6 +640,21 @@ fn parse_transcript(value: &Value, limits: &Limits) -> Result<Vec<Utterance>, Re
         ));
     }
     Ok(utterances)
+}
+
+fn check_message_size(bytes: &[u8], limits: &Limits) -> Result<(), Rejection> {
+    let max = limits.max_message_bytes();
+    if bytes.len() > max {
+        return Err(Rejection::new(
+            RejectCode::TranscriptTooLarge,
+            None,
+            format!(
+                "the message is {} bytes; the largest a job may be is {max}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_bytes(bytes: usize, limits: &Limits) -> Result<(), Rejection> {

@@ -314,3 +314,83 @@ fn json_schema_matches_the_parser() {
     let sample = include_bytes!("../../../samples/incident-retro.json");
     parse_job(sample, &Limits::default()).unwrap();
 }
+
+// --- gateway submissions -------------------------------------------------
+
+fn submit(v: &Value) -> Result<Job, SubmissionError> {
+    let bytes = serde_json::to_vec(v).unwrap();
+    parse_submission(&bytes, "acme", Uuid::from_u128(7), &Limits::default())
+}
+
+#[test]
+fn a_submission_takes_the_callers_tenant_and_fills_the_defaults() {
+    let mut v = good();
+    let o = v.as_object_mut().unwrap();
+    o.remove("tenant");
+    o.remove("version");
+    o.remove("job_id");
+    let job = submit(&v).unwrap();
+    assert_eq!(job.tenant, "acme");
+    assert_eq!(job.version, 1);
+    assert_eq!(job.job_id, Uuid::from_u128(7));
+}
+
+#[test]
+fn a_submission_naming_its_own_tenant_and_id_keeps_them() {
+    let mut v = good();
+    v["tenant"] = json!("acme");
+    let id = v["job_id"].as_str().unwrap().parse::<Uuid>().unwrap();
+    let job = submit(&v).unwrap();
+    assert_eq!((job.tenant.as_str(), job.job_id), ("acme", id));
+}
+
+#[test]
+fn a_submission_naming_another_tenant_is_refused() {
+    let mut v = good();
+    v["tenant"] = json!("globex");
+    assert_eq!(submit(&v), Err(SubmissionError::TenantMismatch));
+    // A non-string tenant is not a claim to another tenant: it is replaced.
+    v["tenant"] = json!(42);
+    assert_eq!(submit(&v).unwrap().tenant, "acme");
+}
+
+#[test]
+fn submissions_that_are_not_jobs_say_why() {
+    let lim = Limits::default();
+    let id = Uuid::from_u128(1);
+    assert_eq!(
+        parse_submission(b"[1,2]", "acme", id, &lim),
+        Err(SubmissionError::NotAnObject)
+    );
+    let code = |bytes: &[u8]| match parse_submission(bytes, "acme", id, &lim) {
+        Err(SubmissionError::Rejected(r)) => r.code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code(b"\xff\xfe"), RejectCode::InvalidUtf8);
+    assert_eq!(code(b"{"), RejectCode::InvalidJson);
+    assert_eq!(code(b"{}"), RejectCode::MissingField);
+}
+
+#[test]
+fn a_message_too_big_to_be_a_job_is_refused_before_it_is_parsed() {
+    let limits = Limits {
+        max_transcript_bytes: 1000,
+        ..Limits::default()
+    };
+    // Not even JSON: the size is checked first.
+    let big = vec![b'['; limits.max_message_bytes() + 1];
+    let r = parse_job(&big, &limits).unwrap_err();
+    assert_eq!(r.code, RejectCode::TranscriptTooLarge);
+    assert!(
+        r.message.contains("the largest a job may be"),
+        "{}",
+        r.message
+    );
+    match parse_submission(&big, "acme", Uuid::from_u128(1), &limits) {
+        Err(SubmissionError::Rejected(r)) => assert_eq!(r.code, RejectCode::TranscriptTooLarge),
+        other => panic!("{other:?}"),
+    }
+    // At the limit it is parsed (and refused for what it is).
+    let r = parse_job(&big[..limits.max_message_bytes()], &limits).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidJson);
+}

@@ -87,6 +87,14 @@ pub struct AmqpConfig {
     pub url: String,
     /// Unacked deliveries per consumer; also how many jobs a process works on at once.
     pub prefetch: u16,
+    /// The broker's delivery acknowledgement timeout (RabbitMQ's
+    /// `consumer_timeout`, 30 min by default), in seconds. recap asks for it
+    /// per consumer (`x-consumer-timeout`, honoured by RabbitMQ 3.12 and
+    /// later; older brokers need `consumer_timeout` in rabbitmq.conf), and
+    /// keeps every delivery's hold under it: the job deadline must end at
+    /// least 30 s before it, and a database outage is waited out only
+    /// until then.
+    pub consumer_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,7 +189,17 @@ impl Default for AmqpConfig {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefetch: 1,
+            consumer_timeout_s: 1800,
         }
+    }
+}
+
+impl AmqpConfig {
+    /// Slack between a job's deadline and the broker's consumer timeout, for
+    /// the commit, the ack or the dead-lettering: a quarter of the timeout,
+    /// at most 30 s.
+    pub fn consumer_timeout_margin_s(&self) -> u64 {
+        (self.consumer_timeout_s / 4).min(30)
     }
 }
 
@@ -233,13 +251,15 @@ impl Default for MetricsConfig {
 }
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 13] = [
+pub const ENV_OVERRIDES: [(&str, &str); 15] = [
     ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
     ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
     ("RECAP_GATEWAY_BURST", "gateway.burst"),
     ("RECAP_POLICY", "policy.file"),
     ("RECAP_AMQP_URL", "amqp.url"),
     ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
+    ("RECAP_AMQP_CONSUMER_TIMEOUT_S", "amqp.consumer_timeout_s"),
+    ("RECAP_JOB_DEADLINE_S", "worker.job_deadline_s"),
     ("RECAP_DATABASE_URL", "database.url"),
     ("RECAP_MODELS_DIR", "models.dir"),
     ("RECAP_DEVICE", "models.device"),
@@ -287,6 +307,8 @@ impl Config {
                     self.amqp.prefetch = u16::try_from(number("an integer")?)
                         .map_err(|_| invalid(key, "must be at most 65535"))?
                 }
+                "amqp.consumer_timeout_s" => self.amqp.consumer_timeout_s = number("seconds")?,
+                "worker.job_deadline_s" => self.worker.job_deadline_s = number("seconds")?,
                 "database.url" => self.database.url = value.clone(),
                 "models.dir" => self.models.dir = Some(PathBuf::from(&value)),
                 "models.device" => self.models.device = value.clone(),
@@ -402,6 +424,20 @@ impl Config {
         }
         if self.worker.job_deadline_s == 0 {
             return Err(invalid("worker.job_deadline_s", "must be at least 1"));
+        }
+        // A delivery held past the broker's timeout gets its channel closed
+        // and every job on it redelivered: the deadline must end first.
+        let margin = self.amqp.consumer_timeout_margin_s();
+        if self.worker.job_deadline_s.saturating_add(margin) > self.amqp.consumer_timeout_s {
+            return Err(invalid(
+                "worker.job_deadline_s",
+                format!(
+                    "{} s must end at least {margin} s before amqp.consumer_timeout_s \
+                     ({} s, the broker's consumer_timeout): raise the broker's timeout \
+                     (deploy/rabbitmq/rabbitmq.conf) and amqp.consumer_timeout_s, or lower the deadline",
+                    self.worker.job_deadline_s, self.amqp.consumer_timeout_s
+                ),
+            ));
         }
         if !(self.models.device == "cpu"
             || self.models.device == "cuda"
@@ -573,5 +609,30 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u:p@w@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("nonsense"), "nonsense");
+    }
+
+    #[test]
+    fn the_job_deadline_must_end_before_the_brokers_consumer_timeout() {
+        let with = |timeout: &str, deadline: &str| {
+            let mut c = Config::default();
+            c.apply_env(env(&[
+                ("RECAP_AMQP_CONSUMER_TIMEOUT_S", timeout),
+                ("RECAP_JOB_DEADLINE_S", deadline),
+            ]))
+            .unwrap();
+            c.validate()
+        };
+        // The margin: a quarter of the timeout, at most 30 s.
+        assert!(with("1800", "1770").is_ok());
+        assert!(with("1800", "1771").is_err());
+        assert!(with("12", "9").is_ok());
+        assert!(with("12", "10").is_err());
+        let err = with("1800", "1800").unwrap_err().to_string();
+        assert!(
+            err.contains("worker.job_deadline_s") && err.contains("RECAP_JOB_DEADLINE_S"),
+            "{err}"
+        );
+        assert!(err.contains("consumer_timeout"), "{err}");
+        assert!(with("0", "1").is_err());
     }
 }

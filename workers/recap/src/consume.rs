@@ -107,7 +107,7 @@ impl<H: Handler> Consumer<H> {
                 self.queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                queue::consumer_arguments(&self.config),
             )
             .await?;
         self.readiness.set_broker(true);
@@ -184,6 +184,7 @@ struct Task<H> {
 
 impl<H: Handler> Task<H> {
     async fn process(self, delivery: Delivery) {
+        let received = std::time::Instant::now();
         let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(1)
@@ -203,7 +204,7 @@ impl<H: Handler> Task<H> {
             )
             .await;
         gauge.dec();
-        if let Err(e) = self.carry_out(&delivery, verdict, attempt).await {
+        if let Err(e) = self.carry_out(&delivery, verdict, attempt, received).await {
             // Nothing was acked: the broker redelivers when the channel closes.
             tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
         }
@@ -214,6 +215,7 @@ impl<H: Handler> Task<H> {
         delivery: &Delivery,
         verdict: Verdict,
         attempt: u32,
+        received: std::time::Instant,
     ) -> anyhow::Result<()> {
         match verdict {
             Verdict::Ack => {
@@ -225,8 +227,15 @@ impl<H: Handler> Task<H> {
                 job_id,
                 tenant,
             } => {
-                self.dead_letter(delivery, job_id, tenant.as_deref(), &code, &detail)
-                    .await?;
+                self.dead_letter(
+                    delivery,
+                    job_id,
+                    tenant.as_deref(),
+                    &code,
+                    &detail,
+                    received,
+                )
+                .await?;
             }
             Verdict::Retry {
                 code,
@@ -236,8 +245,15 @@ impl<H: Handler> Task<H> {
             } => {
                 if attempt >= self.config.retry.max_attempts {
                     let detail = format!("gave up after {attempt} attempts: {detail}");
-                    self.dead_letter(delivery, Some(job_id), Some(&tenant), &code, &detail)
-                        .await?;
+                    self.dead_letter(
+                        delivery,
+                        Some(job_id),
+                        Some(&tenant),
+                        &code,
+                        &detail,
+                        received,
+                    )
+                    .await?;
                 } else {
                     let delays = &self.config.retry.backoff_ms;
                     let ms = delays[(attempt as usize - 1).min(delays.len() - 1)];
@@ -267,7 +283,7 @@ impl<H: Handler> Task<H> {
                 // Hold the delivery until the database answers again (or a
                 // while passes), so that an outage does not become a hot loop
                 // that burns the delivery limit and dead-letters good jobs.
-                self.wait_for_database().await;
+                self.wait_for_database(received).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -279,13 +295,24 @@ impl<H: Handler> Task<H> {
         Ok(())
     }
 
-    /// Waits, with backoff, until PostgreSQL answers, for up to ten minutes.
-    async fn wait_for_database(&self) {
+    /// Waits, with backoff, until PostgreSQL answers: for up to ten minutes,
+    /// and never past the broker's consumer timeout for this delivery.
+    async fn wait_for_database(&self, received: std::time::Instant) {
         let mut pause = Duration::from_millis(500);
         let start = std::time::Instant::now();
+        let timeout = Duration::from_secs(self.config.amqp.consumer_timeout_s);
+        let margin = Duration::from_secs(self.config.amqp.consumer_timeout_margin_s());
+        let until = (received + timeout)
+            .checked_sub(margin)
+            .unwrap_or(start)
+            .min(start + Duration::from_secs(600));
         loop {
-            tokio::time::sleep(pause).await;
-            if crate::store::ping(&self.pool).await || start.elapsed() > Duration::from_secs(600) {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep(pause.min(until - now)).await;
+            if crate::store::ping(&self.pool).await {
                 return;
             }
             pause = (pause * 2).min(Duration::from_secs(10));
@@ -302,13 +329,14 @@ impl<H: Handler> Task<H> {
         tenant: Option<&str>,
         code: &str,
         detail: &str,
+        received: std::time::Instant,
     ) -> anyhow::Result<()> {
         if let Some(id) = job_id {
             if let Err(e) =
                 store::mark_ended(&self.pool, id, tenant, Status::Dead, code, detail).await
             {
                 tracing::error!(error = %e, %id, "cannot record dead job; requeueing");
-                self.wait_for_database().await;
+                self.wait_for_database(received).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,

@@ -1,5 +1,6 @@
 //! The `recap` binary: one executable, one subcommand per role.
 
+mod bench;
 mod config;
 mod consume;
 mod engines;
@@ -91,6 +92,11 @@ enum Command {
     Openapi,
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
+    /// Benchmarks' recap side (bench/run runs them beside their anchors).
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCommand,
+    },
 }
 
 fn init_tracing() {
@@ -149,6 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::eval(&config, args),
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
+        Command::Bench { cmd } => bench::run(&config, cmd).await,
     }
 }
 

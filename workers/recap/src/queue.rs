@@ -100,6 +100,19 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
     Ok(ch)
 }
 
+/// Consumer arguments: the delivery acknowledgement timeout recap was
+/// configured for (RabbitMQ 3.12+ applies it to this consumer; older brokers
+/// ignore it and use their `consumer_timeout`).
+pub fn consumer_arguments(config: &Config) -> FieldTable {
+    let mut args = FieldTable::default();
+    let ms = config.amqp.consumer_timeout_s.saturating_mul(1000);
+    args.insert(
+        "x-consumer-timeout".into(),
+        AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+    );
+    args
+}
+
 fn work_queue_args(config: &Config) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(

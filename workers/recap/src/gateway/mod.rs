@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use lapin::types::FieldTable;
 use problem::Problem;
 use ratelimit::RateLimiter;
-use recap_job::{parse_job_value, RejectCode};
+use recap_job::{RejectCode, SubmissionError};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
@@ -260,48 +260,26 @@ async fn submit(
             format!("the body exceeds {limit} bytes"),
         )
     })?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_utf8",
-            format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
-        )
-    })?;
-    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("body is not JSON: {e}"),
-        )
-    })?;
-    let Some(obj) = value.as_object_mut() else {
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_json",
-            "a job must be a JSON object",
-        ));
-    };
-    match obj.get("tenant") {
-        Some(serde_json::Value::String(t)) if t != &tenant => {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "tenant_mismatch",
-                "the body names another tenant than the API key's",
-            ));
-        }
-        _ => {}
-    }
-    obj.insert("tenant".into(), serde_json::Value::String(tenant.clone()));
-    obj.entry("version").or_insert(serde_json::json!(1));
-    obj.entry("job_id")
-        .or_insert_with(|| serde_json::json!(Uuid::new_v4()));
-    let job = parse_job_value(&value, &gw.config.limits).map_err(|r| {
-        metrics()
-            .gateway_submissions_total
-            .with_label_values(&["rejected"])
-            .inc();
-        rejection(r)
-    })?;
+    let job = recap_job::parse_submission(&bytes, &tenant, Uuid::new_v4(), &gw.config.limits)
+        .map_err(|e| {
+            metrics()
+                .gateway_submissions_total
+                .with_label_values(&["rejected"])
+                .inc();
+            match e {
+                SubmissionError::TenantMismatch => Problem::new(
+                    StatusCode::FORBIDDEN,
+                    "tenant_mismatch",
+                    "the body names another tenant than the API key's",
+                ),
+                SubmissionError::NotAnObject => Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_json",
+                    "a job must be a JSON object",
+                ),
+                SubmissionError::Rejected(r) => rejection(r),
+            }
+        })?;
 
     let created = store::insert_queued(&gw.pool, &job)
         .await

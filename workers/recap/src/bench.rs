@@ -1,0 +1,386 @@
+//! `recap bench`: the recap side of the benchmarks under `bench/` (which
+//! run each beside its anchor and write bench/RESULTS.md).
+//!
+//! - `bench prompt`: the ~1,000-token meeting prompt as token ids, the same
+//!   ids fed to recap and to llama.cpp;
+//! - `bench infer`: prefill and greedy decode of those ids, timed per run,
+//!   with the process's peak RSS;
+//! - `bench kinds`: one transcript, several summary kinds, with and without
+//!   prefilling the transcript once;
+//! - `bench batch`: compact-tier throughput at batch sizes N.
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use recap_engine::generate::GenParams;
+use recap_engine::llm::{GgufModel, GgufOptions};
+use recap_engine::prompts;
+use recap_job::SummaryKind;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Write the benchmark prompt's token ids (JSON array) for a model.
+    Prompt {
+        #[arg(long)]
+        model: String,
+        /// QMSum meetings (JSONL); the first meeting's opening is used.
+        #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
+        qmsum: PathBuf,
+        /// Prompt length to reach, in tokens (whole utterances are added).
+        #[arg(long, default_value_t = 1000)]
+        tokens: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Prefill the ids, then decode greedily; prints one JSON line.
+    Infer {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        ids: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Publish N small jobs (confirmed, pipelined) to recap.jobs with a
+    /// routing key (`ingest`: the full path; `compact`: one hop), each with
+    /// `metadata.sent_at` (Unix seconds) for latency; `--rate` paces them.
+    Publish {
+        #[arg(long)]
+        messages: usize,
+        #[arg(long, default_value = "ingest")]
+        routing_key: String,
+        /// Jobs per second; 0 publishes as fast as confirms allow.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+    /// The broker's own limit: publish N persistent messages with confirms
+    /// to a fresh quorum queue while consuming them with manual acks.
+    RawBroker {
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+    },
+    /// PostgreSQL's own limit: N single-row INSERT commits over C connections.
+    RawPostgres {
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
+}
+
+pub fn gguf(config: &Config, model_id: &str) -> Result<GgufModel> {
+    let catalog = recap_engine::catalog::Catalog::builtin()?;
+    let entry = catalog.get(model_id)?.clone();
+    if entry.format != "gguf" {
+        bail!("{model_id} is not a GGUF model");
+    }
+    let file = entry
+        .file
+        .as_deref()
+        .context("catalog entry without a file")?;
+    Ok(GgufModel::load(
+        &config.models_dir().join(file),
+        &GgufOptions {
+            id: entry.id.clone(),
+            sha256: entry.sha256.clone(),
+            device: crate::engines::device(config)?,
+            max_context: config.models.max_context,
+        },
+    )?)
+}
+
+/// The process's peak resident set (VmHWM), in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<u32>> {
+    let text =
+        std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
+    let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
+    let case = cases.first().context("no meeting in the QMSum file")?;
+    let task = prompts::task(SummaryKind::Overview, None);
+    let mut lines = Vec::new();
+    let mut ids = Vec::new();
+    for u in &case.transcript {
+        lines.push(u.line());
+        ids = model.prompt_ids(&prompts::user_turn(&lines.join("\n"), &task)?)?;
+        if ids.len() >= tokens {
+            break;
+        }
+    }
+    Ok(ids)
+}
+
+pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Publish {
+            messages,
+            routing_key,
+            rate,
+        } => publish(config, messages, &routing_key, rate).await?,
+        BenchCommand::RawBroker { messages } => raw_broker(config, messages).await?,
+        BenchCommand::RawPostgres { rows, connections } => {
+            raw_postgres(config, rows, connections).await?
+        }
+        BenchCommand::Prompt {
+            model,
+            qmsum,
+            tokens,
+            out,
+        } => {
+            let m = gguf(config, &model)?;
+            let ids = meeting_prompt(&m, &qmsum, tokens)?;
+            std::fs::write(&out, serde_json::to_vec(&ids)?)?;
+            eprintln!("{} prompt tokens -> {}", ids.len(), out.display());
+        }
+        BenchCommand::Infer {
+            model,
+            ids,
+            new_tokens,
+            runs,
+        } => {
+            let load = std::time::Instant::now();
+            let m = gguf(config, &model)?;
+            let load_ms = load.elapsed().as_secs_f64() * 1e3;
+            let ids: Vec<u32> = serde_json::from_slice(&std::fs::read(&ids)?)?;
+            let params = GenParams {
+                max_new_tokens: new_tokens,
+                repeat_penalty: 1.0,
+                ..GenParams::default()
+            };
+            let mut out = Vec::new();
+            let mut tokens = Vec::new();
+            for _ in 0..runs {
+                let g = m.generate_ids(&ids, &params, false)?;
+                out.push(serde_json::json!({
+                    "prefill_ms": g.prefill_ms,
+                    "decode_ms": g.decode_ms,
+                    "prefill_tok_s": g.prefill_tok_s(),
+                    // The first new token comes from the prefill's logits:
+                    // decode speed counts the tokens decoded after it.
+                    "decode_tok_s": (g.tokens.len().saturating_sub(1)) as f64 / (g.decode_ms / 1e3),
+                }));
+                tokens = g.tokens;
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "engine": "recap",
+                    "model": model,
+                    "prompt_tokens": ids.len(),
+                    "new_tokens": tokens.len(),
+                    "load_ms": load_ms,
+                    "runs": out,
+                    "peak_rss_kib": peak_rss_kib(),
+                    "tokens": tokens,
+                    "threads": rayon_threads(),
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Publishes with up to `window` confirms outstanding.
+async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64) -> Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let conn = crate::queue::connect(config, "bench-publish").await?;
+    let ch = crate::queue::confirm_channel(&conn).await?;
+    let window = 256;
+    let mut pending = FuturesUnordered::new();
+    let start = std::time::Instant::now();
+    for i in 0..messages {
+        if rate > 0.0 {
+            let due = start + std::time::Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let id = uuid::Uuid::new_v4();
+        let sent_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let body = serde_json::to_vec(&serde_json::json!({
+            "version": 1,
+            "job_id": id,
+            "tenant": "bench",
+            "transcript": [
+                {"speaker": "Alice", "text": "We agreed to ship the release on Friday."},
+                {"speaker": "Bob", "text": "I will update the roadmap and tell marketing."},
+                {"speaker": "Carol", "text": "Budget is approved for two more contractors."}
+            ],
+            "summaries": ["short"],
+            "metadata": {"sent_at": sent_at},
+        }))?;
+        let confirm = ch
+            .basic_publish(
+                crate::queue::EXCHANGE_JOBS.into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                crate::queue::job_properties(Some(id), Default::default()),
+            )
+            .await?;
+        pending.push(confirm);
+        while pending.len() >= window {
+            if let Some(c) = pending.next().await {
+                anyhow::ensure!(c?.is_ack(), "the broker refused a publish");
+            }
+        }
+    }
+    while let Some(c) = pending.next().await {
+        anyhow::ensure!(c?.is_ack(), "the broker refused a publish");
+    }
+    let s = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"published": messages, "seconds": s, "per_s": messages as f64 / s})
+    );
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    let conn = crate::queue::connect(config, "bench-raw").await?;
+    let queue = format!("recap.bench.raw.{}", uuid::Uuid::new_v4().simple());
+    let ch = crate::queue::confirm_channel(&conn).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    let consume_ch = crate::queue::consumer_channel(&conn, 256).await?;
+    let mut consumer = consume_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let start = std::time::Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut n = 0;
+        while n < messages {
+            match consumer.next().await {
+                Some(Ok(d)) => {
+                    d.ack(BasicAckOptions::default()).await?;
+                    n += 1;
+                }
+                Some(Err(e)) => return Err(anyhow::anyhow!(e)),
+                None => anyhow::bail!("consumer ended"),
+            }
+        }
+        Ok::<_, anyhow::Error>(std::time::Instant::now())
+    });
+    let body = vec![b'x'; 400];
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..messages {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                Default::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        pending.push(confirm);
+        while pending.len() >= 256 {
+            if let Some(c) = pending.next().await {
+                c?;
+            }
+        }
+    }
+    while let Some(c) = pending.next().await {
+        c?;
+    }
+    let published = start.elapsed().as_secs_f64();
+    let done = consuming.await??;
+    let total = (done - start).as_secs_f64();
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "messages": messages,
+            "publish_confirm_per_s": messages as f64 / published,
+            "publish_and_ack_per_s": messages as f64 / total,
+            "seconds": total,
+        })
+    );
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+async fn raw_postgres(config: &Config, rows: usize, connections: usize) -> Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections as u32)
+        .connect(&config.database.url)
+        .await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw_rows (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
+        .execute(&pool)
+        .await?;
+    let start = std::time::Instant::now();
+    let per = rows / connections.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            for _ in 0..per {
+                // One row, one transaction, one commit (autocommit).
+                sqlx::query("INSERT INTO bench_raw_rows (id) VALUES ($1)")
+                    .bind(uuid::Uuid::new_v4())
+                    .execute(&pool)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let s = start.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_raw_rows")
+        .execute(&pool)
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({"rows": per * connections, "connections": connections, "commits_per_s": (per * connections) as f64 / s})
+    );
+    Ok(())
+}
