@@ -15,6 +15,7 @@
 
 pub mod catalog;
 pub mod chunking;
+pub mod decoder;
 pub mod extractive;
 pub mod generate;
 pub mod llm;

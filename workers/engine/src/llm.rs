@@ -9,31 +9,34 @@ use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput
 use crate::tokenizer::GgufTokenizer;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
+use candle_transformers::models::{quantized_gemma3, quantized_llama};
 use recap_job::SummaryKind;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 
+#[derive(Clone)]
 enum Weights {
+    /// Dense llama and qwen2: recap's own decoder (prompt GEMM, forkable).
+    Dense(crate::decoder::DenseDecoder),
+    /// Mixture-of-experts llama GGUFs: candle's.
     Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
     Gemma3(quantized_gemma3::ModelWeights),
 }
 
 impl Decoder for Weights {
     fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
+            Weights::Dense(m) => m.forward(ids, pos),
             Weights::Llama(m) => m.forward(ids, pos),
-            Weights::Qwen2(m) => m.forward(ids, pos),
             Weights::Gemma3(m) => m.forward(ids, pos),
         }
     }
     fn clear_cache(&mut self) {
         match self {
+            Weights::Dense(m) => m.clear_kv_cache(),
             Weights::Llama(m) => m.clear_kv_cache(),
-            Weights::Qwen2(m) => m.clear_kv_cache(),
             // Gemma3 starts its cache afresh at position 0 by itself.
             Weights::Gemma3(_) => {}
         }
@@ -137,14 +140,19 @@ impl GgufModel {
             &tok_text(tokenizer.bos_id),
             &tok_text(tokenizer.eos_id),
         )?;
+        let experts = ct
+            .metadata
+            .get("llama.expert_count")
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(0);
         let weights = match arch.as_str() {
+            "llama" | "qwen2" if experts <= 1 => Weights::Dense(
+                crate::decoder::DenseDecoder::from_gguf(&ct, &mut file, &opts.device)
+                    .map_err(|e| bad_model(path, format!("loading {arch} weights: {e}")))?,
+            ),
             "llama" => Weights::Llama(
                 quantized_llama::ModelWeights::from_gguf(ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading llama weights: {e}")))?,
-            ),
-            "qwen2" => Weights::Qwen2(
-                quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &opts.device)
-                    .map_err(|e| bad_model(path, format!("loading qwen2 weights: {e}")))?,
             ),
             "gemma3" | "gemma2" | "gemma" => Weights::Gemma3(
                 quantized_gemma3::ModelWeights::from_gguf(ct, &mut file, &opts.device)
