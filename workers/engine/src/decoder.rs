@@ -17,7 +17,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
-use candle_transformers::utils::{build_causal_mask, repeat_kv};
+use candle_transformers::utils::build_causal_mask;
 use std::sync::Arc;
 
 /// Rows from which a quantized matmul runs as dequantize + f32 GEMM: the
@@ -58,6 +58,19 @@ impl Module for QLinear {
         let y = if rows >= GEMM_MIN_ROWS && self.is_quantized() && x.device().is_cpu() {
             let w = self.weight.dequantize(x.device())?;
             x.broadcast_matmul(&w.t()?)?
+        } else if self.weight.dtype() == GgmlDType::Q4_1 && x.device().is_cpu() {
+            let (n, k) = self.weight.shape().dims2()?;
+            let data = self.weight.data()?;
+            let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let mut out = Vec::with_capacity(rows * n);
+            for row in xs.chunks_exact(k) {
+                out.extend(crate::q4_1::matvec(&data, n, k, row));
+            }
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            Tensor::from_vec(out, dims, x.device())?
         } else {
             self.quantized.forward(x)?
         };
@@ -88,7 +101,51 @@ struct Layer {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
-    kv_cache: Option<(Tensor, Tensor)>,
+    kv_cache: KvCache,
+}
+
+/// A layer's keys and values, (batch, kv heads, capacity, head dim), filled
+/// in place up to `len`. Appending copies only the new positions (candle's
+/// models concatenate, copying the whole cache every token). Clones share
+/// the buffers: a fork continues from a prefix by writing past it, and forks
+/// run one after another, so none overwrites what another still reads.
+#[derive(Debug, Clone, Default)]
+struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Appends at `pos` (positions from `pos` on are replaced) and returns
+    /// views of the keys and values up to the new end.
+    fn append(&mut self, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
+        let (b, h, n, d) = k.dims4()?;
+        let need = pos + n;
+        let cap = self.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
+        if need > cap || pos > self.len {
+            let new_cap = need.max(cap * 2).max(256).next_multiple_of(64);
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            let keep = self.len.min(pos);
+            if keep > 0 {
+                if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
+                    nk.slice_set(&ok.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&ov.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+                }
+            }
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache buffers missing"),
+        };
+        kb.slice_set(&k.contiguous()?, 2, pos)?;
+        vb.slice_set(&v.contiguous()?, 2, pos)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
 }
 
 impl Layer {
@@ -116,33 +173,112 @@ impl Layer {
         let v = heads(self.wv.forward(x)?, self.n_kv_head)?;
         let q = self.rope(&q, index_pos)?;
         let k = self.rope(&k, index_pos)?;
-        let (k, v) = match &self.kv_cache {
-            Some((kc, vc)) if index_pos > 0 => {
-                (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?)
-            }
-            _ => (k, v),
-        };
-        self.kv_cache = Some((k.clone(), v.clone()));
-        let k = repeat_kv(k, self.n_head / self.n_kv_head)?;
-        let v = repeat_kv(v, self.n_head / self.n_kv_head)?;
+        let (k, v) = self.kv_cache.append(&k, &v, index_pos)?;
+        let kv_len = k.dim(2)?;
+        if seq_len == 1 && b == 1 && q.device().is_cpu() {
+            let y = self.attend_one(&q, kv_len)?;
+            return self.wo.forward(&y.reshape((1, 1, n_embd))?);
+        }
+        // Grouped-query attention without copying keys and values per query
+        // head: the query heads that share a KV head become extra rows.
+        let n_rep = self.n_head / self.n_kv_head;
+        let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
         let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let att = match mask {
             None => att,
             Some(mask) => {
-                let mask = mask.broadcast_as(att.shape())?;
-                mask.where_cond(&self.neg_inf.broadcast_as(att.shape().dims())?, &att)?
+                let shape = (b, self.n_kv_head, n_rep, seq_len, kv_len);
+                let att = att.reshape(shape)?;
+                let mask = mask.broadcast_as(shape)?;
+                mask.where_cond(&self.neg_inf.broadcast_as(shape)?, &att)?
+                    .reshape((b, self.n_kv_head, n_rep * seq_len, kv_len))?
             }
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq_len, n_embd))?;
+        let y = att.matmul(&v)?;
+        let y = y
+            .reshape((b, self.n_head, seq_len, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, seq_len, n_embd))?;
         self.wo.forward(&y)
+    }
+
+    /// Attention of one new token over the cache, straight on the buffers:
+    /// candle's GEMM spends most of such a tiny product packing operands.
+    fn attend_one(&self, q: &Tensor, kv_len: usize) -> Result<Tensor> {
+        let (kb, vb) = match (&self.kv_cache.k, &self.kv_cache.v) {
+            (Some(k), Some(v)) => (k, v),
+            _ => candle_core::bail!("kv cache buffers missing"),
+        };
+        let cap = kb.dim(2)?;
+        let d = self.head_dim;
+        let n_rep = self.n_head / self.n_kv_head;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let (ks, _) = kb.storage_and_layout();
+        let (vs, _) = vb.storage_and_layout();
+        let (ks, vs) = match (&*ks, &*vs) {
+            (candle_core::Storage::Cpu(k), candle_core::Storage::Cpu(v)) => {
+                (k.as_slice::<f32>()?, v.as_slice::<f32>()?)
+            }
+            _ => candle_core::bail!("attend_one runs on CPU f32 caches"),
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; self.n_head * d];
+        let mut scores = vec![0f32; kv_len];
+        for h in 0..self.n_head {
+            let kvh = h / n_rep;
+            let qh = &q[h * d..(h + 1) * d];
+            let base = kvh * cap * d;
+            let mut max = f32::NEG_INFINITY;
+            for (t, s) in scores.iter_mut().enumerate() {
+                let kr = &ks[base + t * d..base + (t + 1) * d];
+                *s = dot(qh, kr) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[h * d..(h + 1) * d];
+            for (t, p) in scores.iter().enumerate() {
+                let vr = &vs[base + t * d..base + (t + 1) * d];
+                let w = p / sum;
+                for (acc, x) in o.iter_mut().zip(vr) {
+                    *acc += w * x;
+                }
+            }
+        }
+        Tensor::from_vec(out, (1, 1, self.n_head * d), q_device(&self.cos))
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(gate * self.up.forward(x)?)?)
     }
+}
+
+/// A dot product in 16 independent lanes, which the compiler vectorizes (a
+/// plain sum must keep its order and stays scalar).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn q_device(t: &Tensor) -> &Device {
+    t.device()
 }
 
 /// A dense llama- or qwen2-family decoder loaded from GGUF.
@@ -249,7 +385,7 @@ impl DenseDecoder {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),
-                kv_cache: None,
+                kv_cache: KvCache::default(),
             });
         }
         Ok(DenseDecoder {
@@ -262,7 +398,8 @@ impl DenseDecoder {
 
     pub fn clear_kv_cache(&mut self) {
         for l in &mut self.layers {
-            l.kv_cache = None;
+            // Keep the buffers: the next prompt writes over them.
+            l.kv_cache.len = 0;
         }
     }
 

@@ -21,6 +21,7 @@ pub mod generate;
 pub mod llm;
 pub mod mapreduce;
 pub mod prompts;
+pub mod q4_1;
 pub mod spm;
 pub mod summarizer;
 pub mod t5;
