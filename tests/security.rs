@@ -52,7 +52,10 @@ fn sql_is_only_static_text_with_bound_parameters() {
 
 /// Runs every case at once, at trace level, for at most `secs` (a process
 /// that retries forever is stopped then); returns what each wrote.
-fn run_all(env: &TestEnv, cases: &[(Vec<&str>, Vec<(&str, &str)>)], secs: u64) -> Vec<String> {
+/// A command line and its environment.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>);
+
+fn run_all(env: &TestEnv, cases: &[Case<'_>], secs: u64) -> Vec<String> {
     let mut running = Vec::new();
     for (args, vars) in cases {
         let mut c = env.command(args);
@@ -101,7 +104,7 @@ async fn passwords_never_reach_the_logs_or_errors() {
         env.name
     );
     let unreachable_db = format!("postgres://postgres:{db_pw}@127.0.0.1:1/x");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         // The broker refuses the password; the database is fine.
         (
             vec!["worker", "--tier", "compact"],

@@ -93,6 +93,26 @@ pub fn generate(
     cancel: &Cancel,
     deadline: Option<Instant>,
 ) -> Result<Generation, EngineError> {
+    model.clear_cache();
+    generate_at(
+        model, device, prompt, 0, params, stop_ids, decode, cancel, deadline,
+    )
+}
+
+/// Runs one generation whose prompt continues `start` tokens already in the
+/// model's KV cache (a prefilled prefix); `generate` is `start` = 0.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_at(
+    model: &mut dyn Decoder,
+    device: &Device,
+    prompt: &[u32],
+    start: usize,
+    params: &GenParams,
+    stop_ids: &[u32],
+    decode: &dyn Fn(&[u32]) -> Result<String, EngineError>,
+    cancel: &Cancel,
+    deadline: Option<Instant>,
+) -> Result<Generation, EngineError> {
     if prompt.is_empty() {
         return Err(EngineError::Model("empty prompt".into()));
     }
@@ -103,14 +123,13 @@ pub fn generate(
     if cancel.is_cancelled() {
         return Err(EngineError::Cancelled);
     }
-    model.clear_cache();
     let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling());
-    let start = Instant::now();
+    let prefill_start = Instant::now();
     let input = Tensor::new(prompt, device)
         .and_then(|t| t.unsqueeze(0))
         .map_err(model_err)?;
-    let mut logits = model.forward(&input, 0).map_err(model_err)?;
-    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut logits = model.forward(&input, start).map_err(model_err)?;
+    let prefill_ms = prefill_start.elapsed().as_secs_f64() * 1e3;
 
     let decode_start = Instant::now();
     let mut tokens: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
@@ -161,7 +180,7 @@ pub fn generate(
             .and_then(|t| t.unsqueeze(0))
             .map_err(model_err)?;
         logits = model
-            .forward(&input, prompt.len() + tokens.len() - 1)
+            .forward(&input, start + prompt.len() + tokens.len() - 1)
             .map_err(model_err)?;
     }
     Ok(Generation {

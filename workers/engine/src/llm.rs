@@ -198,6 +198,28 @@ impl GgufModel {
         Ok(ids)
     }
 
+    /// Token ids of a chat prompt whose user message is `prefix` then
+    /// `suffix`, tokenized apart: every prompt with the same `prefix` starts
+    /// with the same ids (the first part of the return), whatever follows.
+    pub fn prompt_ids_parts(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+        const SLOT: &str = "\u{E000}recap-user\u{E000}";
+        let prompt = self.template.render(prompts::system(), SLOT)?;
+        let Some((before, after)) = prompt.split_once(SLOT) else {
+            return Err(EngineError::Template(
+                "the chat template dropped the user message".into(),
+            ));
+        };
+        let mut head = self.tokenizer.encode(before, true)?;
+        head.extend(self.tokenizer.encode(prefix, false)?);
+        let mut tail = self.tokenizer.encode(suffix, false)?;
+        tail.extend(self.tokenizer.encode(after, true)?);
+        Ok((head, tail))
+    }
+
     /// One chat completion.
     pub fn complete(
         &self,
@@ -205,7 +227,19 @@ impl GgufModel {
         params: &GenParams,
         req: &SummarizeRequest<'_>,
     ) -> Result<(String, Generation), EngineError> {
-        let ids = self.prompt_ids(user)?;
+        self.complete_parts(user, "", params, req)
+    }
+
+    /// One chat completion of a user message given in two parts.
+    pub fn complete_parts(
+        &self,
+        prefix: &str,
+        suffix: &str,
+        params: &GenParams,
+        req: &SummarizeRequest<'_>,
+    ) -> Result<(String, Generation), EngineError> {
+        let (mut ids, tail) = self.prompt_ids_parts(prefix, suffix)?;
+        ids.extend(tail);
         let mut weights = self
             .weights
             .lock()
@@ -289,13 +323,104 @@ impl GgufModel {
             self.transcript_budget(kind),
             &count,
             &mut |step| {
-                let user = match step {
-                    Step::Map(t) => prompts::user_turn(t, &task)?,
-                    Step::Reduce(p) => prompts::reduce_turn(p, &task)?,
+                let (prefix, rest) = match step {
+                    Step::Map(t) => prompts::user_turn_parts(t, &task)?,
+                    Step::Reduce(p) => (prompts::reduce_turn(p, &task)?, String::new()),
                 };
-                self.complete(&format!("{user}{suffix}"), &params, req)
+                self.complete_parts(&prefix, &format!("{rest}{suffix}"), &params, req)
             },
         )
+    }
+}
+
+impl GgufModel {
+    /// Several kinds over a transcript that fits one call: the transcript
+    /// (the prompt's shared prefix) is prefilled once and each kind's
+    /// instruction continues from a fork of that KV cache, instead of the
+    /// whole prompt being prefilled once per kind. The prompts, and so the
+    /// outputs, are the ones `summarize_one` would make. None where it does
+    /// not apply (one kind, a query, chunking needed, a model without forks).
+    fn summarize_shared_prefix(
+        &self,
+        req: &SummarizeRequest<'_>,
+    ) -> Result<Option<Vec<SummaryOutput>>, EngineError> {
+        if req.kinds.len() < 2 || req.query.is_some() {
+            return Ok(None);
+        }
+        let transcript = mapreduce::lines(req.transcript);
+        let cost = self.count(&transcript) + req.transcript.len();
+        if req.kinds.iter().any(|&k| cost > self.transcript_budget(k)) {
+            return Ok(None);
+        }
+        let mut weights = self
+            .weights
+            .lock()
+            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        if !matches!(&*weights, Weights::Dense(_)) {
+            return Ok(None);
+        }
+        let suffix = language_suffix(req.language);
+        let mut prompts_of = Vec::with_capacity(req.kinds.len());
+        for &kind in req.kinds {
+            let task = prompts::task(kind, None);
+            let (prefix, rest) = prompts::user_turn_parts(&transcript, &task)?;
+            prompts_of.push((
+                kind,
+                self.prompt_ids_parts(&prefix, &format!("{rest}{suffix}"))?,
+            ));
+        }
+        let head = prompts_of[0].1 .0.clone();
+        if prompts_of.iter().any(|(_, (h, _))| *h != head) {
+            return Ok(None);
+        }
+        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(EngineError::DeadlineExceeded(0));
+        }
+        let started = std::time::Instant::now();
+        weights.clear_cache();
+        let input = Tensor::new(head.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        weights
+            .forward(&input, 0)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let mut prefix_ms = started.elapsed().as_secs_f64() * 1e3;
+        let snapshot = weights.clone();
+        let decode = |t: &[u32]| self.tokenizer.decode(t);
+        let mut outputs = Vec::with_capacity(prompts_of.len());
+        for (kind, (_, tail)) in prompts_of {
+            let kind_started = std::time::Instant::now();
+            let params = GenParams {
+                max_new_tokens: max_new_tokens(kind),
+                ..GenParams::default()
+            };
+            let mut fork = snapshot.clone();
+            let g = crate::generate::generate_at(
+                &mut fork,
+                &self.device,
+                &tail,
+                head.len(),
+                &params,
+                &self.tokenizer.stop_ids,
+                &decode,
+                &req.cancel,
+                req.deadline,
+            )?;
+            let text = finished_text(&self.tokenizer.decode(&g.tokens)?, &g, &params);
+            // The shared prefill is booked to the first kind.
+            let prefill_ms = g.prefill_ms + std::mem::take(&mut prefix_ms);
+            outputs.push(SummaryOutput {
+                kind,
+                text,
+                input_tokens: (head.len() + tail.len()) as u32,
+                output_tokens: g.tokens.len() as u32,
+                prefill_ms,
+                decode_ms: g.decode_ms,
+                total_ms: kind_started.elapsed().as_secs_f64() * 1e3 + (prefill_ms - g.prefill_ms),
+                chunks: 1,
+            });
+        }
+        Ok(Some(outputs))
     }
 }
 
@@ -332,6 +457,9 @@ impl Summarizer for GgufModel {
     }
 
     fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError> {
+        if let Some(outputs) = self.summarize_shared_prefix(req)? {
+            return Ok(outputs);
+        }
         req.kinds
             .iter()
             .map(|&k| self.summarize_one(req, k))

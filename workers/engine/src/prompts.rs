@@ -44,10 +44,26 @@ pub fn task(kind: SummaryKind, query: Option<&str>) -> String {
     }
 }
 
-/// The user turn for a task over (a chunk of) a transcript: the task
-/// first, then the fenced transcript.
+/// The user turn for a task over (a chunk of) a transcript: the fenced
+/// transcript first, then the task, so that every kind asked of one
+/// transcript shares the same prompt prefix (prefilled once, see
+/// `GgufModel::summarize`).
 pub fn user_turn(transcript: &str, task: &str) -> Result<String, EngineError> {
-    render_str(USER, transcript, task)
+    let (prefix, suffix) = user_turn_parts(transcript, task)?;
+    Ok(format!("{prefix}{suffix}"))
+}
+
+/// The user turn cut where the task begins: (transcript part, task part).
+pub fn user_turn_parts(transcript: &str, task: &str) -> Result<(String, String), EngineError> {
+    // A private-use character no transcript is expected to hold.
+    const SLOT: &str = "\u{E001}recap-task\u{E001}";
+    let full = render_str(USER, transcript, SLOT)?;
+    let Some((prefix, after)) = full.split_once(SLOT) else {
+        return Err(EngineError::Template(
+            "the user template dropped the task".into(),
+        ));
+    };
+    Ok((prefix.to_string(), format!("{}{after}", task.trim())))
 }
 
 /// The user turn that merges partial summaries.
@@ -130,14 +146,23 @@ mod tests {
     }
 
     #[test]
-    fn the_instruction_leads_and_the_transcript_is_fenced() {
-        // Small models (SmolLM2-135M) continue a transcript that ends the
-        // prompt instead of summarizing it: the task comes first.
+    fn the_fenced_transcript_leads_and_the_task_ends_the_turn() {
+        // The transcript comes first so that all kinds share a prefix; the
+        // task ends the turn (a prompt that ends in the transcript gets it
+        // continued by small models instead of summarized).
         let u = user_turn("Alice: hi", &task(SummaryKind::Short, None)).unwrap();
         let t = u.find("Alice: hi").unwrap();
         let i = u.find("one sentence").unwrap();
-        assert!(i < t, "{u}");
-        assert!(u.ends_with("\"\"\""), "{u}");
+        assert!(t < i, "{u}");
+        assert!(u.starts_with("Meeting transcript:"), "{u}");
+        let (a, b) = user_turn_parts("Alice: hi", &task(SummaryKind::Short, None)).unwrap();
+        assert_eq!(format!("{a}{b}"), u);
+        assert!(
+            a.contains("Alice: hi") && !a.contains("one sentence"),
+            "{a}"
+        );
+        let (a2, _) = user_turn_parts("Alice: hi", &task(SummaryKind::Decisions, None)).unwrap();
+        assert_eq!(a, a2, "kinds share the transcript part");
         assert!(reduce_turn("part one", &task(SummaryKind::Decisions, None))
             .unwrap()
             .contains("part one"));

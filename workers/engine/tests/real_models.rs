@@ -81,6 +81,40 @@ fn smollm2_summarizes_a_meeting() {
 }
 
 #[test]
+fn kinds_share_one_prefill_and_say_what_each_would_alone() {
+    // Several kinds: the transcript is prefilled once and each kind forks
+    // the KV cache. Each text must be the one that kind gets on its own (a
+    // full prompt, fresh cache), and the prompt tokens are counted whole.
+    let m = load("smollm2-135m-instruct-q4_1", 2048);
+    let t = utterances_from_text(MEETING);
+    const KINDS: [SummaryKind; 3] = [
+        SummaryKind::Short,
+        SummaryKind::Decisions,
+        SummaryKind::ActionItems,
+    ];
+    let kinds = KINDS;
+    let req = |kinds: &'static [SummaryKind]| SummarizeRequest {
+        transcript: &t,
+        kinds,
+        language: None,
+        query: None,
+        deadline: None,
+        cancel: Cancel::default(),
+    };
+    let shared = m.summarize(&req(&KINDS)).unwrap();
+    assert_eq!(shared.len(), 3);
+    for (i, k) in kinds.iter().enumerate() {
+        let alone = m
+            .summarize(&req(std::slice::from_ref(&KINDS[i])))
+            .unwrap()
+            .remove(0);
+        assert_eq!(shared[i].kind, *k);
+        assert_eq!(shared[i].text, alone.text, "{k}");
+        assert_eq!(shared[i].input_tokens, alone.input_tokens, "{k}");
+    }
+}
+
+#[test]
 fn smollm2_chunks_a_long_transcript_and_says_so() {
     // A small context forces map-reduce over several chunks.
     let m = load("smollm2-135m-instruct-q4_1", 512);

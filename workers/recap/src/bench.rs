@@ -44,6 +44,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// One 4-kind job over the benchmark meeting, with the transcript
+    /// prefilled once (what workers do) and once per kind (before);
+    /// prints jobs/hour for both and whether the texts agree.
+    Kinds {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
+        qmsum: PathBuf,
+        /// Transcript length to reach, in tokens.
+        #[arg(long, default_value_t = 900)]
+        tokens: usize,
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+    },
     /// Publish N small jobs (confirmed, pipelined) to recap.jobs with a
     /// routing key (`ingest`: the full path; `compact`: one hop), each with
     /// `metadata.sent_at` (Unix seconds) for latency; `--rate` paces them.
@@ -105,6 +119,70 @@ pub fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize) -> Result<()> {
+    use recap_engine::{Cancel, SummarizeRequest, Summarizer};
+    let m = gguf(config, model)?;
+    let text = std::fs::read_to_string(qmsum)?;
+    let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
+    let case = cases.first().context("no meeting in the QMSum file")?;
+    let mut transcript = Vec::new();
+    for u in &case.transcript {
+        transcript.push(u.clone());
+        if m.count_tokens(&recap_engine::mapreduce::lines(&transcript))? >= tokens {
+            break;
+        }
+    }
+    let req = |kinds: &'static [SummaryKind]| SummarizeRequest {
+        transcript: &transcript,
+        kinds,
+        language: None,
+        query: None,
+        deadline: None,
+        cancel: Cancel::default(),
+    };
+    const ALL: [SummaryKind; 4] = [
+        SummaryKind::Overview,
+        SummaryKind::ActionItems,
+        SummaryKind::Decisions,
+        SummaryKind::Short,
+    ];
+    let mut shared_s = Vec::new();
+    let mut per_kind_s = Vec::new();
+    let mut same = true;
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        let shared = m.summarize(&req(&ALL))?;
+        shared_s.push(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        let mut alone = Vec::new();
+        for k in &ALL {
+            alone.extend(m.summarize(&req(std::slice::from_ref(k)))?);
+        }
+        per_kind_s.push(t.elapsed().as_secs_f64());
+        same &= shared.iter().zip(&alone).all(|(a, b)| a.text == b.text);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (s, p) = (med(&mut shared_s), med(&mut per_kind_s));
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model,
+            "kinds": ALL.len(),
+            "transcript_tokens": m.count_tokens(&recap_engine::mapreduce::lines(&transcript))?,
+            "prefill_once_s": s,
+            "prefill_per_kind_s": p,
+            "prefill_once_jobs_per_hour": 3600.0 / s,
+            "prefill_per_kind_jobs_per_hour": 3600.0 / p,
+            "speedup": p / s,
+            "same_texts": same,
+        })
+    );
+    Ok(())
+}
+
 fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<u32>> {
     let text =
         std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
@@ -125,6 +203,12 @@ fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<
 
 pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Kinds {
+            model,
+            qmsum,
+            tokens,
+            runs,
+        } => kinds(config, &model, &qmsum, tokens, runs)?,
         BenchCommand::Publish {
             messages,
             routing_key,
