@@ -238,23 +238,63 @@ impl GgufModel {
         params: &GenParams,
         req: &SummarizeRequest<'_>,
     ) -> Result<(String, Generation), EngineError> {
-        let (mut ids, tail) = self.prompt_ids_parts(prefix, suffix)?;
-        ids.extend(tail);
+        let (mut head, mut tail) = self.prompt_ids_parts(prefix, suffix)?;
+        if tail.is_empty() {
+            if let Some(last) = head.pop() {
+                tail.push(last);
+            }
+        }
         let mut weights = self
             .weights
             .lock()
             .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
         let decode = |t: &[u32]| self.tokenizer.decode(t);
-        let g = generate(
+        if !matches!(&*weights, Weights::Dense(_)) {
+            // Models without forks take the prompt in one pass.
+            head.extend(tail);
+            let g = generate(
+                &mut *weights,
+                &self.device,
+                &head,
+                params,
+                &self.tokenizer.stop_ids,
+                &decode,
+                &req.cancel,
+                req.deadline,
+            )?;
+            let text = finished_text(&self.tokenizer.decode(&g.tokens)?, &g, params);
+            return Ok((text, g));
+        }
+        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(EngineError::DeadlineExceeded(0));
+        }
+        // The prompt is prefilled in the same two passes as when kinds share
+        // the head (summarize_shared_prefix), so that both give the same
+        // numbers to the last bit, and so the same text.
+        weights.clear_cache();
+        let started = std::time::Instant::now();
+        if !head.is_empty() {
+            let input = Tensor::new(head.as_slice(), &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            weights
+                .forward(&input, 0)
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+        }
+        let head_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut g = crate::generate::generate_at(
             &mut *weights,
             &self.device,
-            &ids,
+            &tail,
+            head.len(),
             params,
             &self.tokenizer.stop_ids,
             &decode,
             &req.cancel,
             req.deadline,
         )?;
+        g.prefill_ms += head_ms;
+        g.prompt_tokens += head.len();
         let text = finished_text(&self.tokenizer.decode(&g.tokens)?, &g, params);
         Ok((text, g))
     }
