@@ -335,23 +335,7 @@ async fn a_job_that_makes_the_model_fail_is_retried_with_backoff_then_dead_with_
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
     let id = Uuid::new_v4();
-    let long: String = (0..20)
-        .map(|i| format!("Alice: point number {i} about the launch plan and the budget.\n"))
-        .collect();
-    let mut v: serde_json::Value = serde_json::from_slice(&job_json(
-        id,
-        "acme",
-        &["overview", "action_items", "decisions"],
-    ))
-    .unwrap();
-    v["transcript"] = serde_json::json!(long);
-    publish(
-        &ch,
-        "ingest",
-        &serde_json::to_vec(&v).unwrap(),
-        Some(&id.to_string()),
-    )
-    .await;
+    publish_long_job(&ch, id, 20, &["overview", "action_items", "decisions"]).await;
     let dead = drain_dead(&conn, 1, Duration::from_secs(120)).await;
     assert_eq!(dead.len(), 1, "logs:\n{}", env.logs());
     assert_eq!(dead[0].reason, "deadline_exceeded", "{}", dead[0].detail);
@@ -467,21 +451,11 @@ async fn a_job_longer_than_the_brokers_consumer_timeout_is_cut_by_its_deadline_f
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
     let id = Uuid::new_v4();
-    let long: String = (0..200)
-        .map(|i| format!("Alice: point number {i} about the launch plan and the budget.\n"))
-        .collect();
-    let mut v: serde_json::Value = serde_json::from_slice(&job_json(
-        id,
-        "acme",
-        &["overview", "action_items", "decisions", "short"],
-    ))
-    .unwrap();
-    v["transcript"] = serde_json::json!(long);
-    publish(
+    publish_long_job(
         &ch,
-        "ingest",
-        &serde_json::to_vec(&v).unwrap(),
-        Some(&id.to_string()),
+        id,
+        200,
+        &["overview", "action_items", "decisions", "short"],
     )
     .await;
     let dead = drain_dead(&conn, 1, Duration::from_secs(180)).await;
@@ -499,6 +473,24 @@ async fn a_job_longer_than_the_brokers_consumer_timeout_is_cut_by_its_deadline_f
         !logs.contains("consumer stream ended") && !logs.contains("PRECONDITION_FAILED"),
         "the broker never closed the worker's channel:\n{logs}"
     );
+}
+
+/// Publishes a job of `lines` utterances asking for `kinds`: long enough
+/// that SmolLM2 needs many seconds for it.
+async fn publish_long_job(ch: &lapin::Channel, id: Uuid, lines: usize, kinds: &[&str]) {
+    let long: String = (0..lines)
+        .map(|i| format!("Alice: point number {i} about the launch plan and the budget.\n"))
+        .collect();
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&job_json(id, "acme", kinds)).expect("job json");
+    v["transcript"] = serde_json::json!(long);
+    publish(
+        ch,
+        "ingest",
+        &serde_json::to_vec(&v).expect("json"),
+        Some(&id.to_string()),
+    )
+    .await;
 }
 
 /// A PostgreSQL cluster of the test's own, on a free port.

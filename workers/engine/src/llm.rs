@@ -184,17 +184,8 @@ impl GgufModel {
     /// user message (which holds the transcript) as plain text, so that a
     /// transcript that types `<|im_start|>` cannot inject a control token.
     pub fn prompt_ids(&self, user: &str) -> Result<Vec<u32>, EngineError> {
-        // A private-use character no template or tokenizer gives meaning to.
-        const SLOT: &str = "\u{E000}recap-user\u{E000}";
-        let prompt = self.template.render(prompts::system(), SLOT)?;
-        let Some((before, after)) = prompt.split_once(SLOT) else {
-            return Err(EngineError::Template(
-                "the chat template dropped the user message".into(),
-            ));
-        };
-        let mut ids = self.tokenizer.encode(before, true)?;
-        ids.extend(self.tokenizer.encode(user, false)?);
-        ids.extend(self.tokenizer.encode(after, true)?);
+        let (mut ids, tail) = self.prompt_ids_parts(user, "")?;
+        ids.extend(tail);
         Ok(ids)
     }
 
@@ -206,6 +197,7 @@ impl GgufModel {
         prefix: &str,
         suffix: &str,
     ) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+        // A private-use character no template or tokenizer gives meaning to.
         const SLOT: &str = "\u{E000}recap-user\u{E000}";
         let prompt = self.template.render(prompts::system(), SLOT)?;
         let Some((before, after)) = prompt.split_once(SLOT) else {
