@@ -369,7 +369,20 @@ async fn a_job_longer_than_the_brokers_consumer_timeout_is_cut_by_its_deadline_f
     let rabbit = PrivateRabbit::with_conf("consumer_timeout = 12000\n");
     rabbit.start();
     env.amqp_url = rabbit.url();
-    env.migrate();
+    // The worker's configuration: two tries, 300 ms apart (migrate declares
+    // the delay queue for it).
+    let config = env.dir.path().join("recap.toml");
+    std::fs::write(&config, "[retry]\nmax_attempts = 2\nbackoff_ms = [300]\n").unwrap();
+    let out = env
+        .command(&["migrate"])
+        .env("RECAP_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Control: the timeout bites. A consumer that holds a delivery past it has
     // its channel closed by the broker.
@@ -437,8 +450,6 @@ async fn a_job_longer_than_the_brokers_consumer_timeout_is_cut_by_its_deadline_f
     // with its reason; the broker never times the worker out.
     let policy = env.dir.path().join("policy.toml");
     std::fs::write(&policy, "version = \"t\"\nrules = []\n").unwrap();
-    let config = env.dir.path().join("recap.toml");
-    std::fs::write(&config, "[retry]\nmax_attempts = 2\nbackoff_ms = [300]\n").unwrap();
     let vars = [
         ("RECAP_CONFIG", config.to_str().unwrap()),
         ("RECAP_POLICY", policy.to_str().unwrap()),
@@ -700,14 +711,9 @@ async fn graceful_shutdown_turns_unready_first_and_finishes_in_flight_work() {
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    // Long enough that the job is still in flight when the signal comes.
     for id in &ids {
-        publish(
-            &ch,
-            "ingest",
-            &job_json(*id, "acme", &["overview", "action_items"]),
-            Some(&id.to_string()),
-        )
-        .await;
+        publish_long_job(&ch, *id, 40, &["overview", "action_items"]).await;
     }
     while env
         .count("SELECT count(*) FROM jobs WHERE status = 'running'")
