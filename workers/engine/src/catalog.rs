@@ -33,6 +33,12 @@ pub struct ModelEntry {
     /// `gguf` to use the file's own `tokenizer.chat_template`.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// Where the transcript goes in the user turn: `transcript_first` (the
+    /// default: every kind of a job shares the prompt up to the transcript,
+    /// which is prefilled once) or `task_first`, for small models that copy
+    /// a transcript that leads instead of summarizing it (SmolLM2-135M).
+    #[serde(default)]
+    pub prompt_order: Option<String>,
     pub price_per_1k_input: f64,
     pub price_per_1k_output: f64,
     pub licence: String,

@@ -58,6 +58,26 @@ pub struct GgufOptions {
     /// own context length caps it too. Smaller means faster on CPU and more
     /// chunks for long transcripts.
     pub max_context: usize,
+    /// The catalog's prompt order: transcript first (kinds share a prefill)
+    /// or task first (see `ModelEntry::prompt_order`).
+    pub transcript_first: bool,
+}
+
+impl GgufOptions {
+    /// Options for a catalog entry.
+    pub fn for_entry(
+        entry: &crate::catalog::ModelEntry,
+        device: Device,
+        max_context: usize,
+    ) -> GgufOptions {
+        GgufOptions {
+            id: entry.id.clone(),
+            sha256: entry.sha256.clone(),
+            device,
+            max_context,
+            transcript_first: entry.prompt_order.as_deref() != Some("task_first"),
+        }
+    }
 }
 
 pub struct GgufModel {
@@ -67,6 +87,7 @@ pub struct GgufModel {
     template: ChatTemplate,
     device: Device,
     context: usize,
+    transcript_first: bool,
 }
 
 fn bad_model(path: &Path, msg: impl std::fmt::Display) -> EngineError {
@@ -172,6 +193,7 @@ impl GgufModel {
             template,
             device: opts.device.clone(),
             context: opts.max_context.min(trained_ctx),
+            transcript_first: opts.transcript_first,
         })
     }
 
@@ -356,7 +378,8 @@ impl GgufModel {
             &count,
             &mut |step| {
                 let (prefix, rest) = match step {
-                    Step::Map(t) => prompts::user_turn_parts(t, &task)?,
+                    Step::Map(t) if self.transcript_first => prompts::user_turn_parts(t, &task)?,
+                    Step::Map(t) => (prompts::user_turn(t, &task)?, String::new()),
                     Step::Reduce(p) => (prompts::reduce_turn(p, &task)?, String::new()),
                 };
                 self.complete_parts(&prefix, &format!("{rest}{suffix}"), &params, req)
@@ -376,7 +399,7 @@ impl GgufModel {
         &self,
         req: &SummarizeRequest<'_>,
     ) -> Result<Option<Vec<SummaryOutput>>, EngineError> {
-        if req.kinds.len() < 2 || req.query.is_some() {
+        if req.kinds.len() < 2 || req.query.is_some() || !self.transcript_first {
             return Ok(None);
         }
         let transcript = mapreduce::lines(req.transcript);

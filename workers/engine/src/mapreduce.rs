@@ -69,7 +69,16 @@ pub fn summarize_kind(
         }
         loop {
             let costs: Vec<usize> = partials.iter().map(|p| count(p)).collect();
-            let groups = pack(&costs, budget, 2);
+            let mut groups = pack(&costs, budget, 2);
+            // Partials longer than half the budget pack one per group and a
+            // round would make no progress (forever, with a model that
+            // writes long): merge them two by two, slightly over budget.
+            if groups.len() >= partials.len() && partials.len() > 1 {
+                groups = (0..partials.len())
+                    .step_by(2)
+                    .map(|i| i..(i + 2).min(partials.len()))
+                    .collect();
+            }
             if groups.len() <= 1 {
                 break run(Step::Reduce(&partials.join("\n\n")), &mut out)?;
             }
@@ -148,5 +157,31 @@ mod tests {
         assert_eq!(maps, out.chunks as usize);
         assert!(reduces >= 1);
         assert_eq!(out.text, "partial summary");
+    }
+
+    #[test]
+    fn partials_longer_than_the_budget_still_reduce_to_one() {
+        // A model whose every answer overflows the budget: each round must
+        // still halve the partials, so the reduction ends.
+        let text: String = (0..40)
+            .map(|i| format!("S{i}: word word word word\n"))
+            .collect();
+        let t = utterances_from_text(&text);
+        let mut calls = 0;
+        let long = "w ".repeat(50);
+        let out = summarize_kind(
+            &t,
+            SummaryKind::Overview,
+            20,
+            &|s| s.split_whitespace().count(),
+            &mut |_| {
+                calls += 1;
+                assert!(calls < 200, "the reduction does not end");
+                Ok((long.clone(), gen(50)))
+            },
+        )
+        .unwrap();
+        assert!(out.chunks >= 8);
+        assert_eq!(out.text, long);
     }
 }

@@ -12,6 +12,7 @@ pub const SCAFFOLDING: [&str; 3] = ["Meeting transcript:", "Partial summaries:",
 
 const SYSTEM: &str = include_str!("../prompts/v1/system.txt");
 const USER: &str = include_str!("../prompts/v1/user.txt");
+const USER_TRANSCRIPT_FIRST: &str = include_str!("../prompts/v1/user_transcript_first.txt");
 const REDUCE: &str = include_str!("../prompts/v1/reduce.txt");
 const FLAN: &str = include_str!("../prompts/v1/flan.txt");
 
@@ -44,20 +45,20 @@ pub fn task(kind: SummaryKind, query: Option<&str>) -> String {
     }
 }
 
-/// The user turn for a task over (a chunk of) a transcript: the fenced
-/// transcript first, then the task, so that every kind asked of one
-/// transcript shares the same prompt prefix (prefilled once, see
-/// `GgufModel::summarize`).
+/// The user turn for a task over (a chunk of) a transcript: the task first,
+/// then the fenced transcript (small models continue a transcript that ends
+/// the prompt, and copy one that leads it).
 pub fn user_turn(transcript: &str, task: &str) -> Result<String, EngineError> {
-    let (prefix, suffix) = user_turn_parts(transcript, task)?;
-    Ok(format!("{prefix}{suffix}"))
+    render_str(USER, transcript, task)
 }
 
-/// The user turn cut where the task begins: (transcript part, task part).
+/// The transcript-first user turn, cut where the task begins: (transcript
+/// part, task part). Every kind asked of one transcript shares the first
+/// part, which `GgufModel::summarize` prefills once.
 pub fn user_turn_parts(transcript: &str, task: &str) -> Result<(String, String), EngineError> {
     // A private-use character no transcript is expected to hold.
     const SLOT: &str = "\u{E001}recap-task\u{E001}";
-    let full = render_str(USER, transcript, SLOT)?;
+    let full = render_str(USER_TRANSCRIPT_FIRST, transcript, SLOT)?;
     let Some((prefix, after)) = full.split_once(SLOT) else {
         return Err(EngineError::Template(
             "the user template dropped the task".into(),
@@ -146,17 +147,22 @@ mod tests {
     }
 
     #[test]
-    fn the_fenced_transcript_leads_and_the_task_ends_the_turn() {
-        // The transcript comes first so that all kinds share a prefix; the
-        // task ends the turn (a prompt that ends in the transcript gets it
-        // continued by small models instead of summarized).
+    fn both_prompt_orders_fence_the_transcript() {
+        // Task first (small models), or transcript first so that all kinds
+        // share a prefix, the task then ending the turn.
         let u = user_turn("Alice: hi", &task(SummaryKind::Short, None)).unwrap();
-        let t = u.find("Alice: hi").unwrap();
-        let i = u.find("one sentence").unwrap();
-        assert!(t < i, "{u}");
-        assert!(u.starts_with("Meeting transcript:"), "{u}");
+        assert!(
+            u.find("one sentence").unwrap() < u.find("Alice: hi").unwrap(),
+            "{u}"
+        );
+        assert!(u.ends_with("\"\"\""), "{u}");
         let (a, b) = user_turn_parts("Alice: hi", &task(SummaryKind::Short, None)).unwrap();
-        assert_eq!(format!("{a}{b}"), u);
+        let v = format!("{a}{b}");
+        assert!(
+            v.find("Alice: hi").unwrap() < v.find("one sentence").unwrap(),
+            "{v}"
+        );
+        assert!(v.starts_with("Meeting transcript:"), "{v}");
         assert!(
             a.contains("Alice: hi") && !a.contains("one sentence"),
             "{a}"

@@ -16,6 +16,7 @@ fn opts(sha: Option<&str>) -> GgufOptions {
         sha256: sha.map(str::to_string),
         device: Device::Cpu,
         max_context: 1024,
+        transcript_first: true,
     }
 }
 

@@ -14,12 +14,7 @@ fn load(id: &str, max_context: usize) -> GgufModel {
     let path = models_dir().join(entry.file.as_ref().unwrap());
     GgufModel::load(
         &path,
-        &GgufOptions {
-            id: id.into(),
-            sha256: entry.sha256.clone(),
-            device: candle_core::Device::Cpu,
-            max_context,
-        },
+        &GgufOptions::for_entry(entry, candle_core::Device::Cpu, max_context),
     )
     .unwrap_or_else(|e| panic!("{e}; run scripts/fetch-models"))
 }
@@ -46,8 +41,9 @@ fn check_summary(text: &str) {
         "marketing",
         "app",
     ];
+    let lower = text.to_lowercase();
     assert!(
-        names.iter().any(|n| text.contains(n)),
+        names.iter().any(|n| lower.contains(&n.to_lowercase())),
         "names no participant or topic: {text}"
     );
     let ascii_letters = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
@@ -85,7 +81,8 @@ fn kinds_share_one_prefill_and_say_what_each_would_alone() {
     // Several kinds: the transcript is prefilled once and each kind forks
     // the KV cache. Each text must be the one that kind gets on its own (a
     // full prompt, fresh cache), and the prompt tokens are counted whole.
-    let m = load("smollm2-135m-instruct-q4_1", 2048);
+    // Qwen: its catalog entry puts the transcript first (SmolLM2's does not).
+    let m = load("qwen2.5-coder-0.5b-instruct-q4_k_m", 2048);
     let t = utterances_from_text(MEETING);
     const KINDS: [SummaryKind; 3] = [
         SummaryKind::Short,

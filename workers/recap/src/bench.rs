@@ -97,12 +97,11 @@ pub fn gguf(config: &Config, model_id: &str) -> Result<GgufModel> {
         .context("catalog entry without a file")?;
     Ok(GgufModel::load(
         &config.models_dir().join(file),
-        &GgufOptions {
-            id: entry.id.clone(),
-            sha256: entry.sha256.clone(),
-            device: crate::engines::device(config)?,
-            max_context: config.models.max_context,
-        },
+        &GgufOptions::for_entry(
+            &entry,
+            crate::engines::device(config)?,
+            config.models.max_context,
+        ),
     )?)
 }
 

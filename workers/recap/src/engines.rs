@@ -38,12 +38,7 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
             let path = config.models_dir().join(file);
             Arc::new(GgufModel::load(
                 &path,
-                &GgufOptions {
-                    id: entry.id.clone(),
-                    sha256: entry.sha256.clone(),
-                    device: device(config)?,
-                    max_context: config.models.max_context,
-                },
+                &GgufOptions::for_entry(&entry, device(config)?, config.models.max_context),
             )?)
         }
         other => bail!("model {model_id}: format `{other}` cannot be served by this build"),
