@@ -249,7 +249,7 @@ impl Layer {
                 }
             }
         }
-        Tensor::from_vec(out, (1, 1, self.n_head * d), q_device(&self.cos))
+        Tensor::from_vec(out, (1, 1, self.n_head * d), self.cos.device())
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
@@ -275,10 +275,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-fn q_device(t: &Tensor) -> &Device {
-    t.device()
 }
 
 /// A dense llama- or qwen2-family decoder loaded from GGUF.
