@@ -219,6 +219,14 @@ impl GgufModel {
         prefix: &str,
         suffix: &str,
     ) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+        let (before, after) = self.around_user()?;
+        let mut head = self.tokenizer.encode(&before, true)?;
+        head.extend(self.tokenizer.encode(prefix, false)?);
+        Ok((head, self.tail_ids(suffix, &after)?))
+    }
+
+    /// The chat template's text before and after the user message.
+    fn around_user(&self) -> Result<(String, String), EngineError> {
         // A private-use character no template or tokenizer gives meaning to.
         const SLOT: &str = "\u{E000}recap-user\u{E000}";
         let prompt = self.template.render(prompts::system(), SLOT)?;
@@ -227,11 +235,39 @@ impl GgufModel {
                 "the chat template dropped the user message".into(),
             ));
         };
-        let mut head = self.tokenizer.encode(before, true)?;
-        head.extend(self.tokenizer.encode(prefix, false)?);
+        Ok((before.to_string(), after.to_string()))
+    }
+
+    /// Ids of the end of a user message and what the template puts after it.
+    fn tail_ids(&self, suffix: &str, after: &str) -> Result<Vec<u32>, EngineError> {
         let mut tail = self.tokenizer.encode(suffix, false)?;
         tail.extend(self.tokenizer.encode(after, true)?);
-        Ok((head, tail))
+        Ok(tail)
+    }
+
+    /// Prefills `head` from position 0 into the (cleared) KV cache, after the
+    /// deadline check a model call starts with; returns the milliseconds it
+    /// took. The one first pass of both prompt paths (see `complete_parts`).
+    fn prefill_head(
+        &self,
+        weights: &mut Weights,
+        head: &[u32],
+        req: &SummarizeRequest<'_>,
+    ) -> Result<f64, EngineError> {
+        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(EngineError::DeadlineExceeded(0));
+        }
+        weights.clear_cache();
+        let started = std::time::Instant::now();
+        if !head.is_empty() {
+            let input = Tensor::new(head, &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            weights
+                .forward(&input, 0)
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3)
     }
 
     /// One chat completion.
@@ -279,23 +315,10 @@ impl GgufModel {
             let text = finished_text(&self.tokenizer.decode(&g.tokens)?, &g, params);
             return Ok((text, g));
         }
-        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded(0));
-        }
         // The prompt is prefilled in the same two passes as when kinds share
         // the head (summarize_shared_prefix), so that both give the same
         // numbers to the last bit, and so the same text.
-        weights.clear_cache();
-        let started = std::time::Instant::now();
-        if !head.is_empty() {
-            let input = Tensor::new(head.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(|e| EngineError::Model(e.to_string()))?;
-            weights
-                .forward(&input, 0)
-                .map_err(|e| EngineError::Model(e.to_string()))?;
-        }
-        let head_ms = started.elapsed().as_secs_f64() * 1e3;
+        let head_ms = self.prefill_head(&mut weights, &head, req)?;
         let mut g = crate::generate::generate_at(
             &mut *weights,
             &self.device,
@@ -415,35 +438,27 @@ impl GgufModel {
             return Ok(None);
         }
         let suffix = language_suffix(req.language);
-        let mut prompts_of = Vec::with_capacity(req.kinds.len());
+        // The transcript part is the same for every kind: tokenized once.
+        let mut prefix = None;
+        let mut rests = Vec::with_capacity(req.kinds.len());
         for &kind in req.kinds {
-            let task = prompts::task(kind, None);
-            let (prefix, rest) = prompts::user_turn_parts(&transcript, &task)?;
-            prompts_of.push((
-                kind,
-                self.prompt_ids_parts(&prefix, &format!("{rest}{suffix}"))?,
-            ));
+            let (p, rest) = prompts::user_turn_parts(&transcript, &prompts::task(kind, None))?;
+            if prefix.get_or_insert_with(|| p.clone()) != &p {
+                return Ok(None);
+            }
+            rests.push((kind, format!("{rest}{suffix}")));
         }
-        let head = prompts_of[0].1 .0.clone();
-        if prompts_of.iter().any(|(_, (h, _))| *h != head) {
-            return Ok(None);
+        let (head, _) = self.prompt_ids_parts(prefix.as_deref().unwrap_or_default(), "")?;
+        let (_, after) = self.around_user()?;
+        let mut prompts_of = Vec::with_capacity(rests.len());
+        for (kind, rest) in rests {
+            prompts_of.push((kind, self.tail_ids(&rest, &after)?));
         }
-        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded(0));
-        }
-        let started = std::time::Instant::now();
-        weights.clear_cache();
-        let input = Tensor::new(head.as_slice(), &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        weights
-            .forward(&input, 0)
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        let mut prefix_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut prefix_ms = self.prefill_head(&mut weights, &head, req)?;
         let snapshot = weights.clone();
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         let mut outputs = Vec::with_capacity(prompts_of.len());
-        for (kind, (_, tail)) in prompts_of {
+        for (kind, tail) in prompts_of {
             let kind_started = std::time::Instant::now();
             let params = GenParams {
                 max_new_tokens: max_new_tokens(kind),
