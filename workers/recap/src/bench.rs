@@ -121,9 +121,7 @@ pub fn peak_rss_kib() -> u64 {
 fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize) -> Result<()> {
     use recap_engine::{Cancel, SummarizeRequest, Summarizer};
     let m = gguf(config, model)?;
-    let text = std::fs::read_to_string(qmsum)?;
-    let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
-    let case = cases.first().context("no meeting in the QMSum file")?;
+    let case = first_meeting(qmsum)?;
     let mut transcript = Vec::new();
     for u in &case.transcript {
         transcript.push(u.clone());
@@ -182,11 +180,36 @@ fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize)
     Ok(())
 }
 
-fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<u32>> {
+/// The first meeting of a QMSum file: the benchmarks' transcript.
+fn first_meeting(qmsum: &Path) -> Result<recap_eval::qmsum::Case> {
     let text =
         std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
     let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
-    let case = cases.first().context("no meeting in the QMSum file")?;
+    cases
+        .into_iter()
+        .next()
+        .context("no meeting in the QMSum file")
+}
+
+/// Publisher confirms in flight.
+type Confirms = futures::stream::FuturesUnordered<lapin::PublisherConfirm>;
+
+/// Publishes keep at most this many confirms outstanding.
+const CONFIRM_WINDOW: usize = 256;
+
+/// Waits for confirms until at most `keep` are outstanding; a nack is an error.
+async fn settle(pending: &mut Confirms, keep: usize) -> Result<()> {
+    use futures::StreamExt;
+    while pending.len() > keep {
+        if let Some(c) = pending.next().await {
+            anyhow::ensure!(c?.is_ack(), "the broker refused a publish");
+        }
+    }
+    Ok(())
+}
+
+fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<u32>> {
+    let case = first_meeting(qmsum)?;
     let task = prompts::task(SummaryKind::Overview, None);
     let mut lines = Vec::new();
     let mut ids = Vec::new();
@@ -285,11 +308,9 @@ fn rayon_threads() -> usize {
 
 /// Publishes with up to `window` confirms outstanding.
 async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64) -> Result<()> {
-    use futures::stream::{FuturesUnordered, StreamExt};
     let conn = crate::queue::connect(config, "bench-publish").await?;
     let ch = crate::queue::confirm_channel(&conn).await?;
-    let window = 256;
-    let mut pending = FuturesUnordered::new();
+    let mut pending = Confirms::new();
     let start = std::time::Instant::now();
     for i in 0..messages {
         if rate > 0.0 {
@@ -325,15 +346,9 @@ async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64)
             )
             .await?;
         pending.push(confirm);
-        while pending.len() >= window {
-            if let Some(c) = pending.next().await {
-                anyhow::ensure!(c?.is_ack(), "the broker refused a publish");
-            }
-        }
+        settle(&mut pending, CONFIRM_WINDOW - 1).await?;
     }
-    while let Some(c) = pending.next().await {
-        anyhow::ensure!(c?.is_ack(), "the broker refused a publish");
-    }
+    settle(&mut pending, 0).await?;
     let s = start.elapsed().as_secs_f64();
     println!(
         "{}",
@@ -344,7 +359,7 @@ async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64)
 }
 
 async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
-    use futures::stream::{FuturesUnordered, StreamExt};
+    use futures::stream::StreamExt;
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
@@ -391,7 +406,7 @@ async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
         Ok::<_, anyhow::Error>(std::time::Instant::now())
     });
     let body = vec![b'x'; 400];
-    let mut pending = FuturesUnordered::new();
+    let mut pending = Confirms::new();
     for _ in 0..messages {
         let confirm = ch
             .basic_publish(
@@ -403,15 +418,9 @@ async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
             )
             .await?;
         pending.push(confirm);
-        while pending.len() >= 256 {
-            if let Some(c) = pending.next().await {
-                c?;
-            }
-        }
+        settle(&mut pending, CONFIRM_WINDOW - 1).await?;
     }
-    while let Some(c) = pending.next().await {
-        c?;
-    }
+    settle(&mut pending, 0).await?;
     let published = start.elapsed().as_secs_f64();
     let done = consuming.await??;
     let total = (done - start).as_secs_f64();
