@@ -3,7 +3,7 @@
 use recap_engine::catalog::Catalog;
 use recap_engine::llm::{GgufModel, GgufOptions};
 use recap_engine::{Cancel, SummarizeRequest, Summarizer};
-use recap_job::{utterances_from_text, SummaryKind};
+use recap_job::{utterances_from_text, SummaryKind, Utterance};
 mod common;
 
 use common::models_dir;
@@ -17,6 +17,18 @@ fn load(id: &str, max_context: usize) -> GgufModel {
         &GgufOptions::for_entry(entry, candle_core::Device::Cpu, max_context),
     )
     .unwrap_or_else(|e| panic!("{e}; run scripts/fetch-models"))
+}
+
+/// A request for `kinds` of `t`: no language, query or deadline.
+fn request<'a>(t: &'a [Utterance], kinds: &'a [SummaryKind]) -> SummarizeRequest<'a> {
+    SummarizeRequest {
+        transcript: t,
+        kinds,
+        language: None,
+        query: None,
+        deadline: None,
+        cancel: Cancel::default(),
+    }
 }
 
 const MEETING: &str = include_str!("../../../samples/product-sync.txt");
@@ -57,12 +69,8 @@ fn smollm2_summarizes_a_meeting() {
     let t = utterances_from_text(MEETING);
     let out = m
         .summarize(&SummarizeRequest {
-            transcript: &t,
-            kinds: &[SummaryKind::Overview, SummaryKind::ActionItems],
             language: Some("en"),
-            query: None,
-            deadline: None,
-            cancel: Cancel::default(),
+            ..request(&t, &[SummaryKind::Overview, SummaryKind::ActionItems])
         })
         .unwrap();
     for o in &out {
@@ -89,20 +97,11 @@ fn kinds_share_one_prefill_and_say_what_each_would_alone() {
         SummaryKind::Decisions,
         SummaryKind::ActionItems,
     ];
-    let kinds = KINDS;
-    let req = |kinds: &'static [SummaryKind]| SummarizeRequest {
-        transcript: &t,
-        kinds,
-        language: None,
-        query: None,
-        deadline: None,
-        cancel: Cancel::default(),
-    };
-    let shared = m.summarize(&req(&KINDS)).unwrap();
+    let shared = m.summarize(&request(&t, &KINDS)).unwrap();
     assert_eq!(shared.len(), 3);
-    for (i, k) in kinds.iter().enumerate() {
+    for (i, k) in KINDS.iter().enumerate() {
         let alone = m
-            .summarize(&req(std::slice::from_ref(&KINDS[i])))
+            .summarize(&request(&t, std::slice::from_ref(&KINDS[i])))
             .unwrap()
             .remove(0);
         assert_eq!(shared[i].kind, *k);
@@ -117,16 +116,7 @@ fn smollm2_chunks_a_long_transcript_and_says_so() {
     let m = load("smollm2-135m-instruct-q4_1", 512);
     let long = format!("{MEETING}\n{MEETING}\n{MEETING}");
     let t = utterances_from_text(&long);
-    let out = m
-        .summarize(&SummarizeRequest {
-            transcript: &t,
-            kinds: &[SummaryKind::Short],
-            language: None,
-            query: None,
-            deadline: None,
-            cancel: Cancel::default(),
-        })
-        .unwrap();
+    let out = m.summarize(&request(&t, &[SummaryKind::Short])).unwrap();
     eprintln!("--- short over {} chunks: {}", out[0].chunks, out[0].text);
     assert!(
         out[0].chunks >= 2,
@@ -141,14 +131,7 @@ fn qwen_summarizes_a_meeting() {
     let m = load("qwen2.5-coder-0.5b-instruct-q4_k_m", 2048);
     let t = utterances_from_text(MEETING);
     let out = m
-        .summarize(&SummarizeRequest {
-            transcript: &t,
-            kinds: &[SummaryKind::Decisions],
-            language: None,
-            query: None,
-            deadline: None,
-            cancel: Cancel::default(),
-        })
+        .summarize(&request(&t, &[SummaryKind::Decisions]))
         .unwrap();
     eprintln!(
         "--- qwen decisions ({} in, {} out): {}",
@@ -176,16 +159,7 @@ fn a_transcript_cannot_inject_control_tokens() {
 fn gemma3_base_model_loads_and_generates() {
     let m = load("gemma-3-270m-q4_k_m", 1024);
     let t = utterances_from_text(MEETING);
-    let out = m
-        .summarize(&SummarizeRequest {
-            transcript: &t,
-            kinds: &[SummaryKind::Short],
-            language: None,
-            query: None,
-            deadline: None,
-            cancel: Cancel::default(),
-        })
-        .unwrap();
+    let out = m.summarize(&request(&t, &[SummaryKind::Short])).unwrap();
     eprintln!(
         "--- gemma3 short ({} in, {} out): {}",
         out[0].input_tokens, out[0].output_tokens, out[0].text
