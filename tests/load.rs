@@ -65,6 +65,22 @@ async fn submit_all(base: &str, key: &str, ids: &[Uuid]) {
     );
 }
 
+/// Submits `total` new jobs and waits until all have succeeded, then a
+/// moment more for the last acks and metrics.
+async fn push_through(env: &TestEnv, fleet: &Fleet, key: &str, total: i64, timeout: Duration) {
+    let ids: Vec<Uuid> = (0..total).map(|_| Uuid::new_v4()).collect();
+    submit_all(&fleet.api, key, &ids).await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            total,
+            timeout,
+        )
+        .await;
+    assert_eq!(done, total, "logs:\n{}", env.logs());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// Sums a metric over every process of the fleet.
 async fn fleet_sum(fleet: &Fleet, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut total = 0.0;
@@ -176,22 +192,12 @@ async fn ten_thousand_jobs_through_the_fleet_reconcile_across_broker_database_an
     let acme = create_tenant(&env, "acme");
     let fleet = start_fleet(&mut env, 2, &[("RECAP_AMQP_PREFETCH", "64")]).await;
     let total = 10_000i64;
-    let ids: Vec<Uuid> = (0..total).map(|_| Uuid::new_v4()).collect();
     let start = Instant::now();
-    submit_all(&fleet.api, &acme.key, &ids).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            total,
-            Duration::from_secs(900),
-        )
-        .await;
-    assert_eq!(done, total, "logs:\n{}", env.logs());
+    push_through(&env, &fleet, &acme.key, total, Duration::from_secs(900)).await;
     eprintln!(
         "10,000 jobs through gateway, router and 2 workers in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
     reconcile(&env, &fleet, total, 1).await;
 }
 
@@ -215,17 +221,7 @@ async fn a_smaller_load_on_the_real_compact_model_reconciles_too() {
     )
     .await;
     let total = 24i64;
-    let ids: Vec<Uuid> = (0..total).map(|_| Uuid::new_v4()).collect();
-    submit_all(&fleet.api, &acme.key, &ids).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            total,
-            Duration::from_secs(600),
-        )
-        .await;
-    assert_eq!(done, total, "logs:\n{}", env.logs());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    push_through(&env, &fleet, &acme.key, total, Duration::from_secs(600)).await;
     assert_eq!(
         env.count(
             "SELECT count(*) FROM summaries \
