@@ -167,6 +167,7 @@ impl<H: Handler> Consumer<H> {
             config: self.config.clone(),
             publish,
             cancel,
+            received: std::time::Instant::now(),
         }
     }
 }
@@ -180,11 +181,13 @@ struct Task<H> {
     config: Arc<Config>,
     publish: Arc<Channel>,
     cancel: Cancel,
+    /// When the delivery arrived: the broker's consumer timeout runs from
+    /// here.
+    received: std::time::Instant,
 }
 
 impl<H: Handler> Task<H> {
     async fn process(self, delivery: Delivery) {
-        let received = std::time::Instant::now();
         let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(1)
@@ -204,7 +207,7 @@ impl<H: Handler> Task<H> {
             )
             .await;
         gauge.dec();
-        if let Err(e) = self.carry_out(&delivery, verdict, attempt, received).await {
+        if let Err(e) = self.carry_out(&delivery, verdict, attempt).await {
             // Nothing was acked: the broker redelivers when the channel closes.
             tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
         }
@@ -215,7 +218,6 @@ impl<H: Handler> Task<H> {
         delivery: &Delivery,
         verdict: Verdict,
         attempt: u32,
-        received: std::time::Instant,
     ) -> anyhow::Result<()> {
         match verdict {
             Verdict::Ack => {
@@ -227,15 +229,8 @@ impl<H: Handler> Task<H> {
                 job_id,
                 tenant,
             } => {
-                self.dead_letter(
-                    delivery,
-                    job_id,
-                    tenant.as_deref(),
-                    &code,
-                    &detail,
-                    received,
-                )
-                .await?;
+                self.dead_letter(delivery, job_id, tenant.as_deref(), &code, &detail)
+                    .await?;
             }
             Verdict::Retry {
                 code,
@@ -245,15 +240,8 @@ impl<H: Handler> Task<H> {
             } => {
                 if attempt >= self.config.retry.max_attempts {
                     let detail = format!("gave up after {attempt} attempts: {detail}");
-                    self.dead_letter(
-                        delivery,
-                        Some(job_id),
-                        Some(&tenant),
-                        &code,
-                        &detail,
-                        received,
-                    )
-                    .await?;
+                    self.dead_letter(delivery, Some(job_id), Some(&tenant), &code, &detail)
+                        .await?;
                 } else {
                     let delays = &self.config.retry.backoff_ms;
                     let ms = delays[(attempt as usize - 1).min(delays.len() - 1)];
@@ -283,7 +271,7 @@ impl<H: Handler> Task<H> {
                 // Hold the delivery until the database answers again (or a
                 // while passes), so that an outage does not become a hot loop
                 // that burns the delivery limit and dead-letters good jobs.
-                self.wait_for_database(received).await;
+                self.wait_for_database().await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -297,12 +285,12 @@ impl<H: Handler> Task<H> {
 
     /// Waits, with backoff, until PostgreSQL answers: for up to ten minutes,
     /// and never past the broker's consumer timeout for this delivery.
-    async fn wait_for_database(&self, received: std::time::Instant) {
+    async fn wait_for_database(&self) {
         let mut pause = Duration::from_millis(500);
         let start = std::time::Instant::now();
         let timeout = Duration::from_secs(self.config.amqp.consumer_timeout_s);
         let margin = Duration::from_secs(self.config.amqp.consumer_timeout_margin_s());
-        let until = (received + timeout)
+        let until = (self.received + timeout)
             .checked_sub(margin)
             .unwrap_or(start)
             .min(start + Duration::from_secs(600));
@@ -329,14 +317,13 @@ impl<H: Handler> Task<H> {
         tenant: Option<&str>,
         code: &str,
         detail: &str,
-        received: std::time::Instant,
     ) -> anyhow::Result<()> {
         if let Some(id) = job_id {
             if let Err(e) =
                 store::mark_ended(&self.pool, id, tenant, Status::Dead, code, detail).await
             {
                 tracing::error!(error = %e, %id, "cannot record dead job; requeueing");
-                self.wait_for_database(received).await;
+                self.wait_for_database().await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
