@@ -190,7 +190,15 @@ async fn ten_thousand_jobs_through_the_fleet_reconcile_across_broker_database_an
     let mut env = TestEnv::new("load10k").await;
     env.migrate();
     let acme = create_tenant(&env, "acme");
-    let fleet = start_fleet(&mut env, 2, &[("RECAP_AMQP_PREFETCH", "64")]).await;
+    let fleet = start_fleet(
+        &mut env,
+        2,
+        &[
+            ("RECAP_AMQP_PREFETCH", "64"),
+            ("RECAP_COMPACT_BATCH_SIZE", "16"),
+        ],
+    )
+    .await;
     let total = 10_000i64;
     let start = Instant::now();
     push_through(&env, &fleet, &acme.key, total, Duration::from_secs(900)).await;
@@ -199,6 +207,20 @@ async fn ten_thousand_jobs_through_the_fleet_reconcile_across_broker_database_an
         start.elapsed().as_secs_f64()
     );
     reconcile(&env, &fleet, total, 1).await;
+    assert_batched(&fleet, "router").await;
+    assert_batched(&fleet, "compact").await;
+}
+
+/// Deliveries that waited together were handled together: more
+/// deliveries than batches.
+async fn assert_batched(fleet: &Fleet, tier: &str) {
+    let deliveries = fleet_sum(fleet, "recap_batch_deliveries_sum", &[("tier", tier)]).await;
+    let batches = fleet_sum(fleet, "recap_batch_deliveries_count", &[("tier", tier)]).await;
+    eprintln!("{tier}: {deliveries} deliveries in {batches} batches");
+    assert!(
+        batches > 0.0 && deliveries > batches,
+        "{tier}: {deliveries} deliveries in {batches} batches"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +239,7 @@ async fn a_smaller_load_on_the_real_compact_model_reconciles_too() {
             ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
             ("RECAP_POLICY", policy.as_str()),
             ("RECAP_AMQP_PREFETCH", "4"),
+            ("RECAP_COMPACT_BATCH_SIZE", "4"),
         ],
     )
     .await;

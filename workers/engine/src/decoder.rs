@@ -52,32 +52,57 @@ impl QLinear {
     }
 }
 
-impl Module for QLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl QLinear {
+    /// The product on the quantized weights, whatever the rows: each row's
+    /// result is the one it would get alone (a decoding batch relies on it).
+    fn forward_quantized(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        let y = if rows >= GEMM_MIN_ROWS && self.is_quantized() && x.device().is_cpu() {
-            let w = self.weight.dequantize(x.device())?;
-            x.broadcast_matmul(&w.t()?)?
-        } else if self.weight.dtype() == GgmlDType::Q4_1 && x.device().is_cpu() {
+        let y = if self.weight.dtype() == GgmlDType::Q4_1 && x.device().is_cpu() {
             let (n, k) = self.weight.shape().dims2()?;
             let data = self.weight.data()?;
             let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let mut out = Vec::with_capacity(rows * n);
-            for row in xs.chunks_exact(k) {
-                out.extend(crate::q4_1::matvec(&data, n, k, row));
-            }
+            let out = crate::q4_1::matmul(&data, n, k, &xs);
             let mut dims = x.dims().to_vec();
             if let Some(last) = dims.last_mut() {
                 *last = n;
             }
             Tensor::from_vec(out, dims, x.device())?
+        } else if self.weight.dtype() == GgmlDType::Q6K && x.device().is_cpu() && rows > 1 {
+            // candle multiplies several rows of Q6K with a repacked kernel
+            // whose rounding differs from its one-row kernel's: row by row,
+            // each result is the one that row gets alone.
+            let flat = x.reshape((rows, x.dim(D::Minus1)?))?;
+            let mut out = Vec::with_capacity(rows);
+            for r in 0..rows {
+                out.push(self.quantized.forward(&flat.narrow(0, r, 1)?)?);
+            }
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = self.weight.shape().dims2()?.0;
+            }
+            Tensor::cat(&out, 0)?.reshape(dims)?
         } else {
             self.quantized.forward(x)?
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for QLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        if rows >= GEMM_MIN_ROWS && self.is_quantized() && x.device().is_cpu() {
+            let w = self.weight.dequantize(x.device())?;
+            return self.add_bias(x.broadcast_matmul(&w.t()?)?);
+        }
+        self.forward_quantized(x)
     }
 }
 
@@ -256,6 +281,13 @@ impl Layer {
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(gate * self.up.forward(x)?)?)
     }
+
+    /// `mlp` on the quantized kernels (a decoding batch's rows).
+    fn mlp_quantized(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward_quantized(x)?)?;
+        self.down
+            .forward_quantized(&(gate * self.up.forward_quantized(x)?)?)
+    }
 }
 
 /// A dot product in 16 independent lanes, which the compiler vectorizes (a
@@ -390,6 +422,90 @@ impl DenseDecoder {
             norm,
             output,
         })
+    }
+
+    /// A copy sharing the weights with its own, empty KV cache: a sequence
+    /// that can decode beside others.
+    pub fn detached(&self) -> DenseDecoder {
+        let mut d = self.clone();
+        for l in &mut d.layers {
+            l.kv_cache = KvCache::default();
+        }
+        d
+    }
+
+    /// A copy whose KV cache holds a private copy of this one's: forks that
+    /// decode at the same time cannot share buffers.
+    pub fn fork_owned(&self) -> Result<DenseDecoder> {
+        let mut d = self.clone();
+        for l in &mut d.layers {
+            let c = &mut l.kv_cache;
+            if let (Some(k), Some(v)) = (&c.k, &c.v) {
+                c.k = Some(k.copy()?);
+                c.v = Some(v.copy()?);
+            }
+        }
+        Ok(d)
+    }
+
+    /// One decoding step of several sequences at once: `seqs[i]` takes
+    /// `tokens[i]` at `positions[i]` of its own KV cache. The weights (all
+    /// sequences share them) are read once per step for all rows; each
+    /// sequence attends over its own cache. Row i of the result is the
+    /// logits `seqs[i].forward` would give, bit for bit.
+    pub fn forward_batch(
+        seqs: &mut [DenseDecoder],
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<Tensor> {
+        let n = seqs.len();
+        if n == 0 || tokens.len() != n || positions.len() != n {
+            candle_core::bail!(
+                "forward_batch: {n} sequences, {} tokens, {} positions",
+                tokens.len(),
+                positions.len()
+            );
+        }
+        let device = seqs[0].norm_device();
+        let ids = Tensor::new(tokens, &device)?.reshape((n, 1))?;
+        let mut h = seqs[0].tok_embeddings.forward(&ids)?;
+        for l in 0..seqs[0].layers.len() {
+            let w = seqs[0].layers[l].clone();
+            let (n_embd, d) = (h.dim(2)?, w.head_dim);
+            let x = w.attn_norm.forward(&h)?;
+            let q = w.wq.forward_quantized(&x)?;
+            let k = w.wk.forward_quantized(&x)?;
+            let v = w.wv.forward_quantized(&x)?;
+            let mut ys = Vec::with_capacity(n);
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                let layer = &mut seq.layers[l];
+                let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
+                    t.narrow(0, i, 1)?
+                        .reshape((1, 1, nh, d))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let qi = layer.rope(&heads(&q, w.n_head)?, positions[i])?;
+                let ki = layer.rope(&heads(&k, w.n_kv_head)?, positions[i])?;
+                let vi = heads(&v, w.n_kv_head)?;
+                let (kk, _) = layer.kv_cache.append(&ki, &vi, positions[i])?;
+                let kv_len = kk.dim(2)?;
+                ys.push(layer.attend_one(&qi, kv_len)?.reshape((1, 1, n_embd))?);
+            }
+            let y = Tensor::cat(&ys, 0)?;
+            h = (w.wo.forward_quantized(&y)? + h)?;
+            let m = w.mlp_quantized(&w.ffn_norm.forward(&h)?)?;
+            h = (m + h)?;
+        }
+        let h = seqs[0].norm.forward(&h)?;
+        seqs[0].output.forward_quantized(&h.squeeze(1)?)
+    }
+
+    fn norm_device(&self) -> Device {
+        self.layers
+            .first()
+            .map(|l| l.cos.device().clone())
+            .unwrap_or(Device::Cpu)
     }
 
     pub fn clear_kv_cache(&mut self) {

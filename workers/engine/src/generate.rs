@@ -123,7 +123,6 @@ pub fn generate_at(
     if cancel.is_cancelled() {
         return Err(EngineError::Cancelled);
     }
-    let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling());
     let prefill_start = Instant::now();
     let input = Tensor::new(prompt, device)
         .and_then(|t| t.unsqueeze(0))
@@ -131,65 +130,127 @@ pub fn generate_at(
     let mut logits = model.forward(&input, start).map_err(model_err)?;
     let prefill_ms = prefill_start.elapsed().as_secs_f64() * 1e3;
 
-    let decode_start = Instant::now();
-    let mut tokens: Vec<u32> = Vec::with_capacity(params.max_new_tokens);
-    let mut finish = "max_tokens";
-    while tokens.len() < params.max_new_tokens {
+    let mut stream = Stream::new(params, stop_ids, start + prompt.len());
+    while let Some(next) = stream.step(
+        &logits.squeeze(0).map_err(model_err)?,
+        decode,
+        cancel,
+        deadline,
+    )? {
+        let input = Tensor::new(&[next], device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(model_err)?;
+        logits = model
+            .forward(&input, stream.position())
+            .map_err(model_err)?;
+    }
+    Ok(stream.finish(prompt.len(), prefill_ms))
+}
+
+/// One sequence's decoding: it turns each step's logits into the next
+/// token, applies the stops and the cap, and says what to feed the model
+/// next. `generate_at` steps one; a batch steps several side by side.
+pub struct Stream<'p> {
+    params: &'p GenParams,
+    stop_ids: &'p [u32],
+    sampler: LogitsProcessor,
+    tokens: Vec<u32>,
+    /// Where the next fed token goes in the KV cache.
+    next_pos: usize,
+    finish: Option<&'static str>,
+    started: Instant,
+}
+
+impl<'p> Stream<'p> {
+    /// A stream whose prompt ends just before `next_pos`.
+    pub fn new(params: &'p GenParams, stop_ids: &'p [u32], next_pos: usize) -> Stream<'p> {
+        Stream {
+            params,
+            stop_ids,
+            sampler: LogitsProcessor::from_sampling(params.seed, params.sampling()),
+            tokens: Vec::with_capacity(params.max_new_tokens),
+            next_pos,
+            finish: (params.max_new_tokens == 0).then_some("max_tokens"),
+            started: Instant::now(),
+        }
+    }
+
+    /// The KV position of the token `step` last returned.
+    pub fn position(&self) -> usize {
+        self.next_pos + self.tokens.len().saturating_sub(1)
+    }
+
+    /// Takes the logits of the last position (one row): the token to feed
+    /// next, or None once the sequence is finished.
+    pub fn step(
+        &mut self,
+        logits: &Tensor,
+        decode: &dyn Fn(&[u32]) -> Result<String, EngineError>,
+        cancel: &Cancel,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u32>, EngineError> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded(tokens.len() as u32));
+            return Err(EngineError::DeadlineExceeded(self.tokens.len() as u32));
         }
+        let params = self.params;
         let l = logits
-            .squeeze(0)
-            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .to_dtype(candle_core::DType::F32)
             .map_err(model_err)?;
-        let l = if params.repeat_penalty != 1.0 && !tokens.is_empty() {
-            let from = tokens.len().saturating_sub(params.repeat_last_n);
+        let l = if params.repeat_penalty != 1.0 && !self.tokens.is_empty() {
+            let from = self.tokens.len().saturating_sub(params.repeat_last_n);
             candle_transformers::utils::apply_repeat_penalty(
                 &l,
                 params.repeat_penalty,
-                &tokens[from..],
+                &self.tokens[from..],
             )
             .map_err(model_err)?
         } else {
             l
         };
-        let next = sampler.sample(&l).map_err(model_err)?;
-        if stop_ids.contains(&next) {
-            finish = "eos";
-            break;
+        let next = self.sampler.sample(&l).map_err(model_err)?;
+        if self.stop_ids.contains(&next) {
+            self.finish = Some("eos");
+            return Ok(None);
         }
-        tokens.push(next);
+        self.tokens.push(next);
         if !params.stop_strings.is_empty() {
-            let text = decode(&tokens)?;
+            let text = decode(&self.tokens)?;
             if params
                 .stop_strings
                 .iter()
                 .any(|s| text.contains(s.as_str()))
             {
-                finish = "stop_string";
-                break;
+                self.finish = Some("stop_string");
+                return Ok(None);
             }
         }
-        if tokens.len() >= params.max_new_tokens {
-            break;
+        if self.tokens.len() >= params.max_new_tokens {
+            self.finish = Some("max_tokens");
+            return Ok(None);
         }
-        let input = Tensor::new(&[next], device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(model_err)?;
-        logits = model
-            .forward(&input, start + prompt.len() + tokens.len() - 1)
-            .map_err(model_err)?;
+        Ok(Some(next))
     }
-    Ok(Generation {
-        tokens,
-        prompt_tokens: prompt.len(),
-        prefill_ms,
-        decode_ms: decode_start.elapsed().as_secs_f64() * 1e3,
-        finish,
-    })
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// The generation, once finished; decode time runs from `new`.
+    pub fn finish(self, prompt_tokens: usize, prefill_ms: f64) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            prompt_tokens,
+            prefill_ms,
+            decode_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            finish: self.finish.unwrap_or("max_tokens"),
+        }
+    }
 }
 
 /// Clean text from raw model output: chat artefacts and stop strings cut,

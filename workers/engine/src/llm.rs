@@ -16,6 +16,8 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 
+mod batch;
+
 #[derive(Clone)]
 enum Weights {
     /// Dense llama and qwen2: recap's own decoder (prompt GEMM, forkable).
@@ -197,6 +199,13 @@ impl GgufModel {
         })
     }
 
+    fn is_dense(&self) -> bool {
+        self.weights
+            .lock()
+            .map(|w| matches!(&*w, Weights::Dense(_)))
+            .unwrap_or(false)
+    }
+
     pub fn tokenizer(&self) -> &GgufTokenizer {
         &self.tokenizer
     }
@@ -223,6 +232,23 @@ impl GgufModel {
         let mut head = self.tokenizer.encode(&before, true)?;
         head.extend(self.tokenizer.encode(prefix, false)?);
         Ok((head, self.tail_ids(suffix, &after)?))
+    }
+
+    /// The prompt as the two passes that prefill it: `head` (the template's
+    /// start and `prefix`) then `tail` (never empty: generation continues
+    /// from its last token).
+    fn head_and_tail(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+        let (mut head, mut tail) = self.prompt_ids_parts(prefix, suffix)?;
+        if tail.is_empty() {
+            if let Some(last) = head.pop() {
+                tail.push(last);
+            }
+        }
+        Ok((head, tail))
     }
 
     /// The chat template's text before and after the user message.
@@ -288,12 +314,7 @@ impl GgufModel {
         params: &GenParams,
         req: &SummarizeRequest<'_>,
     ) -> Result<(String, Generation), EngineError> {
-        let (mut head, mut tail) = self.prompt_ids_parts(prefix, suffix)?;
-        if tail.is_empty() {
-            if let Some(last) = head.pop() {
-                tail.push(last);
-            }
-        }
+        let (mut head, tail) = self.head_and_tail(prefix, suffix)?;
         let mut weights = self
             .weights
             .lock()
@@ -400,14 +421,26 @@ impl GgufModel {
             self.transcript_budget(kind),
             &count,
             &mut |step| {
-                let (prefix, rest) = match step {
-                    Step::Map(t) if self.transcript_first => prompts::user_turn_parts(t, &task)?,
-                    Step::Map(t) => (prompts::user_turn(t, &task)?, String::new()),
-                    Step::Reduce(p) => (prompts::reduce_turn(p, &task)?, String::new()),
-                };
-                self.complete_parts(&prefix, &format!("{rest}{suffix}"), &params, req)
+                let (prefix, rest) = self.user_parts(step, &task, &suffix)?;
+                self.complete_parts(&prefix, &rest, &params, req)
             },
         )
+    }
+
+    /// A call's user message in the two parts `complete_parts` takes, in
+    /// this model's prompt order.
+    fn user_parts(
+        &self,
+        step: Step<'_>,
+        task: &str,
+        suffix: &str,
+    ) -> Result<(String, String), EngineError> {
+        let (prefix, rest) = match step {
+            Step::Map(t) if self.transcript_first => prompts::user_turn_parts(t, task)?,
+            Step::Map(t) => (prompts::user_turn(t, task)?, String::new()),
+            Step::Reduce(p) => (prompts::reduce_turn(p, task)?, String::new()),
+        };
+        Ok((prefix, format!("{rest}{suffix}")))
     }
 }
 
@@ -422,14 +455,9 @@ impl GgufModel {
         &self,
         req: &SummarizeRequest<'_>,
     ) -> Result<Option<Vec<SummaryOutput>>, EngineError> {
-        if req.kinds.len() < 2 || req.query.is_some() || !self.transcript_first {
+        let Some((head, prompts_of)) = self.shared_plan(req)? else {
             return Ok(None);
-        }
-        let transcript = mapreduce::lines(req.transcript);
-        let cost = self.count(&transcript) + req.transcript.len();
-        if req.kinds.iter().any(|&k| cost > self.transcript_budget(k)) {
-            return Ok(None);
-        }
+        };
         let mut weights = self
             .weights
             .lock()
@@ -437,24 +465,8 @@ impl GgufModel {
         if !matches!(&*weights, Weights::Dense(_)) {
             return Ok(None);
         }
-        let suffix = language_suffix(req.language);
-        // The transcript part is the same for every kind: tokenized once.
-        let mut prefix = None;
-        let mut rests = Vec::with_capacity(req.kinds.len());
-        for &kind in req.kinds {
-            let (p, rest) = prompts::user_turn_parts(&transcript, &prompts::task(kind, None))?;
-            if prefix.get_or_insert_with(|| p.clone()) != &p {
-                return Ok(None);
-            }
-            rests.push((kind, format!("{rest}{suffix}")));
-        }
-        let (head, _) = self.prompt_ids_parts(prefix.as_deref().unwrap_or_default(), "")?;
-        let (_, after) = self.around_user()?;
-        let mut prompts_of = Vec::with_capacity(rests.len());
-        for (kind, rest) in rests {
-            prompts_of.push((kind, self.tail_ids(&rest, &after)?));
-        }
         let mut prefix_ms = self.prefill_head(&mut weights, &head, req)?;
+
         let snapshot = weights.clone();
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         let mut outputs = Vec::with_capacity(prompts_of.len());
@@ -492,6 +504,42 @@ impl GgufModel {
         }
         Ok(Some(outputs))
     }
+
+    /// The shared-prefix prompts of a request: the head (template start and
+    /// transcript) and each kind's tail. None where sharing does not apply
+    /// (one kind, a query, chunking needed, task-first prompts).
+    #[allow(clippy::type_complexity)]
+    fn shared_plan(
+        &self,
+        req: &SummarizeRequest<'_>,
+    ) -> Result<Option<(Vec<u32>, Vec<(SummaryKind, Vec<u32>)>)>, EngineError> {
+        if req.kinds.len() < 2 || req.query.is_some() || !self.transcript_first {
+            return Ok(None);
+        }
+        let transcript = mapreduce::lines(req.transcript);
+        let cost = self.count(&transcript) + req.transcript.len();
+        if req.kinds.iter().any(|&k| cost > self.transcript_budget(k)) {
+            return Ok(None);
+        }
+        let suffix = language_suffix(req.language);
+        // The transcript part is the same for every kind: tokenized once.
+        let mut prefix = None;
+        let mut rests = Vec::with_capacity(req.kinds.len());
+        for &kind in req.kinds {
+            let (p, rest) = prompts::user_turn_parts(&transcript, &prompts::task(kind, None))?;
+            if prefix.get_or_insert_with(|| p.clone()) != &p {
+                return Ok(None);
+            }
+            rests.push((kind, format!("{rest}{suffix}")));
+        }
+        let (head, _) = self.prompt_ids_parts(prefix.as_deref().unwrap_or_default(), "")?;
+        let (_, after) = self.around_user()?;
+        let mut prompts_of = Vec::with_capacity(rests.len());
+        for (kind, rest) in rests {
+            prompts_of.push((kind, self.tail_ids(&rest, &after)?));
+        }
+        Ok(Some((head, prompts_of)))
+    }
 }
 
 pub(crate) fn language_suffix(language: Option<&str>) -> String {
@@ -527,6 +575,14 @@ impl Summarizer for GgufModel {
     }
 
     fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError> {
+        // Several kinds decode side by side, as a batch of one job's kinds
+        // (the same texts, see `llm::batch`).
+        if req.kinds.len() > 1 && self.device.is_cpu() && self.is_dense() {
+            return self
+                .summarize_together(std::slice::from_ref(req))
+                .pop()
+                .unwrap_or_else(|| Err(EngineError::Model("no result".into())));
+        }
         if let Some(outputs) = self.summarize_shared_prefix(req)? {
             return Ok(outputs);
         }
@@ -534,5 +590,17 @@ impl Summarizer for GgufModel {
             .iter()
             .map(|&k| self.summarize_one(req, k))
             .collect()
+    }
+
+    /// Decodes the jobs' sequences together (see `llm::batch`); the texts
+    /// are the ones `summarize` gives each job alone.
+    fn summarize_batch(
+        &self,
+        reqs: &[SummarizeRequest<'_>],
+    ) -> Vec<Result<Vec<SummaryOutput>, EngineError>> {
+        if reqs.len() < 2 {
+            return reqs.iter().map(|r| self.summarize(r)).collect();
+        }
+        self.summarize_together(reqs)
     }
 }

@@ -28,6 +28,30 @@ pub fn lines(us: &[Utterance]) -> String {
         .join("\n")
 }
 
+/// The transcript cut to the budget (over-long utterances split) and
+/// packed into chunks of consecutive pieces.
+fn chunk(
+    transcript: &[Utterance],
+    budget: usize,
+    count: &dyn Fn(&str) -> usize,
+) -> (Vec<Utterance>, Vec<std::ops::Range<usize>>) {
+    let pieces = split_oversize(transcript, budget, count);
+    let costs: Vec<usize> = pieces.iter().map(|u| count(&u.line())).collect();
+    let chunks = pack(&costs, budget, 1);
+    (pieces, chunks)
+}
+
+/// The text of the one call `summarize_kind` makes when the transcript fits
+/// the budget whole; None when it needs map-reduce.
+pub fn single_call_text(
+    transcript: &[Utterance],
+    budget: usize,
+    count: &dyn Fn(&str) -> usize,
+) -> Option<String> {
+    let (pieces, chunks) = chunk(transcript, budget, count);
+    (chunks.len() <= 1).then(|| lines(&pieces))
+}
+
 /// Runs `call` as often as the transcript needs; `budget` is the tokens of
 /// transcript (or partials) one call may hold, `count` counts tokens.
 pub fn summarize_kind(
@@ -56,9 +80,7 @@ pub fn summarize_kind(
         out.decode_ms += g.decode_ms;
         Ok(text)
     };
-    let pieces = split_oversize(transcript, budget, count);
-    let costs: Vec<usize> = pieces.iter().map(|u| count(&u.line())).collect();
-    let chunks = pack(&costs, budget, 1);
+    let (pieces, chunks) = chunk(transcript, budget, count);
     out.chunks = chunks.len().max(1) as u32;
     let text = if chunks.len() <= 1 {
         run(Step::Map(&lines(&pieces)), &mut out)?

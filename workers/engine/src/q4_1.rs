@@ -1,4 +1,4 @@
-//! Matrix-vector product for Q4_1 weights, the decoding hot path of
+//! Matrix-vector (and few-rows) product for Q4_1 weights, the decoding hot path of
 //! SmolLM2-135M-Instruct.Q4_1. candle 0.11.1 has no SIMD kernel for Q4_1 (its
 //! `vec_dot` for it is the scalar reference code), so a few rows per token
 //! dominated decoding. This is ggml's scheme (`ggml_vec_dot_q4_1_q8_1`):
@@ -117,27 +117,50 @@ fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
 /// `y = W x` for one input row: `weights` holds `n` rows of `k` Q4_1 values
 /// (`k` a multiple of 32), `x` has `k` values; returns `n` values.
 pub fn matvec(weights: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
+    matmul(weights, n, k, x)
+}
+
+/// `Y = X Wᵀ` for a few input rows (`xs` holds `m` rows of `k` values, as in
+/// a batch of sequences decoding together); returns `m` rows of `n`. Each
+/// weight row is read once for all inputs, while it sits in L1, and each
+/// output is the same dot product `matvec` computes for that row alone.
+pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
     debug_assert_eq!(k % QK, 0);
     let row_bytes = k / QK * BLOCK_BYTES;
     debug_assert_eq!(weights.len(), n * row_bytes);
-    let xq = quantize_row(x);
+    let xq: Vec<Vec<Q8Block>> = xs.chunks_exact(k).map(quantize_row).collect();
+    let m = xq.len();
     let avx2 = has_avx2();
-    let mut y = vec![0f32; n];
+    // Computed weight row by weight row (n × m), then transposed.
+    let mut yt = vec![0f32; n * m];
+    const CHUNK: usize = 64;
     let rows = |c: usize, out: &mut [f32]| {
-        for (i, o) in out.iter_mut().enumerate() {
-            let r = c * 64 + i;
-            *o = dot(&weights[r * row_bytes..(r + 1) * row_bytes], &xq, avx2);
+        for (i, o) in out.chunks_mut(m.max(1)).enumerate() {
+            let r = c * CHUNK + i;
+            let w = &weights[r * row_bytes..(r + 1) * row_bytes];
+            for (oj, xj) in o.iter_mut().zip(&xq) {
+                *oj = dot(w, xj, avx2);
+            }
         }
     };
     // Waking the pool costs more than a small product takes on one thread.
-    if n * k >= PARALLEL_MIN_WEIGHTS {
-        y.par_chunks_mut(64)
+    if n * k * m >= PARALLEL_MIN_WEIGHTS {
+        yt.par_chunks_mut(CHUNK * m.max(1))
             .enumerate()
             .for_each(|(c, out)| rows(c, out));
     } else {
-        y.chunks_mut(64)
+        yt.chunks_mut(CHUNK * m.max(1))
             .enumerate()
             .for_each(|(c, out)| rows(c, out));
+    }
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (r, row) in yt.chunks_exact(m).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            y[j * n + r] = *v;
+        }
     }
     y
 }
@@ -170,6 +193,28 @@ mod tests {
             vals.extend(nibbles.iter().map(|&q| d.to_f32() * q as f32 + m.to_f32()));
         }
         (bytes, vals)
+    }
+
+    proptest! {
+        // Rows multiplied together give, bit for bit, what each gives
+        // alone: a batch of sequences decodes exactly as each would.
+        #[test]
+        fn matmul_rows_equal_matvec(
+            n in 1usize..150,
+            m in 1usize..9,
+            seed in any::<u32>(),
+            x in proptest::collection::vec(-4f32..4.0, 8 * 96),
+        ) {
+            let k = 96;
+            let (w, _) = weights(n, k, seed);
+            let xs = &x[..m * k];
+            let y = matmul(&w, n, k, xs);
+            prop_assert_eq!(y.len(), m * n);
+            for (j, row) in xs.chunks_exact(k).enumerate() {
+                let alone = matvec(&w, n, k, row);
+                prop_assert_eq!(&y[j * n..(j + 1) * n], alone.as_slice());
+            }
+        }
     }
 
     proptest! {

@@ -93,4 +93,13 @@ pub trait Summarizer: Send + Sync {
     fn count_tokens(&self, text: &str) -> Result<usize, EngineError>;
     /// One output per requested kind, in the order requested.
     fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError>;
+    /// Several jobs at once, one result per request in order. Engines that
+    /// can share work across jobs (one batched forward pass) override it;
+    /// the default runs them one after another.
+    fn summarize_batch(
+        &self,
+        reqs: &[SummarizeRequest<'_>],
+    ) -> Vec<Result<Vec<SummaryOutput>, EngineError>> {
+        reqs.iter().map(|r| self.summarize(r)).collect()
+    }
 }

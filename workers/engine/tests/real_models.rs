@@ -110,6 +110,88 @@ fn kinds_share_one_prefill_and_say_what_each_would_alone() {
     }
 }
 
+/// The batch's jobs: three meetings, one or two kinds each, and one job
+/// whose transcript needs map-reduce (at `max_context` 512).
+fn batch_jobs() -> Vec<(Vec<Utterance>, Vec<SummaryKind>)> {
+    let sample = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../samples")
+            .join(name);
+        utterances_from_text(&std::fs::read_to_string(&path).unwrap())
+    };
+    vec![
+        (
+            utterances_from_text(MEETING),
+            vec![SummaryKind::Short, SummaryKind::ActionItems],
+        ),
+        (sample("budget-review.txt"), vec![SummaryKind::Decisions]),
+        (
+            utterances_from_text(&[MEETING; 4].join("\n")),
+            vec![SummaryKind::Short],
+        ),
+        (
+            sample("budget-review.txt"),
+            vec![SummaryKind::Overview, SummaryKind::Short],
+        ),
+    ]
+}
+
+/// Jobs decoded together get, kind for kind, the texts and counts each
+/// gets alone (the batch's rows are computed exactly as a single row).
+fn batch_equals_alone(id: &str, max_context: usize) {
+    let m = load(id, max_context);
+    let jobs = batch_jobs();
+    let reqs: Vec<SummarizeRequest<'_>> = jobs.iter().map(|(t, k)| request(t, k)).collect();
+    let together = m.summarize_batch(&reqs);
+    assert_eq!(together.len(), reqs.len());
+    let mut chunked = 0;
+    for (i, (req, got)) in reqs.iter().zip(together).enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("job {i}: {e}"));
+        let alone = m.summarize(req).unwrap();
+        assert_eq!(got.len(), alone.len(), "job {i}");
+        for (g, a) in got.iter().zip(&alone) {
+            eprintln!("--- job {i} {} ({} chunks): {}", g.kind, g.chunks, g.text);
+            assert_eq!(g.kind, a.kind, "job {i}");
+            assert_eq!(g.text, a.text, "job {i} {}", g.kind);
+            assert_eq!(g.input_tokens, a.input_tokens, "job {i} {}", g.kind);
+            assert_eq!(g.output_tokens, a.output_tokens, "job {i} {}", g.kind);
+            assert_eq!(g.chunks, a.chunks, "job {i} {}", g.kind);
+            chunked += usize::from(g.chunks > 1);
+        }
+    }
+    assert_eq!(chunked, 1, "the long job runs map-reduce after the batch");
+}
+
+#[test]
+fn smollm2_batch_decodes_each_job_as_alone() {
+    batch_equals_alone("smollm2-135m-instruct-q4_1", 1024);
+}
+
+#[test]
+fn qwen_batch_with_shared_prefixes_decodes_each_job_as_alone() {
+    batch_equals_alone("qwen2.5-coder-0.5b-instruct-q4_k_m", 1024);
+}
+
+#[test]
+fn a_batch_past_its_deadline_fails_every_job_cleanly() {
+    let m = load("smollm2-135m-instruct-q4_1", 1024);
+    let jobs = batch_jobs();
+    let past = std::time::Instant::now();
+    let reqs: Vec<SummarizeRequest<'_>> = jobs
+        .iter()
+        .map(|(t, k)| SummarizeRequest {
+            deadline: Some(past),
+            ..request(t, k)
+        })
+        .collect();
+    for r in m.summarize_batch(&reqs) {
+        assert!(
+            matches!(r, Err(recap_engine::EngineError::DeadlineExceeded(_))),
+            "{r:?}"
+        );
+    }
+}
+
 #[test]
 fn smollm2_chunks_a_long_transcript_and_says_so() {
     // A small context forces map-reduce over several chunks.

@@ -416,6 +416,19 @@ const KNOWN_FIELDS: [&str; 9] = [
     "callback_url",
 ];
 
+fn holds_nul(s: &str) -> bool {
+    s.contains('\0')
+}
+
+fn holds_nul_value(v: &Value) -> bool {
+    match v {
+        Value::String(s) => holds_nul(s),
+        Value::Array(items) => items.iter().any(holds_nul_value),
+        Value::Object(map) => map.iter().any(|(k, v)| holds_nul(k) || holds_nul_value(v)),
+        _ => false,
+    }
+}
+
 fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection> {
     let version = match required(obj, "version")? {
         Value::Number(n) => n.as_u64(),
@@ -439,6 +452,18 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             Some(unknown),
             format!("unknown field `{unknown}`"),
         ));
+    }
+    // PostgreSQL's text and jsonb cannot hold U+0000: a job carrying one
+    // would fail every write of its row or summaries, so it is refused here
+    // with its field named, before anything is written.
+    for (field, value) in obj {
+        if holds_nul(field) || holds_nul_value(value) {
+            return Err(Rejection::new(
+                RejectCode::InvalidField,
+                Some(field),
+                format!("`{field}` holds a NUL character (\\u0000), which text cannot store"),
+            ));
+        }
     }
     let job_id = read_job_id(obj)?;
 

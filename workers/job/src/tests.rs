@@ -125,6 +125,33 @@ fn missing_and_mistyped_fields_name_the_field() {
 }
 
 #[test]
+fn nul_characters_are_refused_wherever_they_hide() {
+    let cases = [
+        (
+            "transcript",
+            json!([{"speaker": "A", "text": "hello\u{0}world"}]),
+        ),
+        (
+            "transcript",
+            json!([{"speaker": "A\u{0}", "text": "hello"}]),
+        ),
+        ("metadata", json!({"k": ["x", {"deep": "a\u{0}"}]})),
+        ("metadata", json!({"k\u{0}": 1})),
+        ("language", json!("en\u{0}")),
+    ];
+    for (field, value) in cases {
+        let mut v = good();
+        v[field] = value.clone();
+        let r = reject(v);
+        assert_eq!(r.code, RejectCode::InvalidField, "{field}={value}");
+        assert_eq!(r.field.as_deref(), Some(field), "{field}={value}");
+        assert!(r.message.contains("NUL"), "{}", r.message);
+        // The dead row can still name the job and its tenant.
+        assert!(r.job_id.is_some() && r.tenant.is_some(), "{r:?}");
+    }
+}
+
+#[test]
 fn unknown_fields_are_refused() {
     let mut v = good();
     v["sumaries"] = json!(["overview"]);

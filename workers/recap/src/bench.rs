@@ -58,6 +58,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         runs: usize,
     },
+    /// Compact-tier batching: the same jobs (windows of the QMSum
+    /// meetings, one overview each) run N at a time through the engine's
+    /// batch path, for each N; prints jobs/s per N, the ratio to N = 1 and
+    /// whether every N gives the texts of N = 1.
+    Batch {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
+        qmsum: PathBuf,
+        /// Batch sizes to compare.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        sizes: Vec<usize>,
+        /// Jobs per batch size.
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// Transcript tokens per job.
+        #[arg(long, default_value_t = 500)]
+        tokens: usize,
+    },
     /// Publish N small jobs (confirmed, pipelined) to recap.jobs with a
     /// routing key (`ingest`: the full path; `compact`: one hop), each with
     /// `metadata.sent_at` (Unix seconds) for latency; `--rate` paces them.
@@ -180,6 +199,97 @@ fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize)
     Ok(())
 }
 
+fn batch(
+    config: &Config,
+    model: &str,
+    qmsum: &Path,
+    sizes: &[usize],
+    jobs: usize,
+    tokens: usize,
+) -> Result<()> {
+    use recap_engine::{Cancel, SummarizeRequest, Summarizer};
+    let m = gguf(config, model)?;
+    let text =
+        std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
+    let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
+    // Consecutive windows of `tokens` across the meetings: distinct jobs.
+    let mut transcripts = Vec::new();
+    'cases: for case in &cases {
+        let mut window = Vec::new();
+        for u in &case.transcript {
+            window.push(u.clone());
+            if m.count_tokens(&recap_engine::mapreduce::lines(&window))? >= tokens {
+                transcripts.push(std::mem::take(&mut window));
+                if transcripts.len() == jobs {
+                    break 'cases;
+                }
+            }
+        }
+    }
+    if transcripts.len() < jobs {
+        bail!(
+            "the QMSum file holds only {} windows of {tokens} tokens",
+            transcripts.len()
+        );
+    }
+    let kinds = [SummaryKind::Overview];
+    let reqs: Vec<SummarizeRequest<'_>> = transcripts
+        .iter()
+        .map(|t| SummarizeRequest {
+            transcript: t,
+            kinds: &kinds,
+            language: None,
+            query: None,
+            deadline: None,
+            cancel: Cancel::default(),
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let mut first: Option<(f64, Vec<String>)> = None;
+    for &n in sizes {
+        let t = std::time::Instant::now();
+        let mut texts = Vec::new();
+        let mut out_tokens = 0u64;
+        for group in reqs.chunks(n.max(1)) {
+            for r in m.summarize_batch(group) {
+                let outs = r?;
+                out_tokens += outs.iter().map(|o| o.output_tokens as u64).sum::<u64>();
+                texts.extend(outs.into_iter().map(|o| o.text));
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let jobs_s = jobs as f64 / secs;
+        let (base, same) = match &first {
+            None => {
+                first = Some((jobs_s, texts));
+                (jobs_s, true)
+            }
+            Some((b, t1)) => (*b, *t1 == texts),
+        };
+        rows.push(serde_json::json!({
+            "batch_size": n,
+            "seconds": secs,
+            "jobs_per_s": jobs_s,
+            "output_tokens": out_tokens,
+            "ratio_to_first": jobs_s / base,
+            "same_texts_as_first": same,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model,
+            "jobs": jobs,
+            "transcript_tokens": tokens,
+            "kinds": ["overview"],
+            "threads": rayon_threads(),
+            "sizes": rows,
+            "peak_rss_kib": peak_rss_kib(),
+        })
+    );
+    Ok(())
+}
+
 /// The first meeting of a QMSum file: the benchmarks' transcript.
 fn first_meeting(qmsum: &Path) -> Result<recap_eval::qmsum::Case> {
     let text =
@@ -231,6 +341,13 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             tokens,
             runs,
         } => kinds(config, &model, &qmsum, tokens, runs)?,
+        BenchCommand::Batch {
+            model,
+            qmsum,
+            sizes,
+            jobs,
+            tokens,
+        } => batch(config, &model, &qmsum, &sizes, jobs, tokens)?,
         BenchCommand::Publish {
             messages,
             routing_key,

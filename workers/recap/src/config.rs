@@ -50,6 +50,23 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub policy: PolicySection,
     pub gateway: GatewayConfig,
+    pub router: RouterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Most ingest deliveries routed together: one commit for their
+    /// decisions, one round of confirms for their tier publishes. Only
+    /// deliveries already waiting are batched (never more than
+    /// `amqp.prefetch`); a lone job is not held back.
+    pub batch_size: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig { batch_size: 32 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +162,16 @@ pub struct ModelsConfig {
 pub struct TierConfig {
     /// Catalog id of the model this tier's workers load.
     pub model: String,
+    /// Most waiting jobs a worker of this tier takes together (N): one
+    /// batched forward pass where the engine supports it, one commit, one
+    /// round of confirms. The batch shares one deadline. Needs
+    /// `amqp.prefetch` >= N to ever fill.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,12 +188,14 @@ impl Default for Config {
             "compact".to_string(),
             TierConfig {
                 model: "extractive-lead".into(),
+                batch_size: 1,
             },
         );
         tiers.insert(
             "large".to_string(),
             TierConfig {
                 model: "extractive-lead".into(),
+                batch_size: 1,
             },
         );
         Config {
@@ -180,6 +209,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             policy: PolicySection::default(),
             gateway: GatewayConfig::default(),
+            router: RouterConfig::default(),
         }
     }
 }
@@ -250,8 +280,11 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Largest batch a consumer takes (router or tier).
+pub const MAX_BATCH: usize = 256;
+
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 15] = [
+pub const ENV_OVERRIDES: [(&str, &str); 18] = [
     ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
     ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
     ("RECAP_GATEWAY_BURST", "gateway.burst"),
@@ -266,6 +299,9 @@ pub const ENV_OVERRIDES: [(&str, &str); 15] = [
     ("RECAP_THREADS", "models.threads"),
     ("RECAP_COMPACT_MODEL", "tiers.compact.model"),
     ("RECAP_LARGE_MODEL", "tiers.large.model"),
+    ("RECAP_COMPACT_BATCH_SIZE", "tiers.compact.batch_size"),
+    ("RECAP_LARGE_BATCH_SIZE", "tiers.large.batch_size"),
+    ("RECAP_ROUTER_BATCH_SIZE", "router.batch_size"),
     ("RECAP_METRICS_LISTEN", "metrics.listen"),
 ];
 
@@ -315,13 +351,23 @@ impl Config {
                 "models.threads" => self.models.threads = number("an integer")? as usize,
                 "tiers.compact.model" | "tiers.large.model" => {
                     let tier = key.split('.').nth(1).unwrap_or_default().to_string();
-                    self.tiers.insert(
-                        tier,
-                        TierConfig {
-                            model: value.clone(),
-                        },
-                    );
+                    self.tiers
+                        .entry(tier)
+                        .or_insert_with(|| TierConfig {
+                            model: String::new(),
+                            batch_size: 1,
+                        })
+                        .model = value.clone();
                 }
+                "tiers.compact.batch_size" | "tiers.large.batch_size" => {
+                    let tier = key.split('.').nth(1).unwrap_or_default().to_string();
+                    let n = number("an integer")? as usize;
+                    match self.tiers.get_mut(&tier) {
+                        Some(t) => t.batch_size = n,
+                        None => return Err(invalid(key, format!("tier {tier} is not configured"))),
+                    }
+                }
+                "router.batch_size" => self.router.batch_size = number("an integer")? as usize,
                 "metrics.listen" => self.metrics.listen = value.clone(),
                 "policy.file" => self.policy.file = Some(PathBuf::from(&value)),
                 "gateway.listen" => self.gateway.listen = value.clone(),
@@ -357,6 +403,20 @@ impl Config {
                 "amqp.prefetch",
                 format!("must be 1-1000, got {}", self.amqp.prefetch),
             ));
+        }
+        if !(1..=MAX_BATCH).contains(&self.router.batch_size) {
+            return Err(invalid(
+                "router.batch_size",
+                format!("must be 1-{MAX_BATCH}, got {}", self.router.batch_size),
+            ));
+        }
+        for (name, tier) in &self.tiers {
+            if !(1..=MAX_BATCH).contains(&tier.batch_size) {
+                return Err(invalid(
+                    &format!("tiers.{name}.batch_size"),
+                    format!("must be 1-{MAX_BATCH}, got {}", tier.batch_size),
+                ));
+            }
         }
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))

@@ -1,8 +1,13 @@
 //! The consumer loop shared by the router and the workers: take deliveries,
-//! hand each to a handler, and carry out its verdict on the broker. The
+//! hand them to a handler, and carry out its verdicts on the broker. The
 //! handler never acks; this loop acks only after the handler's verdict
 //! (and, for dead letters, the `dead` row and the dead-letter publish)
 //! is durable.
+//!
+//! Deliveries that are already waiting when one arrives go to the handler
+//! together, up to the consumer's batch size, so that their database work
+//! shares one commit and their publishes share one round of confirms. A
+//! lone delivery is never held back to wait for company.
 
 use crate::config::Config;
 use crate::metrics::metrics;
@@ -10,7 +15,7 @@ use crate::probes::Readiness;
 use crate::queue::{self, H_ATTEMPT, H_DETAIL, H_REASON, H_SOURCE};
 use crate::shutdown::Shutdown;
 use crate::store::{self, Status};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
@@ -59,7 +64,12 @@ pub struct Ctx {
 }
 
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, delivery: &Delivery, ctx: Ctx) -> impl Future<Output = Verdict> + Send;
+    /// One verdict per delivery, in the deliveries' order.
+    fn handle(
+        &self,
+        deliveries: &[Delivery],
+        ctx: Ctx,
+    ) -> impl Future<Output = Vec<Verdict>> + Send;
 }
 
 pub struct Consumer<H> {
@@ -69,6 +79,8 @@ pub struct Consumer<H> {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub readiness: Arc<Readiness>,
+    /// Most deliveries handed to the handler at once.
+    pub batch_size: usize,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -121,8 +133,28 @@ impl<H: Handler> Consumer<H> {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        let mut batch = vec![delivery];
+                        let mut ended = None;
+                        // Take what is already here; never wait for more.
+                        while batch.len() < self.batch_size {
+                            match consumer.next().now_or_never() {
+                                Some(Some(Ok(d))) => batch.push(d),
+                                Some(Some(Err(e))) => {
+                                    ended = Some(anyhow::anyhow!("consumer error: {e}"));
+                                    break;
+                                }
+                                Some(None) => {
+                                    ended = Some(anyhow::anyhow!("consumer stream ended (channel closed)"));
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                         let this = self.clone_parts(publish_ch.clone(), cancel.clone());
-                        tasks.spawn(async move { this.process(delivery).await });
+                        tasks.spawn(async move { this.process(batch).await });
+                        if ended.is_some() {
+                            break ended;
+                        }
                     }
                     Some(Err(e)) => break Some(anyhow::anyhow!("consumer error: {e}")),
                     None => break Some(anyhow::anyhow!("consumer stream ended (channel closed)")),
@@ -187,29 +219,46 @@ struct Task<H> {
 }
 
 impl<H: Handler> Task<H> {
-    async fn process(self, delivery: Delivery) {
-        let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
-            .and_then(|a| u32::try_from(a).ok())
-            .unwrap_or(1)
-            .max(1);
+    async fn process(self, batch: Vec<Delivery>) {
+        metrics()
+            .batch_deliveries
+            .with_label_values(&[&self.tier_label])
+            .observe(batch.len() as f64);
         let gauge = metrics()
             .inflight_jobs
             .with_label_values(&[&self.tier_label]);
-        gauge.inc();
-        let verdict = self
+        gauge.add(batch.len() as f64);
+        let mut verdicts = self
             .handler
             .handle(
-                &delivery,
+                &batch,
                 Ctx {
                     cancel: self.cancel.clone(),
                     publish: self.publish.clone(),
                 },
             )
             .await;
-        gauge.dec();
-        if let Err(e) = self.carry_out(&delivery, verdict, attempt).await {
-            // Nothing was acked: the broker redelivers when the channel closes.
-            tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
+        gauge.sub(batch.len() as f64);
+        if verdicts.len() != batch.len() {
+            // A handler bug; give back what has no verdict rather than guess.
+            tracing::error!(
+                deliveries = batch.len(),
+                verdicts = verdicts.len(),
+                "handler returned the wrong number of verdicts"
+            );
+            verdicts.resize_with(batch.len(), || Verdict::Requeue {
+                detail: "no verdict from the handler".into(),
+            });
+        }
+        for (delivery, verdict) in batch.iter().zip(verdicts) {
+            let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
+                .and_then(|a| u32::try_from(a).ok())
+                .unwrap_or(1)
+                .max(1);
+            if let Err(e) = self.carry_out(delivery, verdict, attempt).await {
+                // Nothing was acked: the broker redelivers when the channel closes.
+                tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
+            }
         }
     }
 

@@ -304,12 +304,14 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
             "compact".into(),
             crate::config::TierConfig {
                 model: models[0].clone(),
+                batch_size: 1,
             },
         );
         cfg.tiers.insert(
             "large".into(),
             crate::config::TierConfig {
                 model: models[1].clone(),
+                batch_size: 1,
             },
         );
         if let Some(p) = &args.policy {

@@ -225,6 +225,7 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
         tier_label: "router".into(),
         handler,
         pool,
+        batch_size: config.router.batch_size,
         config,
         readiness,
     };
@@ -304,6 +305,7 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         tier_label: tier.clone(),
         handler,
         pool,
+        batch_size: config.tiers.get(&tier).map_or(1, |t| t.batch_size),
         config,
         readiness,
     };

@@ -10,6 +10,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub jobs_total: CounterVec,
     pub job_duration_seconds: HistogramVec,
+    pub batch_deliveries: HistogramVec,
     pub tokens_total: CounterVec,
     pub cost_usd_total: CounterVec,
     pub route_decisions_total: CounterVec,
@@ -56,6 +57,17 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(job_duration_seconds.clone()))
             .expect("metric registered once");
+        let batch_deliveries = HistogramVec::new(
+            HistogramOpts::new(
+                "recap_batch_deliveries",
+                "Deliveries handled together (one commit, one batched pass), by tier or router.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            &["tier"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_deliveries.clone()))
+            .expect("metric registered once");
         Metrics {
             jobs_total: counter(
                 &r,
@@ -64,6 +76,7 @@ impl Metrics {
                 &["tier", "model", "outcome"],
             ),
             job_duration_seconds,
+            batch_deliveries,
             tokens_total: counter(
                 &r,
                 "recap_tokens_total",

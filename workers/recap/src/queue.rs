@@ -289,8 +289,19 @@ pub fn job_properties(job_id: Option<Uuid>, headers: FieldTable) -> BasicPropert
     p
 }
 
-/// Publishes and waits for the broker's confirm. `mandatory` makes an
-/// unroutable publish an error instead of a silent drop.
+/// One message to publish.
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub payload: &'a [u8],
+    pub props: BasicProperties,
+    /// An unroutable message is an error (job queues), or not (events
+    /// nobody listens to).
+    pub mandatory: bool,
+}
+
+/// Publishes and waits for the broker's confirm; an unroutable publish is
+/// an error, not a silent drop.
 pub async fn publish_confirmed(
     ch: &Channel,
     exchange: &str,
@@ -298,32 +309,65 @@ pub async fn publish_confirmed(
     payload: &[u8],
     props: BasicProperties,
 ) -> Result<(), QueueError> {
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
+    let mut out = publish_all_confirmed(
+        ch,
+        vec![Outgoing {
+            exchange,
+            routing_key,
             payload,
             props,
-        )
-        .await?
-        .await?;
-    if confirm.is_nack() {
-        return Err(QueueError::Nacked {
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-        });
+            mandatory: true,
+        }],
+    )
+    .await;
+    out.pop().unwrap_or(Ok(()))
+}
+
+/// Publishes every message, then waits for all their confirms: the round
+/// trips overlap (pipelined confirms) instead of adding up. One result per
+/// message, in order; each is confirmed or refused on its own.
+pub async fn publish_all_confirmed(
+    ch: &Channel,
+    messages: Vec<Outgoing<'_>>,
+) -> Vec<Result<(), QueueError>> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let sent = ch
+            .basic_publish(
+                m.exchange.into(),
+                m.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: m.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                m.payload,
+                m.props,
+            )
+            .await;
+        pending.push((m.exchange, m.routing_key, sent));
     }
-    if confirm.take_message().is_some() {
-        return Err(QueueError::Unroutable {
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-        });
+    let mut results = Vec::with_capacity(pending.len());
+    for (exchange, routing_key, sent) in pending {
+        let result = match sent {
+            Err(e) => Err(QueueError::from(e)),
+            Ok(confirm) => match confirm.await {
+                Err(e) => Err(QueueError::from(e)),
+                Ok(c) if c.is_nack() => Err(QueueError::Nacked {
+                    exchange: exchange.into(),
+                    routing_key: routing_key.into(),
+                }),
+                Ok(c) => match c.take_message() {
+                    Some(_) => Err(QueueError::Unroutable {
+                        exchange: exchange.into(),
+                        routing_key: routing_key.into(),
+                    }),
+                    None => Ok(()),
+                },
+            },
+        };
+        results.push(result);
     }
-    Ok(())
+    results
 }
 
 /// Reads a string header.

@@ -51,14 +51,14 @@ pub fn features(job: &Job, counter: &TokenCounter) -> Features {
 }
 
 impl Router {
-    async fn publish_to(
-        &self,
-        ch: &lapin::Channel,
-        delivery: &Delivery,
-        tier: &str,
+    /// The message for a tier queue: the ingest message with the routed
+    /// model (and the shadow mark) in its headers.
+    fn tier_message<'a>(
+        delivery: &'a Delivery,
+        tier: &'a str,
         model: &str,
         shadow: bool,
-    ) -> Result<(), queue::QueueError> {
+    ) -> queue::Outgoing<'a> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(queue::short(H_MODEL), queue::string_value(model));
         if shadow {
@@ -68,50 +68,47 @@ impl Router {
         if let Some(id) = delivery.properties.message_id() {
             props = props.with_message_id(id.clone());
         }
-        queue::publish_confirmed(ch, EXCHANGE_JOBS, tier, &delivery.data, props).await
+        queue::Outgoing {
+            exchange: EXCHANGE_JOBS,
+            routing_key: tier,
+            payload: &delivery.data,
+            props,
+            mandatory: true,
+        }
     }
-}
 
-impl Handler for Router {
-    async fn handle(&self, delivery: &Delivery, ctx: Ctx) -> Verdict {
-        let started = Instant::now();
-        let job = match parse_job(&delivery.data, &self.config.limits) {
-            Ok(job) => job,
-            Err(r) => {
-                return Verdict::DeadLetter {
-                    code: r.code.as_str().to_string(),
-                    detail: r.to_string(),
-                    job_id: r.job_id,
-                    tenant: r.tenant,
-                }
+    /// The policy's decision for one job, with the budget gauges set.
+    fn decide(
+        &self,
+        job: &Job,
+        budget: BudgetState,
+    ) -> Result<Decision, recap_policy::PolicyError> {
+        let m = metrics();
+        if let Some(d) = budget.daily_remaining_usd {
+            m.budget_remaining_usd
+                .with_label_values(&[&job.tenant, "daily"])
+                .set(d);
+        }
+        if let Some(mo) = budget.monthly_remaining_usd {
+            m.budget_remaining_usd
+                .with_label_values(&[&job.tenant, "monthly"])
+                .set(mo);
+        }
+        for (period, limit) in [
+            ("daily", budget.daily_limit_usd),
+            ("monthly", budget.monthly_limit_usd),
+        ] {
+            if let Some(l) = limit {
+                m.budget_limit_usd
+                    .with_label_values(&[&job.tenant, period])
+                    .set(l);
             }
-        };
-        let features = features(&job, &self.counter);
+        }
+        let features = features(job, &self.counter);
         let policy = self.policy.current();
-        let tiers = self.tiers.clone();
-        let decide = |budget: BudgetState| {
-            let m = metrics();
-            if let Some(d) = budget.daily_remaining_usd {
-                m.budget_remaining_usd
-                    .with_label_values(&[&job.tenant, "daily"])
-                    .set(d);
-            }
-            if let Some(mo) = budget.monthly_remaining_usd {
-                m.budget_remaining_usd
-                    .with_label_values(&[&job.tenant, "monthly"])
-                    .set(mo);
-            }
-            for (period, limit) in [
-                ("daily", budget.daily_limit_usd),
-                ("monthly", budget.monthly_limit_usd),
-            ] {
-                if let Some(l) = limit {
-                    m.budget_limit_usd
-                        .with_label_values(&[&job.tenant, period])
-                        .set(l);
-                }
-            }
-            policy.decide(&features, &tiers, &budget).map(|d| Decision {
+        policy
+            .decide(&features, &self.tiers, &budget)
+            .map(|d| Decision {
                 tier: d.tier.as_str().to_string(),
                 model: d.model.clone(),
                 reason: d.reason.clone(),
@@ -121,71 +118,146 @@ impl Handler for Router {
                 policy_version: policy.version.clone(),
                 shadow: d.shadow,
             })
-        };
-        let (tier, model, shadow) = match store::route_job(&self.pool, &job, decide).await {
-            Ok(RouteOutcome::Routed {
-                tier,
-                model,
-                reason,
-                shadow,
-            }) => {
-                metrics()
-                    .route_decisions_total
-                    .with_label_values(&[&tier, &reason])
-                    .inc();
-                (tier, model, shadow)
-            }
-            Ok(RouteOutcome::AlreadyRouted {
-                tier,
-                model,
-                status,
-            }) => {
-                // A redelivery may be one whose first tier publish never
-                // got confirmed: publish again (workers deduplicate). A
-                // fresh duplicate of a routed job is dropped.
-                if status.is_terminal() || !delivery.redelivered || tier.is_empty() {
-                    tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
-                    return Verdict::Ack;
-                }
-                (tier, model, false)
-            }
-            Ok(RouteOutcome::Refused { code, message }) => {
-                return Verdict::DeadLetter {
-                    code,
-                    detail: message,
-                    job_id: Some(job.job_id),
-                    tenant: Some(job.tenant.clone()),
+    }
+}
+
+/// Where a routed job goes.
+struct Route {
+    at: usize,
+    job_id: uuid::Uuid,
+    tier: String,
+    model: String,
+    shadow: bool,
+}
+
+impl Handler for Router {
+    /// Decides the batch's routes in one commit, publishes the jobs to
+    /// their tiers with pipelined confirms, and acks each job whose tier
+    /// publish the broker confirmed.
+    async fn handle(&self, deliveries: &[Delivery], ctx: Ctx) -> Vec<Verdict> {
+        let started = Instant::now();
+        let mut verdicts: Vec<Option<Verdict>> = deliveries.iter().map(|_| None).collect();
+        let mut jobs = Vec::with_capacity(deliveries.len());
+        for (at, delivery) in deliveries.iter().enumerate() {
+            match parse_job(&delivery.data, &self.config.limits) {
+                Ok(job) => jobs.push((at, job)),
+                Err(r) => {
+                    verdicts[at] = Some(Verdict::DeadLetter {
+                        code: r.code.as_str().to_string(),
+                        detail: r.to_string(),
+                        job_id: r.job_id,
+                        tenant: r.tenant,
+                    })
                 }
             }
-            Err(e) => {
-                return Verdict::Requeue {
-                    detail: format!("recording the route: {e}"),
+        }
+        let refs: Vec<&Job> = jobs.iter().map(|(_, j)| j).collect();
+        let outcomes =
+            store::route_jobs(&self.pool, &refs, |job, budget| self.decide(job, budget)).await;
+        let mut routes = Vec::with_capacity(jobs.len());
+        for ((at, job), outcome) in jobs.iter().zip(outcomes) {
+            let at = *at;
+            match outcome {
+                Ok(RouteOutcome::Routed {
+                    tier,
+                    model,
+                    reason,
+                    shadow,
+                }) => {
+                    metrics()
+                        .route_decisions_total
+                        .with_label_values(&[&tier, &reason])
+                        .inc();
+                    routes.push(Route {
+                        at,
+                        job_id: job.job_id,
+                        tier,
+                        model,
+                        shadow,
+                    });
+                }
+                Ok(RouteOutcome::AlreadyRouted {
+                    tier,
+                    model,
+                    status,
+                }) => {
+                    // A redelivery may be one whose first tier publish never
+                    // got confirmed: publish again (workers deduplicate). A
+                    // fresh duplicate of a routed job is dropped.
+                    if status.is_terminal() || !deliveries[at].redelivered || tier.is_empty() {
+                        tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
+                        verdicts[at] = Some(Verdict::Ack);
+                    } else {
+                        routes.push(Route {
+                            at,
+                            job_id: job.job_id,
+                            tier,
+                            model,
+                            shadow: false,
+                        });
+                    }
+                }
+                Ok(RouteOutcome::Refused { code, message }) => {
+                    verdicts[at] = Some(Verdict::DeadLetter {
+                        code,
+                        detail: message,
+                        job_id: Some(job.job_id),
+                        tenant: Some(job.tenant.clone()),
+                    })
+                }
+                Err(e) => {
+                    verdicts[at] = Some(Verdict::Requeue {
+                        detail: format!("recording the route: {e}"),
+                    })
                 }
             }
-        };
-        if let Err(e) = self
-            .publish_to(&ctx.publish, delivery, &tier, &model, false)
-            .await
+        }
+
+        let large = self.tiers.large.as_deref();
+        let messages = routes
+            .iter()
+            .map(|r| Self::tier_message(&deliveries[r.at], &r.tier, &r.model, false))
+            .collect();
+        let published = queue::publish_all_confirmed(&ctx.publish, messages).await;
+        let shadows: Vec<&Route> = routes
+            .iter()
+            .filter(|r| r.shadow && large.is_some())
+            .collect();
+        let shadow_messages = shadows
+            .iter()
+            .filter_map(|r| large.map(|l| Self::tier_message(&deliveries[r.at], "large", l, true)))
+            .collect();
+        for (r, result) in shadows
+            .iter()
+            .zip(queue::publish_all_confirmed(&ctx.publish, shadow_messages).await)
         {
-            return Verdict::Requeue {
-                detail: format!("publishing to tier {tier}: {e}"),
-            };
-        }
-        if shadow {
-            if let Some(large) = self.tiers.large.as_deref() {
-                if let Err(e) = self
-                    .publish_to(&ctx.publish, delivery, "large", large, true)
-                    .await
-                {
-                    // The job itself is on its way; a lost shadow costs only calibration data.
-                    tracing::warn!(job_id = %job.job_id, error = %e, "shadow publish failed");
-                }
+            if let Err(e) = result {
+                // The job itself is on its way; a lost shadow costs only calibration data.
+                tracing::warn!(job_id = %r.job_id, error = %e, "shadow publish failed");
             }
         }
-        metrics()
-            .job_duration_seconds
-            .with_label_values(&["routing"])
-            .observe(started.elapsed().as_secs_f64());
-        Verdict::Ack
+        for (r, result) in routes.iter().zip(published) {
+            verdicts[r.at] = Some(match result {
+                Ok(()) => Verdict::Ack,
+                Err(e) => Verdict::Requeue {
+                    detail: format!("publishing to tier {}: {e}", r.tier),
+                },
+            });
+        }
+        let per_job = started.elapsed().as_secs_f64();
+        for _ in &routes {
+            metrics()
+                .job_duration_seconds
+                .with_label_values(&["routing"])
+                .observe(per_job);
+        }
+        verdicts
+            .into_iter()
+            .map(|v| {
+                v.unwrap_or(Verdict::Requeue {
+                    detail: "no verdict reached".into(),
+                })
+            })
+            .collect()
     }
 }

@@ -24,6 +24,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("a batch transaction lost an item's result")]
+    Batch,
 }
 
 pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
@@ -84,6 +86,106 @@ impl Status {
     }
 }
 
+type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Runs `$step` (an async call on `$tx: &mut Tx` and `$item`) for each of
+/// `$items` in one transaction, so that a batch of jobs costs one commit
+/// (group commit). Items go in (tenant, job id) order, so that two
+/// processes batching overlapping tenants take their row locks in the same
+/// order. If the batch transaction fails, each item is tried in a
+/// transaction of its own: one bad item cannot fail the others, and what
+/// the batch wrote was rolled back. Results come back in the items' order.
+/// A macro, not a function taking an async closure: the closure's borrow
+/// of the transaction would not be `Send` for every lifetime, which the
+/// consumer's spawned tasks need.
+macro_rules! batched {
+    ($pool:expr, $items:expr, |$tx:ident, $item:ident| $step:expr) => {{
+        let pool: &PgPool = $pool;
+        let items = $items;
+        let order = lock_order(items);
+        let mut together = None;
+        if items.len() > 1 {
+            let all: Result<Vec<_>, StoreError> = async {
+                let mut tx = pool.begin().await?;
+                let mut out = Vec::with_capacity(items.len());
+                for &i in &order {
+                    let $tx = &mut tx;
+                    let $item = &items[i];
+                    out.push($step.await?);
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+            .await;
+            match all {
+                Ok(out) => together = Some(in_item_order(&order, out)),
+                Err(e) => {
+                    tracing::warn!(error = %e, items = items.len(), "batch transaction failed; one transaction per job instead");
+                }
+            }
+        }
+        match together {
+            Some(results) => results,
+            None => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    out.push(
+                        async {
+                            let mut tx = pool.begin().await?;
+                            let $tx = &mut tx;
+                            let $item = item;
+                            let t = $step.await?;
+                            tx.commit().await?;
+                            Ok::<_, StoreError>(t)
+                        }
+                        .await,
+                    );
+                }
+                out
+            }
+        }
+    }};
+}
+
+/// The order a batch takes its row locks in: by tenant, then job id.
+fn lock_order<I: HasJob>(items: &[I]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ja, jb) = (items[a].job(), items[b].job());
+        (&ja.tenant, ja.job_id).cmp(&(&jb.tenant, jb.job_id))
+    });
+    order
+}
+
+/// Results computed in `order`, put back in the items' order.
+fn in_item_order<T>(order: &[usize], out: Vec<T>) -> Vec<Result<T, StoreError>> {
+    let mut by_item: Vec<Option<T>> = (0..order.len()).map(|_| None).collect();
+    for (&i, t) in order.iter().zip(out) {
+        by_item[i] = Some(t);
+    }
+    by_item
+        .into_iter()
+        .map(|t| t.ok_or(StoreError::Batch))
+        .collect()
+}
+
+/// What a batch item is about, for lock ordering.
+trait HasJob {
+    fn job(&self) -> &Job;
+}
+
+impl HasJob for &Job {
+    fn job(&self) -> &Job {
+        self
+    }
+}
+
+impl<T> HasJob for (&Job, T) {
+    fn job(&self) -> &Job {
+        self.0
+    }
+}
+
 fn kinds(job: &Job) -> Vec<String> {
     job.summaries
         .iter()
@@ -93,11 +195,7 @@ fn kinds(job: &Job) -> Vec<String> {
 
 /// Inserts the job in `status` unless it exists; returns the status it has
 /// after the call, locked for the rest of the transaction.
-async fn ensure_job_locked(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    job: &Job,
-    status: Status,
-) -> Result<Status, StoreError> {
+async fn ensure_job_locked(tx: &mut Tx, job: &Job, status: Status) -> Result<Status, StoreError> {
     sqlx::query(
         "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
                            callback_url, input_bytes, utterances, queued_at)
@@ -147,7 +245,7 @@ pub async fn insert_queued(pool: &PgPool, job: &Job) -> Result<bool, StoreError>
 /// callback URL; in the caller's transaction, so that the end and the
 /// notification commit together.
 async fn enqueue_webhook(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut Tx,
     job_id: Uuid,
     payload: &serde_json::Value,
 ) -> Result<(), StoreError> {
@@ -200,10 +298,7 @@ pub enum RouteOutcome {
 
 /// Money left to a tenant, read under the lock of its budget row. Spent is
 /// the actual cost of finished jobs and the estimate of the others.
-async fn budget_state(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    tenant: &str,
-) -> Result<recap_policy::BudgetState, StoreError> {
+async fn budget_state(tx: &mut Tx, tenant: &str) -> Result<recap_policy::BudgetState, StoreError> {
     let row: Option<(Option<f64>, Option<f64>)> = sqlx::query_as(
         "SELECT daily_usd::float8, monthly_usd::float8 FROM tenant_budgets WHERE tenant = $1 FOR UPDATE",
     )
@@ -238,25 +333,35 @@ async fn budget_state(
     })
 }
 
-/// Decides and records a job's route in one transaction: the job row and
-/// the tenant's budget row are locked, `decide` sees the budget left, and
-/// the decision, the estimate in the ledger and the move to `routed`
-/// commit together. An already-routed job keeps its first decision.
-pub async fn route_job(
+/// Decides and records the jobs' routes, all in one transaction: each job's
+/// row and its tenant's budget row are locked, `decide` sees the budget
+/// left (this batch's earlier estimates included), and the decisions, the
+/// estimates in the ledger and the moves to `routed` commit together. An
+/// already-routed job keeps its first decision.
+pub async fn route_jobs(
     pool: &PgPool,
+    jobs: &[&Job],
+    mut decide: impl FnMut(
+        &Job,
+        recap_policy::BudgetState,
+    ) -> Result<Decision, recap_policy::PolicyError>,
+) -> Vec<Result<RouteOutcome, StoreError>> {
+    batched!(pool, jobs, |tx, job| route_in(tx, job, |b| decide(job, b)))
+}
+
+async fn route_in(
+    tx: &mut Tx,
     job: &Job,
     decide: impl FnOnce(recap_policy::BudgetState) -> Result<Decision, recap_policy::PolicyError>,
 ) -> Result<RouteOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
-    let status = ensure_job_locked(&mut tx, job, Status::Queued).await?;
+    let status = ensure_job_locked(tx, job, Status::Queued).await?;
     if status != Status::Queued {
         let first: Option<(String, String)> = sqlx::query_as(
             "SELECT tier, model FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
         )
         .bind(job.job_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
-        tx.commit().await?;
         let (tier, model) = first.unwrap_or_default();
         return Ok(RouteOutcome::AlreadyRouted {
             tier,
@@ -264,18 +369,17 @@ pub async fn route_job(
             status,
         });
     }
-    let budget = budget_state(&mut tx, &job.tenant).await?;
+    let budget = budget_state(tx, &job.tenant).await?;
     let decision = match decide(budget) {
         Ok(d) => d,
         Err(e) => {
-            tx.commit().await?;
             return Ok(RouteOutcome::Refused {
                 code: e.code().to_string(),
                 message: e.to_string(),
             });
         }
     };
-    insert_decision(&mut tx, job.job_id, &decision).await?;
+    insert_decision(tx, job.job_id, &decision).await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
          VALUES ($1, $2, $3, $4, 'estimate', $5::float8::numeric)",
@@ -285,7 +389,7 @@ pub async fn route_job(
     .bind(&decision.tier)
     .bind(&decision.model)
     .bind(decision.estimated_cost_usd)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     sqlx::query(
         "UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
@@ -294,9 +398,8 @@ pub async fn route_job(
     .bind(job.job_id)
     .bind(&decision.tier)
     .bind(&decision.model)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    tx.commit().await?;
     Ok(RouteOutcome::Routed {
         tier: decision.tier,
         model: decision.model,
@@ -305,11 +408,7 @@ pub async fn route_job(
     })
 }
 
-async fn insert_decision(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    job_id: Uuid,
-    d: &Decision,
-) -> Result<(), StoreError> {
+async fn insert_decision(tx: &mut Tx, job_id: Uuid, d: &Decision) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO route_decisions (job_id, tier, model, reason, features, trail, estimated_cost_usd, policy_version, shadow)
          VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)",
@@ -428,16 +527,22 @@ pub enum StartOutcome {
 }
 
 /// A worker takes the job: `running`, one more attempt.
-pub async fn start_job(
+pub async fn start_jobs(
     pool: &PgPool,
+    tier: &str,
+    jobs: &[(&Job, &str)],
+) -> Vec<Result<StartOutcome, StoreError>> {
+    batched!(pool, jobs, |tx, item| start_in(tx, item.0, tier, item.1))
+}
+
+async fn start_in(
+    tx: &mut Tx,
     job: &Job,
     tier: &str,
     model: &str,
 ) -> Result<StartOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
-    let status = ensure_job_locked(&mut tx, job, Status::Routed).await?;
+    let status = ensure_job_locked(tx, job, Status::Routed).await?;
     if status.is_terminal() {
-        tx.commit().await?;
         return Ok(StartOutcome::AlreadyDone(status));
     }
     let attempt: i32 = sqlx::query_scalar(
@@ -448,9 +553,8 @@ pub async fn start_job(
     .bind(job.job_id)
     .bind(tier)
     .bind(model)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await?;
-    tx.commit().await?;
     Ok(StartOutcome::Run { attempt })
 }
 
@@ -466,7 +570,7 @@ pub struct Completion<'a> {
 
 /// One `summaries` row per output; a row already there is kept.
 async fn insert_summaries(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut Tx,
     job_id: Uuid,
     done: &Completion<'_>,
     shadow: bool,
@@ -497,21 +601,22 @@ async fn insert_summaries(
 
 /// Commits the summaries and `succeeded` in one transaction. Returns false
 /// when the job had already ended: then nothing was written.
-pub async fn complete_job(
+pub async fn complete_jobs(
     pool: &PgPool,
-    job: &Job,
-    done: &Completion<'_>,
-) -> Result<bool, StoreError> {
-    let mut tx = pool.begin().await?;
-    let status = ensure_job_locked(&mut tx, job, Status::Running).await?;
+    jobs: &[(&Job, Completion<'_>)],
+) -> Vec<Result<bool, StoreError>> {
+    batched!(pool, jobs, |tx, item| complete_in(tx, item.0, &item.1))
+}
+
+async fn complete_in(tx: &mut Tx, job: &Job, done: &Completion<'_>) -> Result<bool, StoreError> {
+    let status = ensure_job_locked(tx, job, Status::Running).await?;
     if status.is_terminal() {
-        tx.commit().await?;
         return Ok(false);
     }
     let mut input_tokens = 0i64;
     let mut output_tokens = 0i64;
     let mut chunks = 1i32;
-    insert_summaries(&mut tx, job.job_id, done, false).await?;
+    insert_summaries(tx, job.job_id, done, false).await?;
     for out in done.outputs {
         input_tokens += out.input_tokens as i64;
         output_tokens += out.output_tokens as i64;
@@ -529,7 +634,7 @@ pub async fn complete_job(
     .bind(input_tokens.min(i32::MAX as i64) as i32)
     .bind(output_tokens.min(i32::MAX as i64) as i32)
     .bind(done.cost_usd)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     let payload = crate::webhooks::event_payload(
         "job.completed",
@@ -543,7 +648,7 @@ pub async fn complete_job(
             "summaries": done.outputs.iter().map(|o| serde_json::json!({"kind": o.kind, "text": o.text})).collect::<Vec<_>>(),
         }),
     );
-    enqueue_webhook(&mut tx, job.job_id, &payload).await?;
+    enqueue_webhook(tx, job.job_id, &payload).await?;
     sqlx::query(
         "UPDATE jobs SET status = 'succeeded', chunks = $2, cost_usd = $3::float8::numeric,
                          error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
@@ -552,9 +657,8 @@ pub async fn complete_job(
     .bind(job.job_id)
     .bind(chunks)
     .bind(done.cost_usd)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    tx.commit().await?;
     Ok(true)
 }
 

@@ -59,30 +59,42 @@ pub async fn publish_event(
     ch: &lapin::Channel,
     payload: &serde_json::Value,
 ) -> Result<(), queue::QueueError> {
-    let event = payload["event"].as_str().unwrap_or("job.completed");
-    let tenant = payload["tenant"].as_str().unwrap_or("unknown");
-    let body = serde_json::to_vec(payload).unwrap_or_default();
-    let props = lapin::BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    // No queue need be bound: an event nobody listens to is not an error.
-    let confirm = ch
-        .basic_publish(
-            EXCHANGE_EVENTS.into(),
-            format!("{event}.{tenant}").as_str().into(),
-            Default::default(),
-            &body,
-            props,
-        )
-        .await?
-        .await?;
-    if confirm.is_nack() {
-        return Err(queue::QueueError::Nacked {
-            exchange: EXCHANGE_EVENTS.into(),
-            routing_key: event.into(),
-        });
-    }
-    Ok(())
+    publish_events(ch, std::slice::from_ref(payload))
+        .await
+        .pop()
+        .unwrap_or(Ok(()))
+}
+
+/// Publishes events with pipelined confirms; one result per event.
+pub async fn publish_events(
+    ch: &lapin::Channel,
+    payloads: &[serde_json::Value],
+) -> Vec<Result<(), queue::QueueError>> {
+    let encoded: Vec<(String, Vec<u8>)> = payloads
+        .iter()
+        .map(|p| {
+            let event = p["event"].as_str().unwrap_or("job.completed");
+            let tenant = p["tenant"].as_str().unwrap_or("unknown");
+            (
+                format!("{event}.{tenant}"),
+                serde_json::to_vec(p).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let messages = encoded
+        .iter()
+        .map(|(key, body)| queue::Outgoing {
+            exchange: EXCHANGE_EVENTS,
+            routing_key: key,
+            payload: body,
+            props: lapin::BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+            // No queue need be bound: an event nobody listens to is not an error.
+            mandatory: false,
+        })
+        .collect();
+    queue::publish_all_confirmed(ch, messages).await
 }
 
 struct Due {

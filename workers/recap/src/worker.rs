@@ -111,170 +111,338 @@ impl Worker {
     }
 }
 
-impl Handler for Worker {
-    async fn handle(&self, delivery: &Delivery, ctx: Ctx) -> Verdict {
-        let job = match parse_job(&delivery.data, &self.config.limits) {
-            Ok(job) => job,
-            Err(r) => {
-                return Verdict::DeadLetter {
-                    code: r.code.as_str().to_string(),
-                    detail: r.to_string(),
-                    job_id: r.job_id,
-                    tenant: r.tenant,
+/// A parsed job on its way through a batch.
+struct Run {
+    /// Its delivery's place in the batch.
+    at: usize,
+    job: Job,
+    shadow: bool,
+    engine: Arc<dyn Summarizer>,
+}
+
+/// A run whose engine is through with it.
+struct Ran {
+    run: Run,
+    outputs: Vec<SummaryOutput>,
+    inference: Duration,
+}
+
+impl Worker {
+    /// The engine the router chose: the tier's model, or the free baseline.
+    fn engine_for(&self, delivery: &Delivery) -> Arc<dyn Summarizer> {
+        let routed_model = queue::header_str(&delivery.properties, H_MODEL);
+        if routed_model.as_deref() == Some(self.extractive.model_id()) {
+            self.extractive.clone()
+        } else {
+            self.engine.clone()
+        }
+    }
+
+    /// Moves the batch's jobs to `running` in one commit. Returns the runs
+    /// to carry on with; the others have their verdicts.
+    async fn start(&self, runs: Vec<Run>, verdicts: &mut [Option<Verdict>]) -> Vec<Run> {
+        let items: Vec<(&Job, &str)> = runs
+            .iter()
+            .filter(|r| !r.shadow)
+            .map(|r| (&r.job, r.engine.model_id()))
+            .collect();
+        let mut outcomes = store::start_jobs(&self.pool, &self.tier, &items)
+            .await
+            .into_iter();
+        let mut keep = Vec::with_capacity(runs.len());
+        for run in runs {
+            if run.shadow {
+                keep.push(run);
+                continue;
+            }
+            match outcomes.next() {
+                Some(Ok(StartOutcome::Run { .. })) => keep.push(run),
+                Some(Ok(StartOutcome::AlreadyDone(status))) => {
+                    tracing::info!(job_id = %run.job.job_id, status = status.as_str(), "job already ended; redelivery acked");
+                    verdicts[run.at] = Some(Verdict::Ack);
+                }
+                Some(Err(e)) => {
+                    verdicts[run.at] = Some(Verdict::Requeue {
+                        detail: format!("starting the job: {e}"),
+                    })
+                }
+                None => {
+                    verdicts[run.at] = Some(Verdict::Requeue {
+                        detail: "starting the job: no result".into(),
+                    })
                 }
             }
-        };
-        let shadow = queue::header_bool(&delivery.properties, H_SHADOW);
-        let routed_model = queue::header_str(&delivery.properties, H_MODEL);
-        let engine: Arc<dyn Summarizer> =
-            if routed_model.as_deref() == Some(self.extractive.model_id()) {
-                self.extractive.clone()
-            } else {
-                self.engine.clone()
-            };
-        let model = engine.model_id().to_string();
-        if !shadow {
-            match store::start_job(&self.pool, &job, &self.tier, &model).await {
-                Ok(StartOutcome::Run { .. }) => {}
-                Ok(StartOutcome::AlreadyDone(status)) => {
-                    tracing::info!(job_id = %job.job_id, status = status.as_str(), "job already ended; redelivery acked");
-                    return Verdict::Ack;
+        }
+        keep
+    }
+
+    /// Runs the engines: the jobs of one engine go to it together, so that
+    /// an engine that batches runs them in one pass. The batch shares one
+    /// deadline, counted from the start of the pass.
+    async fn infer(&self, runs: Vec<Run>, ctx: &Ctx, verdicts: &mut [Option<Verdict>]) -> Vec<Ran> {
+        let mut groups: Vec<Vec<Run>> = Vec::new();
+        for run in runs {
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(&g[0].engine, &run.engine))
+            {
+                Some(g) => g.push(run),
+                None => groups.push(vec![run]),
+            }
+        }
+        let mut ran = Vec::new();
+        for group in groups {
+            let ids: Vec<(usize, uuid::Uuid, String)> = group
+                .iter()
+                .map(|r| (r.at, r.job.job_id, r.job.tenant.clone()))
+                .collect();
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(self.config.worker.job_deadline_s);
+            let cancel = ctx.cancel.clone();
+            let engine = group[0].engine.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let reqs: Vec<SummarizeRequest<'_>> = group
+                    .iter()
+                    .map(|r| SummarizeRequest {
+                        transcript: &r.job.transcript,
+                        kinds: &r.job.summaries,
+                        language: r.job.language.as_deref(),
+                        query: None,
+                        deadline: Some(deadline),
+                        cancel: cancel.clone(),
+                    })
+                    .collect();
+                let results = engine.summarize_batch(&reqs);
+                drop(reqs);
+                (group, results)
+            })
+            .await;
+            let inference = started.elapsed();
+            let (group, results) = match joined {
+                Ok(done) => done,
+                Err(join) => {
+                    // A panic inside the engine: treat like a model failure.
+                    for (at, job_id, tenant) in ids {
+                        verdicts[at] = Some(Verdict::Retry {
+                            code: "engine_panic".into(),
+                            detail: format!("engine panicked: {join}"),
+                            job_id,
+                            tenant,
+                        });
+                    }
+                    continue;
                 }
-                Err(e) => {
-                    return Verdict::Requeue {
-                        detail: format!("starting the job: {e}"),
+            };
+            let mut results = results.into_iter();
+            for run in group {
+                match results.next() {
+                    Some(Ok(outputs)) => ran.push(Ran {
+                        run,
+                        outputs,
+                        inference,
+                    }),
+                    Some(Err(EngineError::Cancelled)) => {
+                        verdicts[run.at] = Some(Verdict::Requeue {
+                            detail: "cancelled by shutdown".into(),
+                        })
+                    }
+                    Some(Err(e)) => {
+                        metrics()
+                            .jobs_total
+                            .with_label_values(&[&self.tier, run.engine.model_id(), "error"])
+                            .inc();
+                        verdicts[run.at] = Some(Verdict::Retry {
+                            code: e.code().to_string(),
+                            detail: e.to_string(),
+                            job_id: run.job.job_id,
+                            tenant: run.job.tenant.clone(),
+                        });
+                    }
+                    None => {
+                        verdicts[run.at] = Some(Verdict::Retry {
+                            code: "model_error".into(),
+                            detail: "the engine returned no result for this job".into(),
+                            job_id: run.job.job_id,
+                            tenant: run.job.tenant.clone(),
+                        })
                     }
                 }
             }
         }
+        ran
+    }
 
-        let started = Instant::now();
-        let engine_for_task = engine.clone();
-        let deadline = started + Duration::from_secs(self.config.worker.job_deadline_s);
-        let cancel = ctx.cancel.clone();
-        let job_for_engine = job.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            engine_for_task.summarize(&SummarizeRequest {
-                transcript: &job_for_engine.transcript,
-                kinds: &job_for_engine.summaries,
-                language: job_for_engine.language.as_deref(),
-                query: None,
-                deadline: Some(deadline),
-                cancel,
-            })
-        })
-        .await;
-        let outputs = match result {
-            Ok(Ok(outputs)) => outputs,
-            Ok(Err(EngineError::Cancelled)) => {
-                return Verdict::Requeue {
-                    detail: "cancelled by shutdown".into(),
-                }
-            }
-            Ok(Err(e)) => {
-                metrics()
-                    .jobs_total
-                    .with_label_values(&[&self.tier, &model, "error"])
-                    .inc();
-                return Verdict::Retry {
-                    code: e.code().to_string(),
-                    detail: e.to_string(),
-                    job_id: job.job_id,
-                    tenant: job.tenant.clone(),
-                };
-            }
-            Err(join) => {
-                // A panic inside the engine: treat like a model failure.
-                return Verdict::Retry {
-                    code: "engine_panic".into(),
-                    detail: format!("engine panicked: {join}"),
-                    job_id: job.job_id,
-                    tenant: job.tenant.clone(),
-                };
-            }
-        };
-        let inference = started.elapsed();
-
-        let persist_start = Instant::now();
-        let (tin, tout) = outputs.iter().fold((0u64, 0u64), |(a, b), o| {
-            (a + o.input_tokens as u64, b + o.output_tokens as u64)
-        });
-        let price = if model == self.price.id {
-            self.price.cost(tin, tout)
-        } else {
-            0.0
-        };
-        let done = Completion {
+    fn completion<'a>(&'a self, ran: &'a Ran) -> Completion<'a> {
+        let (tin, tout) = token_totals(&ran.outputs);
+        let model = ran.run.engine.model_id();
+        Completion {
             tier: &self.tier,
-            model: &model,
-            engine: engine.engine(),
-            outputs: &outputs,
-            cost_usd: price,
-        };
-        if shadow {
-            return match store::record_shadow(&self.pool, &job, &done).await {
-                Ok(()) => Verdict::Ack,
-                Err(e) => Verdict::Requeue {
-                    detail: format!("recording the shadow run: {e}"),
-                },
-            };
+            model,
+            engine: ran.run.engine.engine(),
+            outputs: &ran.outputs,
+            cost_usd: if model == self.price.id {
+                self.price.cost(tin, tout)
+            } else {
+                0.0
+            },
         }
-        if !queue::header_bool(&delivery.properties, H_CASCADE) && engine.engine() != "extractive" {
-            let failed = self.cascade_failures(&job, &outputs);
-            if !failed.is_empty() {
-                return self.cascade(&ctx.publish, delivery, &job, &failed).await;
-            }
-        }
-        match store::complete_job(&self.pool, &job, &done).await {
-            Ok(true) => {
-                let payload = crate::webhooks::event_payload(
-                    "job.completed",
-                    job.job_id,
-                    &job.tenant,
-                    "succeeded",
-                    serde_json::json!({"model": model, "tier": self.tier, "cost_usd": done.cost_usd}),
+    }
+
+    /// Shadow runs are recorded, failed compact outputs cascade, and the
+    /// rest commit together, then their events go out with pipelined
+    /// confirms.
+    async fn persist(
+        &self,
+        ran: Vec<Ran>,
+        deliveries: &[Delivery],
+        ctx: &Ctx,
+        verdicts: &mut [Option<Verdict>],
+    ) {
+        let persist_start = Instant::now();
+        let mut to_complete = Vec::with_capacity(ran.len());
+        for r in &ran {
+            let delivery = &deliveries[r.run.at];
+            if r.run.shadow {
+                let done = self.completion(r);
+                verdicts[r.run.at] = Some(
+                    match store::record_shadow(&self.pool, &r.run.job, &done).await {
+                        Ok(()) => Verdict::Ack,
+                        Err(e) => Verdict::Requeue {
+                            detail: format!("recording the shadow run: {e}"),
+                        },
+                    },
                 );
-                // The summaries are committed; a lost event is logged, not retried.
-                if let Err(e) = crate::webhooks::publish_event(&ctx.publish, &payload).await {
-                    tracing::warn!(job_id = %job.job_id, error = %e, "completion event not published");
+                continue;
+            }
+            if !queue::header_bool(&delivery.properties, H_CASCADE)
+                && r.run.engine.engine() != "extractive"
+            {
+                let failed = self.cascade_failures(&r.run.job, &r.outputs);
+                if !failed.is_empty() {
+                    verdicts[r.run.at] = Some(
+                        self.cascade(&ctx.publish, delivery, &r.run.job, &failed)
+                            .await,
+                    );
+                    continue;
                 }
             }
-            Ok(false) => {
-                tracing::info!(job_id = %job.job_id, "job ended meanwhile; result discarded");
-                return Verdict::Ack;
-            }
-            Err(e) => {
-                return Verdict::Requeue {
+            to_complete.push(r);
+        }
+        let items: Vec<(&Job, Completion<'_>)> = to_complete
+            .iter()
+            .map(|r| (&r.run.job, self.completion(r)))
+            .collect();
+        let outcomes = store::complete_jobs(&self.pool, &items).await;
+        let mut events = Vec::new();
+        let mut succeeded = Vec::new();
+        for ((r, (_, done)), outcome) in to_complete.iter().zip(&items).zip(outcomes) {
+            verdicts[r.run.at] = Some(match outcome {
+                Ok(true) => {
+                    events.push(crate::webhooks::event_payload(
+                        "job.completed",
+                        r.run.job.job_id,
+                        &r.run.job.tenant,
+                        "succeeded",
+                        serde_json::json!({"model": done.model, "tier": self.tier, "cost_usd": done.cost_usd}),
+                    ));
+                    succeeded.push((*r, done.cost_usd));
+                    Verdict::Ack
+                }
+                Ok(false) => {
+                    tracing::info!(job_id = %r.run.job.job_id, "job ended meanwhile; result discarded");
+                    Verdict::Ack
+                }
+                Err(e) => Verdict::Requeue {
                     detail: format!("committing the summaries: {e}"),
+                },
+            });
+        }
+        // The summaries are committed; a lost event is logged, not retried.
+        for (result, event) in crate::webhooks::publish_events(&ctx.publish, &events)
+            .await
+            .into_iter()
+            .zip(&events)
+        {
+            if let Err(e) = result {
+                tracing::warn!(job_id = %event["job_id"], error = %e, "completion event not published");
+            }
+        }
+        let persist = persist_start.elapsed();
+        for (r, cost_usd) in succeeded {
+            record_success(&self.tier, r, persist, cost_usd);
+        }
+    }
+}
+
+fn token_totals(outputs: &[SummaryOutput]) -> (u64, u64) {
+    outputs.iter().fold((0u64, 0u64), |(a, b), o| {
+        (a + o.input_tokens as u64, b + o.output_tokens as u64)
+    })
+}
+
+fn record_success(tier: &str, r: &Ran, persist: Duration, cost_usd: f64) {
+    let model = r.run.engine.model_id();
+    let (tin, tout) = token_totals(&r.outputs);
+    let m = metrics();
+    m.job_duration_seconds
+        .with_label_values(&["inference"])
+        .observe(r.inference.as_secs_f64());
+    m.job_duration_seconds
+        .with_label_values(&["persist"])
+        .observe(persist.as_secs_f64());
+    m.jobs_total
+        .with_label_values(&[tier, model, "succeeded"])
+        .inc();
+    m.tokens_total
+        .with_label_values(&[model, "input"])
+        .inc_by(tin as f64);
+    m.tokens_total
+        .with_label_values(&[model, "output"])
+        .inc_by(tout as f64);
+    m.cost_usd_total
+        .with_label_values(&[&r.run.job.tenant, tier])
+        .inc_by(cost_usd);
+    let decode_ms: f64 = r.outputs.iter().map(|o| o.decode_ms).sum();
+    if decode_ms > 0.0 {
+        m.generation_tokens_per_second
+            .with_label_values(&[model])
+            .set(tout as f64 / (decode_ms / 1e3));
+    }
+    tracing::debug!(job_id = %r.run.job.job_id, ms = r.inference.as_millis() as u64, "job succeeded");
+}
+
+impl Handler for Worker {
+    async fn handle(&self, deliveries: &[Delivery], ctx: Ctx) -> Vec<Verdict> {
+        let mut verdicts: Vec<Option<Verdict>> = deliveries.iter().map(|_| None).collect();
+        let mut runs = Vec::with_capacity(deliveries.len());
+        for (at, delivery) in deliveries.iter().enumerate() {
+            match parse_job(&delivery.data, &self.config.limits) {
+                Ok(job) => runs.push(Run {
+                    at,
+                    job,
+                    shadow: queue::header_bool(&delivery.properties, H_SHADOW),
+                    engine: self.engine_for(delivery),
+                }),
+                Err(r) => {
+                    verdicts[at] = Some(Verdict::DeadLetter {
+                        code: r.code.as_str().to_string(),
+                        detail: r.to_string(),
+                        job_id: r.job_id,
+                        tenant: r.tenant,
+                    })
                 }
             }
         }
-        let m = metrics();
-        m.job_duration_seconds
-            .with_label_values(&["inference"])
-            .observe(inference.as_secs_f64());
-        m.job_duration_seconds
-            .with_label_values(&["persist"])
-            .observe(persist_start.elapsed().as_secs_f64());
-        m.jobs_total
-            .with_label_values(&[&self.tier, &model, "succeeded"])
-            .inc();
-        m.tokens_total
-            .with_label_values(&[&model, "input"])
-            .inc_by(tin as f64);
-        m.tokens_total
-            .with_label_values(&[&model, "output"])
-            .inc_by(tout as f64);
-        m.cost_usd_total
-            .with_label_values(&[&job.tenant, &self.tier])
-            .inc_by(done.cost_usd);
-        let decode_ms: f64 = outputs.iter().map(|o| o.decode_ms).sum();
-        if decode_ms > 0.0 {
-            m.generation_tokens_per_second
-                .with_label_values(&[&model])
-                .set(tout as f64 / (decode_ms / 1e3));
-        }
-        tracing::debug!(job_id = %job.job_id, ms = inference.as_millis() as u64, "job succeeded");
-        Verdict::Ack
+        let runs = self.start(runs, &mut verdicts).await;
+        let ran = self.infer(runs, &ctx, &mut verdicts).await;
+        self.persist(ran, deliveries, &ctx, &mut verdicts).await;
+        verdicts
+            .into_iter()
+            .map(|v| {
+                v.unwrap_or(Verdict::Requeue {
+                    detail: "no verdict reached".into(),
+                })
+            })
+            .collect()
     }
 }
