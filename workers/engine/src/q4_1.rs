@@ -93,6 +93,47 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     _mm_cvtss_f32(h) + mins
 }
 
+/// Most inputs one pass over a weight row serves (accumulators in registers).
+const MANY: usize = 8;
+
+/// `dot_avx2` of one weight row with up to `MANY` inputs: each block's
+/// nibbles are unpacked once for all of them. Per input, the operations and
+/// their order are `dot_avx2`'s, so each result equals it bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let m = xs.len().min(MANY).min(out.len());
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); MANY];
+    let mut mins = [0f32; MANY];
+    for (bi, b) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mn = f16::from_le_bytes([b[2], b[3]]).to_f32();
+        // SAFETY: as in `dot_avx2`: 16 bytes at offset 4 of a 20-byte block.
+        let packed = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+        let q4 = _mm256_set_m128i(hi, lo);
+        for j in 0..m {
+            let xb = &xs[j][bi];
+            // SAFETY: `xb.q` holds 32 bytes.
+            let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[j]);
+            mins[j] += mn * xb.s;
+        }
+    }
+    for j in 0..m {
+        let a = acc[j];
+        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        out[j] = _mm_cvtss_f32(h) + mins[j];
+    }
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -134,11 +175,20 @@ pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
     // Computed weight row by weight row (n × m), then transposed.
     let mut yt = vec![0f32; n * m];
     const CHUNK: usize = 64;
+    let inputs: Vec<&[Q8Block]> = xq.iter().map(Vec::as_slice).collect();
     let rows = |c: usize, out: &mut [f32]| {
         for (i, o) in out.chunks_mut(m.max(1)).enumerate() {
             let r = c * CHUNK + i;
             let w = &weights[r * row_bytes..(r + 1) * row_bytes];
-            for (oj, xj) in o.iter_mut().zip(&xq) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 && m > 1 {
+                for (oc, xc) in o.chunks_mut(MANY).zip(inputs.chunks(MANY)) {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { dot_many_avx2(w, xc, oc) };
+                }
+                continue;
+            }
+            for (oj, xj) in o.iter_mut().zip(&inputs) {
                 *oj = dot(w, xj, avx2);
             }
         }
@@ -201,9 +251,9 @@ mod tests {
         #[test]
         fn matmul_rows_equal_matvec(
             n in 1usize..150,
-            m in 1usize..9,
+            m in 1usize..20,
             seed in any::<u32>(),
-            x in proptest::collection::vec(-4f32..4.0, 8 * 96),
+            x in proptest::collection::vec(-4f32..4.0, 20 * 96),
         ) {
             let k = 96;
             let (w, _) = weights(n, k, seed);

@@ -116,12 +116,19 @@ fn missing_and_mistyped_fields_name_the_field() {
         ("callback_url", json!("ftp://x")),
     ];
     for (field, value) in cases {
-        let mut v = good();
-        v[field] = value.clone();
-        let r = reject(v);
-        assert_eq!(r.code, RejectCode::InvalidField, "{field}={value}");
-        assert_eq!(r.field.as_deref(), Some(field), "{field}={value}");
+        invalid_field(field, value);
     }
+}
+
+/// The good job with `field` set to `value` is refused as an invalid
+/// `field`; returns the rejection.
+fn invalid_field(field: &str, value: Value) -> Rejection {
+    let mut v = good();
+    v[field] = value.clone();
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::InvalidField, "{field}={value}");
+    assert_eq!(r.field.as_deref(), Some(field), "{field}={value}");
+    r
 }
 
 #[test]
@@ -140,11 +147,7 @@ fn nul_characters_are_refused_wherever_they_hide() {
         ("language", json!("en\u{0}")),
     ];
     for (field, value) in cases {
-        let mut v = good();
-        v[field] = value.clone();
-        let r = reject(v);
-        assert_eq!(r.code, RejectCode::InvalidField, "{field}={value}");
-        assert_eq!(r.field.as_deref(), Some(field), "{field}={value}");
+        let r = invalid_field(field, value);
         assert!(r.message.contains("NUL"), "{}", r.message);
         // The dead row can still name the job and its tenant.
         assert!(r.job_id.is_some() && r.tenant.is_some(), "{r:?}");

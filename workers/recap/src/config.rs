@@ -616,11 +616,20 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: [(&[(&str, &str)], &str); 4] = [
+        let cases: [(&[(&str, &str)], &str); 7] = [
             (&[("RECAP_AMQP_URL", "http://x")], "amqp.url"),
             (&[("RECAP_DATABASE_URL", "mysql://x")], "database.url"),
             (&[("RECAP_AMQP_PREFETCH", "0")], "amqp.prefetch"),
             (&[("RECAP_DEVICE", "tpu")], "models.device"),
+            (&[("RECAP_ROUTER_BATCH_SIZE", "0")], "router.batch_size"),
+            (
+                &[("RECAP_COMPACT_BATCH_SIZE", "0")],
+                "tiers.compact.batch_size",
+            ),
+            (
+                &[("RECAP_LARGE_BATCH_SIZE", "100000")],
+                "tiers.large.batch_size",
+            ),
         ];
         for (vars, key) in cases {
             let mut c = Config::default();

@@ -53,6 +53,31 @@ pub enum Verdict {
     Requeue { detail: String },
 }
 
+impl Verdict {
+    /// A message the parser refused: dead-lettered with its reason.
+    pub fn refused(r: recap_job::Rejection) -> Verdict {
+        Verdict::DeadLetter {
+            code: r.code.as_str().to_string(),
+            detail: r.to_string(),
+            job_id: r.job_id,
+            tenant: r.tenant,
+        }
+    }
+
+    /// A batch's verdicts, one per delivery; a delivery the handler never
+    /// decided goes back to the queue.
+    pub fn all(verdicts: Vec<Option<Verdict>>) -> Vec<Verdict> {
+        verdicts
+            .into_iter()
+            .map(|v| {
+                v.unwrap_or(Verdict::Requeue {
+                    detail: "no verdict reached".into(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// What a handler gets besides the delivery.
 #[derive(Clone)]
 pub struct Ctx {

@@ -141,14 +141,7 @@ impl Handler for Router {
         for (at, delivery) in deliveries.iter().enumerate() {
             match parse_job(&delivery.data, &self.config.limits) {
                 Ok(job) => jobs.push((at, job)),
-                Err(r) => {
-                    verdicts[at] = Some(Verdict::DeadLetter {
-                        code: r.code.as_str().to_string(),
-                        detail: r.to_string(),
-                        job_id: r.job_id,
-                        tenant: r.tenant,
-                    })
-                }
+                Err(r) => verdicts[at] = Some(Verdict::refused(r)),
             }
         }
         let refs: Vec<&Job> = jobs.iter().map(|(_, j)| j).collect();
@@ -251,13 +244,6 @@ impl Handler for Router {
                 .with_label_values(&["routing"])
                 .observe(per_job);
         }
-        verdicts
-            .into_iter()
-            .map(|v| {
-                v.unwrap_or(Verdict::Requeue {
-                    detail: "no verdict reached".into(),
-                })
-            })
-            .collect()
+        Verdict::all(verdicts)
     }
 }

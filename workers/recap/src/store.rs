@@ -795,3 +795,108 @@ pub async fn get_summaries(pool: &PgPool, job_id: Uuid) -> Result<Vec<SummaryRow
 pub async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recap_job::SummaryKind;
+
+    /// `createdb` or `dropdb` on the local server (the SQL would have to
+    /// be built at run time, which shipped sources never do).
+    fn pg_tool(tool: &str, name: &str) {
+        let ok = std::process::Command::new(tool)
+            .args(["-h", "127.0.0.1", "-U", "postgres", name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "{tool} {name} failed");
+    }
+
+    /// A private database, migrated; dropped by the caller.
+    async fn private_db() -> (PgPool, String) {
+        let name = format!("recap_unit_{}", Uuid::new_v4().simple());
+        pg_tool("createdb", &name);
+        let db = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+            .await
+            .expect("connect");
+        migrate(&db).await.expect("migrate");
+        (db, name)
+    }
+
+    fn job(tenant: &str) -> Job {
+        let body = serde_json::json!({
+            "version": 1,
+            "job_id": Uuid::new_v4(),
+            "tenant": tenant,
+            "transcript": [{"speaker": "A", "text": "We ship on Friday."}],
+            "summaries": ["short"],
+        });
+        recap_job::parse_job(body.to_string().as_bytes(), &recap_job::Limits::default())
+            .expect("a valid job")
+    }
+
+    fn output(text: &str) -> SummaryOutput {
+        SummaryOutput {
+            kind: SummaryKind::Short,
+            text: text.into(),
+            input_tokens: 5,
+            output_tokens: 3,
+            prefill_ms: 1.0,
+            decode_ms: 1.0,
+            total_ms: 2.0,
+            chunks: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_bad_row_does_not_fail_its_batch_mates() {
+        let (db, name) = private_db().await;
+        let jobs = [job("b"), job("a"), job("c")];
+        let started = start_jobs(
+            &db,
+            "compact",
+            &jobs.iter().map(|j| (j, "m")).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(started
+            .iter()
+            .all(|s| matches!(s, Ok(StartOutcome::Run { attempt: 1 }))));
+        // PostgreSQL refuses U+0000 in text: the middle job's summary
+        // cannot be written, and the batch transaction fails with it.
+        let outs = [output("fine"), output("bad\0text"), output("fine too")];
+        let items: Vec<(&Job, Completion<'_>)> = jobs
+            .iter()
+            .zip(&outs)
+            .map(|(j, o)| {
+                (
+                    j,
+                    Completion {
+                        tier: "compact",
+                        model: "m",
+                        engine: "extractive",
+                        outputs: std::slice::from_ref(o),
+                        cost_usd: 0.0,
+                    },
+                )
+            })
+            .collect();
+        let done = complete_jobs(&db, &items).await;
+        assert!(matches!(done[0], Ok(true)), "{:?}", done[0]);
+        assert!(done[1].is_err(), "{:?}", done[1]);
+        assert!(matches!(done[2], Ok(true)), "{:?}", done[2]);
+        for (j, want) in jobs.iter().zip(["succeeded", "running", "succeeded"]) {
+            let row = get_job(&db, j.job_id).await.expect("read").expect("row");
+            assert_eq!(row.status, want, "{}", j.tenant);
+            assert_eq!(row.attempts, 1);
+        }
+        assert_eq!(
+            get_summaries(&db, jobs[1].job_id)
+                .await
+                .expect("read")
+                .len(),
+            0
+        );
+        db.close().await;
+        pg_tool("dropdb", &name);
+    }
+}

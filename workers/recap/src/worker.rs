@@ -423,26 +423,12 @@ impl Handler for Worker {
                     shadow: queue::header_bool(&delivery.properties, H_SHADOW),
                     engine: self.engine_for(delivery),
                 }),
-                Err(r) => {
-                    verdicts[at] = Some(Verdict::DeadLetter {
-                        code: r.code.as_str().to_string(),
-                        detail: r.to_string(),
-                        job_id: r.job_id,
-                        tenant: r.tenant,
-                    })
-                }
+                Err(r) => verdicts[at] = Some(Verdict::refused(r)),
             }
         }
         let runs = self.start(runs, &mut verdicts).await;
         let ran = self.infer(runs, &ctx, &mut verdicts).await;
         self.persist(ran, deliveries, &ctx, &mut verdicts).await;
-        verdicts
-            .into_iter()
-            .map(|v| {
-                v.unwrap_or(Verdict::Requeue {
-                    detail: "no verdict reached".into(),
-                })
-            })
-            .collect()
+        Verdict::all(verdicts)
     }
 }
