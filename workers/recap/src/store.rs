@@ -379,25 +379,30 @@ async fn route_in(
             });
         }
     };
-    insert_decision(tx, job.job_id, &decision).await?;
+    // The decision, the estimate and the move to `routed`: one statement
+    // (one round trip) instead of three.
+    let d = &decision;
     sqlx::query(
-        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
-         VALUES ($1, $2, $3, $4, 'estimate', $5::float8::numeric)",
-    )
-    .bind(&job.tenant)
-    .bind(job.job_id)
-    .bind(&decision.tier)
-    .bind(&decision.model)
-    .bind(decision.estimated_cost_usd)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
+        "WITH decision AS (
+             INSERT INTO route_decisions (job_id, tier, model, reason, features, trail,
+                                          estimated_cost_usd, policy_version, shadow)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)),
+         estimate AS (
+             INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+             VALUES ($10, $1, $2, $3, 'estimate', $7::float8::numeric))
+         UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
          WHERE job_id = $1",
     )
     .bind(job.job_id)
-    .bind(&decision.tier)
-    .bind(&decision.model)
+    .bind(&d.tier)
+    .bind(&d.model)
+    .bind(&d.reason)
+    .bind(&d.features)
+    .bind(&d.trail)
+    .bind(d.estimated_cost_usd)
+    .bind(&d.policy_version)
+    .bind(d.shadow)
+    .bind(&job.tenant)
     .execute(&mut **tx)
     .await?;
     Ok(RouteOutcome::Routed {
@@ -541,21 +546,41 @@ async fn start_in(
     tier: &str,
     model: &str,
 ) -> Result<StartOutcome, StoreError> {
+    // The common case, a routed job's row: one statement locks it and
+    // counts the attempt. Otherwise (no row yet, or an ended job) the row
+    // is created or read under its lock first.
+    if let Some(attempt) = start_unended(tx, job.job_id, tier, model).await? {
+        return Ok(StartOutcome::Run { attempt });
+    }
     let status = ensure_job_locked(tx, job, Status::Routed).await?;
     if status.is_terminal() {
         return Ok(StartOutcome::AlreadyDone(status));
     }
-    let attempt: i32 = sqlx::query_scalar(
+    match start_unended(tx, job.job_id, tier, model).await? {
+        Some(attempt) => Ok(StartOutcome::Run { attempt }),
+        None => Err(StoreError::Db(sqlx::Error::RowNotFound)),
+    }
+}
+
+/// `running`, one more attempt, unless the job ended; None when no row
+/// changed.
+async fn start_unended(
+    tx: &mut Tx,
+    job_id: Uuid,
+    tier: &str,
+    model: &str,
+) -> Result<Option<i32>, StoreError> {
+    Ok(sqlx::query_scalar(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = $3,
                          started_at = now(), updated_at = now()
-         WHERE job_id = $1 RETURNING attempts",
+         WHERE job_id = $1 AND status NOT IN ('succeeded', 'failed', 'dead')
+         RETURNING attempts",
     )
-    .bind(job.job_id)
+    .bind(job_id)
     .bind(tier)
     .bind(model)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(StartOutcome::Run { attempt })
+    .fetch_optional(&mut **tx)
+    .await?)
 }
 
 /// The finished work of one job.
@@ -609,19 +634,30 @@ pub async fn complete_jobs(
 }
 
 async fn complete_in(tx: &mut Tx, job: &Job, done: &Completion<'_>) -> Result<bool, StoreError> {
-    let status = ensure_job_locked(tx, job, Status::Running).await?;
-    if status.is_terminal() {
-        return Ok(false);
-    }
     let mut input_tokens = 0i64;
     let mut output_tokens = 0i64;
     let mut chunks = 1i32;
-    insert_summaries(tx, job.job_id, done, false).await?;
     for out in done.outputs {
         input_tokens += out.input_tokens as i64;
         output_tokens += out.output_tokens as i64;
         chunks = chunks.max(out.chunks as i32);
     }
+    // The common case, a running job's row: one statement locks it and
+    // ends it; its rows follow in the same transaction. Otherwise the row
+    // is created or read under its lock first.
+    let callback = match end_unended(tx, job.job_id, chunks, done.cost_usd).await? {
+        Some(callback) => callback,
+        None => {
+            let status = ensure_job_locked(tx, job, Status::Running).await?;
+            if status.is_terminal() {
+                return Ok(false);
+            }
+            end_unended(tx, job.job_id, chunks, done.cost_usd)
+                .await?
+                .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?
+        }
+    };
+    insert_summaries(tx, job.job_id, done, false).await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
          VALUES ($1, $2, $3, $4, 'actual', $5, $6, $7::float8::numeric)
@@ -636,30 +672,43 @@ async fn complete_in(tx: &mut Tx, job: &Job, done: &Completion<'_>) -> Result<bo
     .bind(done.cost_usd)
     .execute(&mut **tx)
     .await?;
-    let payload = crate::webhooks::event_payload(
-        "job.completed",
-        job.job_id,
-        &job.tenant,
-        "succeeded",
-        serde_json::json!({
-            "model": done.model,
-            "tier": done.tier,
-            "cost_usd": done.cost_usd,
-            "summaries": done.outputs.iter().map(|o| serde_json::json!({"kind": o.kind, "text": o.text})).collect::<Vec<_>>(),
-        }),
-    );
-    enqueue_webhook(tx, job.job_id, &payload).await?;
-    sqlx::query(
+    if callback {
+        let payload = crate::webhooks::event_payload(
+            "job.completed",
+            job.job_id,
+            &job.tenant,
+            "succeeded",
+            serde_json::json!({
+                "model": done.model,
+                "tier": done.tier,
+                "cost_usd": done.cost_usd,
+                "summaries": done.outputs.iter().map(|o| serde_json::json!({"kind": o.kind, "text": o.text})).collect::<Vec<_>>(),
+            }),
+        );
+        enqueue_webhook(tx, job.job_id, &payload).await?;
+    }
+    Ok(true)
+}
+
+/// `succeeded` unless the job ended; whether it has a callback URL, or
+/// None when no row changed.
+async fn end_unended(
+    tx: &mut Tx,
+    job_id: Uuid,
+    chunks: i32,
+    cost_usd: f64,
+) -> Result<Option<bool>, StoreError> {
+    Ok(sqlx::query_scalar(
         "UPDATE jobs SET status = 'succeeded', chunks = $2, cost_usd = $3::float8::numeric,
                          error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
-         WHERE job_id = $1",
+         WHERE job_id = $1 AND status NOT IN ('succeeded', 'failed', 'dead')
+         RETURNING callback_url IS NOT NULL",
     )
-    .bind(job.job_id)
+    .bind(job_id)
     .bind(chunks)
-    .bind(done.cost_usd)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
+    .bind(cost_usd)
+    .fetch_optional(&mut **tx)
+    .await?)
 }
 
 /// Marks a job `dead` (or `failed`) with its reason, creating the row when
