@@ -116,13 +116,7 @@ pub fn generate_at(
     if prompt.is_empty() {
         return Err(EngineError::Model("empty prompt".into()));
     }
-    // A call that starts past its deadline does not spend a prefill.
-    if deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(EngineError::DeadlineExceeded(0));
-    }
-    if cancel.is_cancelled() {
-        return Err(EngineError::Cancelled);
-    }
+    may_start(cancel, deadline)?;
     let prefill_start = Instant::now();
     let input = Tensor::new(prompt, device)
         .and_then(|t| t.unsqueeze(0))
@@ -145,6 +139,18 @@ pub fn generate_at(
             .map_err(model_err)?;
     }
     Ok(stream.finish(prompt.len(), prefill_ms))
+}
+
+/// The checks a model call starts with: one that starts past its deadline,
+/// or cancelled, does not spend a prefill.
+pub fn may_start(cancel: &Cancel, deadline: Option<Instant>) -> Result<(), EngineError> {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(EngineError::DeadlineExceeded(0));
+    }
+    if cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
+    Ok(())
 }
 
 /// One sequence's decoding: it turns each step's logits into the next

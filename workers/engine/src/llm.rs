@@ -272,7 +272,7 @@ impl GgufModel {
     }
 
     /// Prefills `head` from position 0 into the (cleared) KV cache, after the
-    /// deadline check a model call starts with; returns the milliseconds it
+    /// checks a model call starts with; returns the milliseconds it
     /// took. The one first pass of both prompt paths (see `complete_parts`).
     fn prefill_head(
         &self,
@@ -280,9 +280,7 @@ impl GgufModel {
         head: &[u32],
         req: &SummarizeRequest<'_>,
     ) -> Result<f64, EngineError> {
-        if req.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded(0));
-        }
+        crate::generate::may_start(&req.cancel, req.deadline)?;
         weights.clear_cache();
         let started = std::time::Instant::now();
         if !head.is_empty() {

@@ -381,8 +381,7 @@ async fn route_in(
     };
     // The decision, the estimate and the move to `routed`: one statement
     // (one round trip) instead of three.
-    let d = &decision;
-    sqlx::query(
+    let statement = sqlx::query(
         "WITH decision AS (
              INSERT INTO route_decisions (job_id, tier, model, reason, features, trail,
                                           estimated_cost_usd, policy_version, shadow)
@@ -392,19 +391,11 @@ async fn route_in(
              VALUES ($10, $1, $2, $3, 'estimate', $7::float8::numeric))
          UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
          WHERE job_id = $1",
-    )
-    .bind(job.job_id)
-    .bind(&d.tier)
-    .bind(&d.model)
-    .bind(&d.reason)
-    .bind(&d.features)
-    .bind(&d.trail)
-    .bind(d.estimated_cost_usd)
-    .bind(&d.policy_version)
-    .bind(d.shadow)
-    .bind(&job.tenant)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_decision(statement, job.job_id, &decision)
+        .bind(&job.tenant)
+        .execute(&mut **tx)
+        .await?;
     Ok(RouteOutcome::Routed {
         tier: decision.tier,
         model: decision.model,
@@ -414,22 +405,31 @@ async fn route_in(
 }
 
 async fn insert_decision(tx: &mut Tx, job_id: Uuid, d: &Decision) -> Result<(), StoreError> {
-    sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO route_decisions (job_id, tier, model, reason, features, trail, estimated_cost_usd, policy_version, shadow)
          VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)",
-    )
-    .bind(job_id)
-    .bind(&d.tier)
-    .bind(&d.model)
-    .bind(&d.reason)
-    .bind(&d.features)
-    .bind(&d.trail)
-    .bind(d.estimated_cost_usd)
-    .bind(&d.policy_version)
-    .bind(d.shadow)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_decision(statement, job_id, d)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds a decision as $1-$9 (job id, tier, model, reason, features,
+/// trail, estimated cost, policy version, shadow): the order of every
+/// statement that writes a `route_decisions` row.
+fn bind_decision<'q>(q: PgQuery<'q>, job_id: Uuid, d: &'q Decision) -> PgQuery<'q> {
+    q.bind(job_id)
+        .bind(&d.tier)
+        .bind(&d.model)
+        .bind(&d.reason)
+        .bind(&d.features)
+        .bind(&d.trail)
+        .bind(d.estimated_cost_usd)
+        .bind(&d.policy_version)
+        .bind(d.shadow)
 }
 
 /// The cascade: a compact output failed its checks, so the job goes to the

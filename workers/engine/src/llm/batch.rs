@@ -9,7 +9,7 @@
 
 use super::{finished_text, max_new_tokens, GgufModel, Weights};
 use crate::decoder::DenseDecoder;
-use crate::generate::{GenParams, Stream};
+use crate::generate::{may_start, GenParams, Stream};
 use crate::mapreduce::{self, Step};
 use crate::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
@@ -48,6 +48,8 @@ struct Sequence<'p> {
     stream: Stream<'p>,
     /// Logits of its last position: the next step samples from them.
     logits: Tensor,
+    /// The token the next step feeds.
+    next: u32,
     prompt_tokens: usize,
     prefill_ms: f64,
     started: Instant,
@@ -67,17 +69,6 @@ fn prefill(model: &mut DenseDecoder, ids: &[u32], pos: usize) -> Result<Tensor, 
         .forward(&input, pos)
         .and_then(|l| l.squeeze(0))
         .map_err(model_err)
-}
-
-/// A model call starts with these checks (as `generate_at` does).
-fn may_start(req: &SummarizeRequest<'_>) -> Result<(), EngineError> {
-    if req.deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(EngineError::DeadlineExceeded(0));
-    }
-    if req.cancel.is_cancelled() {
-        return Err(EngineError::Cancelled);
-    }
-    Ok(())
 }
 
 impl GgufModel {
@@ -202,6 +193,22 @@ impl GgufModel {
             .collect()
     }
 
+    /// A finished sequence's summary.
+    fn summary_of(&self, s: Sequence<'_>) -> Result<SummaryOutput, EngineError> {
+        let g = s.stream.finish(s.prompt_tokens, s.prefill_ms);
+        let raw = self.tokenizer.decode(&g.tokens)?;
+        Ok(SummaryOutput {
+            kind: s.kind,
+            text: finished_text(&raw, &g, s.params),
+            input_tokens: s.prompt_tokens as u32,
+            output_tokens: g.tokens.len() as u32,
+            prefill_ms: s.prefill_ms,
+            decode_ms: g.decode_ms,
+            total_ms: s.started.elapsed().as_secs_f64() * 1e3,
+            chunks: 1,
+        })
+    }
+
     /// Prefills the wave's sequences one by one, then decodes them together.
     fn run_wave(
         &self,
@@ -220,7 +227,7 @@ impl GgufModel {
             let prefilled = (|| -> Result<(), EngineError> {
                 let shared = match &plan.shared_head {
                     Some(head) => {
-                        may_start(req)?;
+                        may_start(&req.cancel, req.deadline)?;
                         let t = Instant::now();
                         let mut m = base.detached();
                         prefill(&mut m, head, 0)?;
@@ -231,7 +238,7 @@ impl GgufModel {
                 // The shared prefill is booked to the first kind.
                 let mut head_ms = shared.as_ref().map_or(0.0, |s| s.2);
                 for k in &plan.kinds {
-                    may_start(req)?;
+                    may_start(&req.cancel, req.deadline)?;
                     let t = Instant::now();
                     let (mut m, start) = match &shared {
                         Some((m, len, _)) => (m.fork_owned().map_err(model_err)?, *len),
@@ -252,6 +259,7 @@ impl GgufModel {
                         params: &k.params,
                         stream: Stream::new(&k.params, stop_ids, start + k.tail.len()),
                         logits,
+                        next: 0,
                         prompt_tokens: start + k.tail.len(),
                         prefill_ms,
                         started: t,
@@ -269,75 +277,44 @@ impl GgufModel {
 
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         while !seqs.is_empty() {
-            let mut next = Vec::with_capacity(seqs.len());
-            for s in seqs.iter_mut() {
+            // Each sequence samples its next token; an error ends its job.
+            let mut finished = vec![false; seqs.len()];
+            for (s, done) in seqs.iter_mut().zip(finished.iter_mut()) {
+                if failed[s.req].is_some() {
+                    continue;
+                }
                 let req = &reqs[s.req];
-                next.push(s.stream.step(&s.logits, &decode, &req.cancel, req.deadline));
-            }
-            // Finished sequences leave with their text; an error ends its job.
-            let mut positions = Vec::with_capacity(seqs.len());
-            let mut tokens = Vec::with_capacity(seqs.len());
-            for (s, n) in seqs.iter().zip(&next) {
-                if let Err(e) = n {
-                    if failed[s.req].is_none() {
-                        failed[s.req] = Some(clone_error(e));
-                    }
+                match s.stream.step(&s.logits, &decode, &req.cancel, req.deadline) {
+                    Ok(Some(t)) => s.next = t,
+                    Ok(None) => *done = true,
+                    Err(e) => failed[s.req] = Some(e),
                 }
             }
-            let done: Vec<(Sequence<'_>, DenseDecoder)> = {
-                let mut out = Vec::new();
-                let old_seqs = std::mem::take(&mut seqs);
-                let old_models = std::mem::take(&mut models);
-                for ((s, m), n) in old_seqs.into_iter().zip(old_models).zip(next) {
-                    match n {
-                        Ok(Some(t)) if failed[s.req].is_none() => {
-                            tokens.push(t);
-                            positions.push(s.stream.position());
-                            seqs.push(s);
-                            models.push(m);
-                        }
-                        Ok(None) if failed[s.req].is_none() => out.push((s, m)),
-                        _ => {}
-                    }
+            // Finished sequences leave with their text; a job that failed
+            // takes its other sequences along (one that fails below, at its
+            // next step).
+            let (mut kept, mut kept_models) = (Vec::new(), Vec::new());
+            for ((s, m), done) in seqs.drain(..).zip(models.drain(..)).zip(finished) {
+                if failed[s.req].is_some() {
+                    continue;
                 }
-                out
-            };
-            for (s, _) in done {
-                let (req, at, kind, params) = (s.req, s.at, s.kind, s.params);
-                let (prompt_tokens, prefill_ms, started) =
-                    (s.prompt_tokens, s.prefill_ms, s.started);
-                let g = s.stream.finish(prompt_tokens, prefill_ms);
-                match self.tokenizer.decode(&g.tokens) {
-                    Ok(raw) => {
-                        outputs[req][at] = Some(SummaryOutput {
-                            kind,
-                            text: finished_text(&raw, &g, params),
-                            input_tokens: prompt_tokens as u32,
-                            output_tokens: g.tokens.len() as u32,
-                            prefill_ms,
-                            decode_ms: g.decode_ms,
-                            total_ms: started.elapsed().as_secs_f64() * 1e3,
-                            chunks: 1,
-                        })
-                    }
+                if !done {
+                    kept.push(s);
+                    kept_models.push(m);
+                    continue;
+                }
+                let (req, at) = (s.req, s.at);
+                match self.summary_of(s) {
+                    Ok(o) => outputs[req][at] = Some(o),
                     Err(e) => failed[req] = Some(e),
                 }
             }
-            // A job that failed meanwhile takes its other sequences along.
-            let mut i = 0;
-            while i < seqs.len() {
-                if failed[seqs[i].req].is_some() {
-                    seqs.remove(i);
-                    models.remove(i);
-                    tokens.remove(i);
-                    positions.remove(i);
-                } else {
-                    i += 1;
-                }
-            }
+            (seqs, models) = (kept, kept_models);
             if seqs.is_empty() {
                 break;
             }
+            let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
+            let positions: Vec<usize> = seqs.iter().map(|s| s.stream.position()).collect();
             match DenseDecoder::forward_batch(&mut models, &tokens, &positions) {
                 Ok(logits) => {
                     for (i, s) in seqs.iter_mut().enumerate() {
@@ -358,14 +335,5 @@ impl GgufModel {
                 }
             }
         }
-    }
-}
-
-/// Engine errors are not Clone (io errors inside); the ones a step returns are.
-fn clone_error(e: &EngineError) -> EngineError {
-    match e {
-        EngineError::Cancelled => EngineError::Cancelled,
-        EngineError::DeadlineExceeded(n) => EngineError::DeadlineExceeded(*n),
-        other => EngineError::Model(other.to_string()),
     }
 }
