@@ -25,6 +25,9 @@ use std::sync::Arc;
 /// reuses each weight for enough rows.
 pub const GEMM_MIN_ROWS: usize = 8;
 
+/// `Y = X Wᵀ` on a weight's raw blocks: (blocks, out, in, rows of X) -> Y.
+type RowsProduct = fn(&[u8], usize, usize, &[f32]) -> Vec<f32>;
+
 /// A linear layer over a quantized weight (out × in), with an optional bias.
 #[derive(Debug, Clone)]
 pub struct QLinear {
@@ -35,7 +38,11 @@ pub struct QLinear {
 
 impl QLinear {
     pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<QLinear> {
-        let weight = Arc::new(weight);
+        QLinear::shared(Arc::new(weight), bias)
+    }
+
+    /// Over a weight another part also holds (tied embeddings).
+    fn shared(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<QLinear> {
         let quantized = QMatMul::from_arc(weight.clone())?;
         Ok(QLinear {
             weight,
@@ -57,11 +64,17 @@ impl QLinear {
     /// result is the one it would get alone (a decoding batch relies on it).
     fn forward_quantized(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        let y = if self.weight.dtype() == GgmlDType::Q4_1 && x.device().is_cpu() {
+        // recap's own kernels where candle's are scalar (see `qdot`).
+        let own: Option<RowsProduct> = match self.weight.dtype() {
+            GgmlDType::Q4_1 => Some(crate::q4_1::matmul),
+            GgmlDType::Q5_0 => Some(crate::q5_0::matmul),
+            _ => None,
+        };
+        let y = if let (Some(matmul), true) = (own, x.device().is_cpu()) {
             let (n, k) = self.weight.shape().dims2()?;
             let data = self.weight.data()?;
             let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let out = crate::q4_1::matmul(&data, n, k, &xs);
+            let out = matmul(&data, n, k, &xs);
             let mut dims = x.dims().to_vec();
             if let Some(last) = dims.last_mut() {
                 *last = n;
@@ -186,6 +199,22 @@ impl Layer {
         }
     }
 
+    /// RoPE for one new token of each of several sequences, (n, heads, 1,
+    /// head dim), each at its own position: one kernel for all (the angles
+    /// gathered per row); per element the arithmetic of `rope`.
+    fn rope_rows(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(positions, 0)?.reshape((n, 1, half))?;
+        let sin = self.sin.index_select(positions, 0)?.reshape((n, 1, half))?;
+        let x = x.contiguous()?;
+        if self.rope_neox {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        }
+    }
+
     fn attention(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
         let (b, seq_len, n_embd) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -226,6 +255,17 @@ impl Layer {
             .transpose(1, 2)?
             .reshape((b, seq_len, n_embd))?;
         self.wo.forward(&y)
+    }
+
+    /// Attention of one new token, (1, heads, 1, head dim), over its cache's
+    /// keys and values with tensor ops: `attend_one` for devices whose
+    /// buffers the host cannot read (grouped heads as in `attention`).
+    fn attend_cached(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let n_rep = self.n_head / self.n_kv_head;
+        let q = q.reshape((1, self.n_kv_head, n_rep, self.head_dim))?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(v)?.reshape((1, 1, self.n_head * self.head_dim))
     }
 
     /// Attention of one new token over the cache, straight on the buffers:
@@ -309,10 +349,49 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Token embeddings. On CPU the table stays quantized and each looked-up
+/// row is dequantized (the values a dequantized table holds): as f32,
+/// Qwen2.5-0.5B's 151,936 × 896 table alone took 545 MB of the process's
+/// memory (75 MB as Q5_0). Other devices keep the f32 table and gather.
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    QuantizedRows { table: Arc<QTensor>, n_embd: usize },
+    Dense(Embedding),
+}
+
+impl TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (table, n_embd) = match self {
+            TokenEmbedding::Dense(e) => return e.forward(ids),
+            TokenEmbedding::QuantizedRows { table, n_embd } => (table, *n_embd),
+        };
+        let (vocab, width) = table.shape().dims2()?;
+        let data = table.data()?;
+        let row_bytes = data.len() / vocab.max(1);
+        let mut rows = Vec::with_capacity(ids.elem_count());
+        for id in ids.flatten_all()?.to_vec1::<u32>()? {
+            let id = id as usize;
+            if id >= vocab {
+                candle_core::bail!("token id {id} outside the vocabulary of {vocab}");
+            }
+            let bytes = &data[id * row_bytes..(id + 1) * row_bytes];
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Borrowed(bytes),
+                &Device::Cpu,
+                table.dtype(),
+            )?;
+            rows.push(QTensor::new(storage, (1, width))?.dequantize(&Device::Cpu)?);
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(n_embd);
+        Tensor::cat(&rows, 0)?.reshape(dims)
+    }
+}
+
 /// A dense llama- or qwen2-family decoder loaded from GGUF.
 #[derive(Debug, Clone)]
 pub struct DenseDecoder {
-    tok_embeddings: Embedding,
+    tok_embeddings: TokenEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: QLinear,
@@ -369,13 +448,20 @@ impl DenseDecoder {
         let (cos, sin) = rope_tables(rope_dim, rope_base, context, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
         let mut get = |name: &str| ct.tensor(reader, name, device);
-        let embd_q = get("token_embd.weight")?;
-        let tok_embeddings = Embedding::new(embd_q.dequantize(device)?, n_embd);
+        let embd_q = Arc::new(get("token_embd.weight")?);
+        let tok_embeddings = if device.is_cpu() {
+            TokenEmbedding::QuantizedRows {
+                table: embd_q.clone(),
+                n_embd,
+            }
+        } else {
+            TokenEmbedding::Dense(Embedding::new(embd_q.dequantize(device)?, n_embd))
+        };
         let norm = RmsNorm::from_qtensor(get("output_norm.weight")?, eps)?;
         let output = match get("output.weight") {
             Ok(w) => QLinear::new(w, None)?,
             // Tied embeddings.
-            Err(_) => QLinear::new(embd_q, None)?,
+            Err(_) => QLinear::shared(embd_q, None)?,
         };
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
@@ -452,7 +538,8 @@ impl DenseDecoder {
     /// `tokens[i]` at `positions[i]` of its own KV cache. The weights (all
     /// sequences share them) are read once per step for all rows; each
     /// sequence attends over its own cache. Row i of the result is the
-    /// logits `seqs[i].forward` would give, bit for bit.
+    /// logits `seqs[i].forward` would give, bit for bit (on CPU; on other
+    /// devices as far as their matrix kernels treat rows alike).
     pub fn forward_batch(
         seqs: &mut [DenseDecoder],
         tokens: &[u32],
@@ -468,29 +555,31 @@ impl DenseDecoder {
         }
         let device = seqs[0].norm_device();
         let ids = Tensor::new(tokens, &device)?.reshape((n, 1))?;
+        let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let at = Tensor::new(at.as_slice(), &device)?;
         let mut h = seqs[0].tok_embeddings.forward(&ids)?;
         for l in 0..seqs[0].layers.len() {
             let w = seqs[0].layers[l].clone();
             let (n_embd, d) = (h.dim(2)?, w.head_dim);
             let x = w.attn_norm.forward(&h)?;
-            let q = w.wq.forward_quantized(&x)?;
-            let k = w.wk.forward_quantized(&x)?;
-            let v = w.wv.forward_quantized(&x)?;
+            // All rows' heads and rotations at once (few kernels on a GPU,
+            // whatever the batch); then each sequence's own cache.
+            let heads = |t: Tensor, nh: usize| t.reshape((n, nh, 1, d));
+            let q = w.rope_rows(&heads(w.wq.forward_quantized(&x)?, w.n_head)?, &at)?;
+            let k = w.rope_rows(&heads(w.wk.forward_quantized(&x)?, w.n_kv_head)?, &at)?;
+            let v = heads(w.wv.forward_quantized(&x)?, w.n_kv_head)?.contiguous()?;
             let mut ys = Vec::with_capacity(n);
             for (i, seq) in seqs.iter_mut().enumerate() {
                 let layer = &mut seq.layers[l];
-                let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
-                    t.narrow(0, i, 1)?
-                        .reshape((1, 1, nh, d))?
-                        .transpose(1, 2)?
-                        .contiguous()
+                let qi = q.narrow(0, i, 1)?;
+                let (ki, vi) = (k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                let (kk, vv) = layer.kv_cache.append(&ki, &vi, positions[i])?;
+                let y = if device.is_cpu() {
+                    layer.attend_one(&qi, kk.dim(2)?)?
+                } else {
+                    layer.attend_cached(&qi, &kk, &vv)?
                 };
-                let qi = layer.rope(&heads(&q, w.n_head)?, positions[i])?;
-                let ki = layer.rope(&heads(&k, w.n_kv_head)?, positions[i])?;
-                let vi = heads(&v, w.n_kv_head)?;
-                let (kk, _) = layer.kv_cache.append(&ki, &vi, positions[i])?;
-                let kv_len = kk.dim(2)?;
-                ys.push(layer.attend_one(&qi, kv_len)?.reshape((1, 1, n_embd))?);
+                ys.push(y.reshape((1, 1, n_embd))?);
             }
             let y = Tensor::cat(&ys, 0)?;
             h = (w.wo.forward_quantized(&y)? + h)?;
@@ -536,5 +625,46 @@ impl DenseDecoder {
         let h = self.norm.forward(&h)?;
         let last = h.i((.., seq_len - 1, ..))?;
         self.output.forward(&last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Rows dequantized one by one are the rows of the dequantized table,
+    // for each block type a token table comes in; ids outside it are errors.
+    #[test]
+    fn quantized_embedding_rows_equal_the_dense_table() {
+        let (vocab, width) = (40, 64);
+        let values: Vec<f32> = (0..vocab * width)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
+            .collect();
+        let dense = Tensor::from_vec(values, (vocab, width), &Device::Cpu).expect("table");
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4_1,
+            GgmlDType::F16,
+        ] {
+            let table = Arc::new(QTensor::quantize(&dense, dtype).expect("quantize"));
+            let want = Embedding::new(table.dequantize(&Device::Cpu).expect("dequantize"), width);
+            let rows = TokenEmbedding::QuantizedRows {
+                table,
+                n_embd: width,
+            };
+            let ids = Tensor::new(&[[3u32, 0, 39], [7, 7, 1]], &Device::Cpu).expect("ids");
+            let got = rows.forward(&ids).expect("rows");
+            assert_eq!(got.dims(), &[2, 3, width]);
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                got.flatten_all().and_then(|t| t.to_vec1()).expect("got"),
+                want.forward(&ids)
+                    .and_then(|t| t.flatten_all()?.to_vec1())
+                    .expect("want"),
+            );
+            assert_eq!(a, b, "{dtype:?}");
+            let outside = Tensor::new(&[40u32], &Device::Cpu).expect("ids");
+            assert!(rows.forward(&outside).is_err(), "{dtype:?}");
+        }
     }
 }

@@ -22,6 +22,8 @@ pub mod llm;
 pub mod mapreduce;
 pub mod prompts;
 pub mod q4_1;
+pub mod q5_0;
+pub mod qdot;
 pub mod spm;
 pub mod summarizer;
 pub mod t5;

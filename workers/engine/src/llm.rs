@@ -355,6 +355,27 @@ impl GgufModel {
         Ok((text, g))
     }
 
+    /// The next-token logits after the prompt ids, on the host: the
+    /// benchmark compares them across devices (GPU against CPU).
+    pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let mut weights = self
+            .weights
+            .lock()
+            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        weights.clear_cache();
+        let input = Tensor::new(ids, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        // Every decoder here returns the last position's logits, (1, vocab).
+        let logits = weights.forward(&input, 0).and_then(|l| {
+            l.flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()
+        });
+        weights.clear_cache();
+        logits.map_err(|e| EngineError::Model(e.to_string()))
+    }
+
     /// Generates from prompt ids as they are (no template, no cleaning):
     /// the inference benchmark feeds recap and llama.cpp the same ids.
     /// Without `stop_at_eos` it runs to `max_new_tokens` whatever it says.
@@ -575,7 +596,7 @@ impl Summarizer for GgufModel {
     fn summarize(&self, req: &SummarizeRequest<'_>) -> Result<Vec<SummaryOutput>, EngineError> {
         // Several kinds decode side by side, as a batch of one job's kinds
         // (the same texts, see `llm::batch`).
-        if req.kinds.len() > 1 && self.device.is_cpu() && self.is_dense() {
+        if req.kinds.len() > 1 && self.is_dense() {
             return self
                 .summarize_together(std::slice::from_ref(req))
                 .pop()

@@ -32,6 +32,10 @@ pub enum BenchCommand {
         tokens: usize,
         #[arg(long)]
         out: PathBuf,
+        /// Load this GGUF (same architecture as the model) instead of the
+        /// catalog's verified file.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Prefill the ids, then decode greedily; prints one JSON line.
     Infer {
@@ -43,6 +47,14 @@ pub enum BenchCommand {
         new_tokens: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Load this GGUF (same architecture as the model) instead of the
+        /// catalog's verified file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Also write the prompt's next-token logits here (f32,
+        /// little-endian), to compare devices.
+        #[arg(long)]
+        logits: Option<PathBuf>,
     },
     /// One 4-kind job over the benchmark meeting, with the transcript
     /// prefilled once (what workers do) and once per kind (before);
@@ -57,6 +69,10 @@ pub enum BenchCommand {
         tokens: usize,
         #[arg(long, default_value_t = 2)]
         runs: usize,
+        /// Load this GGUF (same architecture as the model) instead of the
+        /// catalog's verified file.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Compact-tier batching: the same jobs (windows of the QMSum
     /// meetings, one overview each) run N at a time through the engine's
@@ -76,6 +92,10 @@ pub enum BenchCommand {
         /// Transcript tokens per job.
         #[arg(long, default_value_t = 500)]
         tokens: usize,
+        /// Load this GGUF (same architecture as the model) instead of the
+        /// catalog's verified file.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Publish N small jobs (confirmed, pipelined) to recap.jobs with a
     /// routing key (`ingest`: the full path; `compact`: one hop), each with
@@ -104,7 +124,11 @@ pub enum BenchCommand {
     },
 }
 
-pub fn gguf(config: &Config, model_id: &str) -> Result<GgufModel> {
+/// A catalog model, or with `file` another GGUF of the same architecture
+/// loaded with the entry's options (a file of the same shapes with other
+/// values, for timing where the real weights cannot travel: no sha256, since
+/// it is not the catalog's file).
+pub fn gguf(config: &Config, model_id: &str, other_file: Option<&Path>) -> Result<GgufModel> {
     let catalog = recap_engine::catalog::Catalog::builtin()?;
     let entry = catalog.get(model_id)?.clone();
     if entry.format != "gguf" {
@@ -114,14 +138,19 @@ pub fn gguf(config: &Config, model_id: &str) -> Result<GgufModel> {
         .file
         .as_deref()
         .context("catalog entry without a file")?;
-    Ok(GgufModel::load(
-        &config.models_dir().join(file),
-        &GgufOptions::for_entry(
-            &entry,
-            crate::engines::device(config)?,
-            config.models.max_context,
-        ),
-    )?)
+    let mut options = GgufOptions::for_entry(
+        &entry,
+        crate::engines::device(config)?,
+        config.models.max_context,
+    );
+    let path = match other_file {
+        Some(path) => {
+            options.sha256 = None;
+            path.to_path_buf()
+        }
+        None => config.models_dir().join(file),
+    };
+    Ok(GgufModel::load(&path, &options)?)
 }
 
 /// The process's peak resident set (VmHWM), in KiB.
@@ -137,9 +166,16 @@ pub fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize) -> Result<()> {
+fn kinds(
+    config: &Config,
+    model: &str,
+    file: Option<&Path>,
+    qmsum: &Path,
+    tokens: usize,
+    runs: usize,
+) -> Result<()> {
     use recap_engine::{Cancel, SummarizeRequest, Summarizer};
-    let m = gguf(config, model)?;
+    let m = gguf(config, model, file)?;
     let case = first_meeting(qmsum)?;
     let mut transcript = Vec::new();
     for u in &case.transcript {
@@ -162,6 +198,8 @@ fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize)
         SummaryKind::Decisions,
         SummaryKind::Short,
     ];
+    // One untimed call first: a GPU loads its kernels on first use.
+    m.summarize(&req(&ALL[..1]))?;
     let mut shared_s = Vec::new();
     let mut per_kind_s = Vec::new();
     let mut same = true;
@@ -186,6 +224,7 @@ fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize)
         "{}",
         serde_json::json!({
             "model": model,
+            "device": config.models.device,
             "kinds": ALL.len(),
             "transcript_tokens": m.count_tokens(&recap_engine::mapreduce::lines(&transcript))?,
             "prefill_once_s": s,
@@ -202,13 +241,14 @@ fn kinds(config: &Config, model: &str, qmsum: &Path, tokens: usize, runs: usize)
 fn batch(
     config: &Config,
     model: &str,
+    file: Option<&Path>,
     qmsum: &Path,
     sizes: &[usize],
     jobs: usize,
     tokens: usize,
 ) -> Result<()> {
     use recap_engine::{Cancel, SummarizeRequest, Summarizer};
-    let m = gguf(config, model)?;
+    let m = gguf(config, model, file)?;
     let text =
         std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
     let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
@@ -244,6 +284,8 @@ fn batch(
             cancel: Cancel::default(),
         })
         .collect();
+    // One job first, untimed: a GPU loads its kernels on first use.
+    m.summarize(&reqs[0])?;
     let mut rows = Vec::new();
     let mut first: Option<(f64, Vec<String>)> = None;
     for &n in sizes {
@@ -279,6 +321,7 @@ fn batch(
         "{}",
         serde_json::json!({
             "model": model,
+            "device": config.models.device,
             "jobs": jobs,
             "transcript_tokens": tokens,
             "kinds": ["overview"],
@@ -340,14 +383,24 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             qmsum,
             tokens,
             runs,
-        } => kinds(config, &model, &qmsum, tokens, runs)?,
+            file,
+        } => kinds(config, &model, file.as_deref(), &qmsum, tokens, runs)?,
         BenchCommand::Batch {
             model,
             qmsum,
             sizes,
             jobs,
             tokens,
-        } => batch(config, &model, &qmsum, &sizes, jobs, tokens)?,
+            file,
+        } => batch(
+            config,
+            &model,
+            file.as_deref(),
+            &qmsum,
+            &sizes,
+            jobs,
+            tokens,
+        )?,
         BenchCommand::Publish {
             messages,
             routing_key,
@@ -362,8 +415,9 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             qmsum,
             tokens,
             out,
+            file,
         } => {
-            let m = gguf(config, &model)?;
+            let m = gguf(config, &model, file.as_deref())?;
             let ids = meeting_prompt(&m, &qmsum, tokens)?;
             std::fs::write(&out, serde_json::to_vec(&ids)?)?;
             eprintln!("{} prompt tokens -> {}", ids.len(), out.display());
@@ -373,11 +427,19 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             ids,
             new_tokens,
             runs,
+            file,
+            logits,
         } => {
             let load = std::time::Instant::now();
-            let m = gguf(config, &model)?;
+            let m = gguf(config, &model, file.as_deref())?;
             let load_ms = load.elapsed().as_secs_f64() * 1e3;
             let ids: Vec<u32> = serde_json::from_slice(&std::fs::read(&ids)?)?;
+            if let Some(path) = logits {
+                let l = m.prompt_logits(&ids)?;
+                let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
+                std::fs::write(&path, bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             let params = GenParams {
                 max_new_tokens: new_tokens,
                 repeat_penalty: 1.0,
@@ -402,6 +464,8 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
                 serde_json::json!({
                     "engine": "recap",
                     "model": model,
+                    "device": config.models.device,
+                    "weights": file.as_ref().map_or("catalog".to_string(), |f| f.display().to_string()),
                     "prompt_tokens": ids.len(),
                     "new_tokens": tokens.len(),
                     "load_ms": load_ms,

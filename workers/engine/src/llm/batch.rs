@@ -4,7 +4,8 @@
 //! one token of each per step, so that each step reads the weights once for
 //! all of them and pays the per-layer overhead once. Every sequence gets
 //! the numbers it would get alone, bit for bit, and so the same text as
-//! `summarize`. Kinds whose transcript needs map-reduce run afterwards, one
+//! `summarize` (on CPU by construction and tested; on CUDA, where the
+//! attention runs as tensor ops, `recap bench batch` found the texts equal). Kinds whose transcript needs map-reduce run afterwards, one
 //! call after another, as `summarize` runs them.
 
 use super::{finished_text, max_new_tokens, GgufModel, Weights};
@@ -13,7 +14,7 @@ use crate::generate::{may_start, GenParams, Stream};
 use crate::mapreduce::{self, Step};
 use crate::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
-use candle_core::{IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use recap_job::SummaryKind;
 use std::time::Instant;
 
@@ -60,9 +61,13 @@ fn model_err(e: candle_core::Error) -> EngineError {
 }
 
 /// Prefills `ids` at `pos`; the logits of the last position (one row).
-fn prefill(model: &mut DenseDecoder, ids: &[u32], pos: usize) -> Result<Tensor, EngineError> {
-    // The batch runs on CPU only (see `summarize_together`).
-    let input = Tensor::new(ids, &candle_core::Device::Cpu)
+fn prefill(
+    model: &mut DenseDecoder,
+    device: &Device,
+    ids: &[u32],
+    pos: usize,
+) -> Result<Tensor, EngineError> {
+    let input = Tensor::new(ids, device)
         .and_then(|t| t.unsqueeze(0))
         .map_err(model_err)?;
     model
@@ -139,8 +144,7 @@ impl GgufModel {
         }
         match self.weights.lock() {
             Ok(weights) => match &*weights {
-                // Decode attention over several caches runs on CPU buffers.
-                Weights::Dense(base) if self.device.is_cpu() => {
+                Weights::Dense(base) => {
                     let mut rest = plans.as_slice();
                     while !rest.is_empty() {
                         // Whole jobs per wave (a shared head serves all its kinds).
@@ -155,7 +159,7 @@ impl GgufModel {
                         rest = after;
                     }
                 }
-                // Other models and devices: one job after another.
+                // Other models: one job after another.
                 _ => {
                     drop(weights);
                     return reqs.iter().map(|r| self.summarize(r)).collect();
@@ -230,7 +234,7 @@ impl GgufModel {
                         may_start(&req.cancel, req.deadline)?;
                         let t = Instant::now();
                         let mut m = base.detached();
-                        prefill(&mut m, head, 0)?;
+                        prefill(&mut m, &self.device, head, 0)?;
                         Some((m, head.len(), t.elapsed().as_secs_f64() * 1e3))
                     }
                     None => None,
@@ -245,12 +249,12 @@ impl GgufModel {
                         None => {
                             let mut m = base.detached();
                             if !k.head.is_empty() {
-                                prefill(&mut m, &k.head, 0)?;
+                                prefill(&mut m, &self.device, &k.head, 0)?;
                             }
                             (m, k.head.len())
                         }
                     };
-                    let logits = prefill(&mut m, &k.tail, start)?;
+                    let logits = prefill(&mut m, &self.device, &k.tail, start)?;
                     let prefill_ms = t.elapsed().as_secs_f64() * 1e3 + std::mem::take(&mut head_ms);
                     seqs.push(Sequence {
                         req: plan.req,

@@ -1,0 +1,221 @@
+//! The driver of recap's quantized matrix-vector kernels (`q4_1`, `q5_0`):
+//! candle 0.11.1 has no SIMD `vec_dot` for these two formats (its code for
+//! them is the scalar reference), and they hold most of the weights a token
+//! reads in the default models (SmolLM2: Q4_1; Qwen2.5-0.5B Q4_K_M: Q5_0).
+//! As in ggml, the input row is quantized to 8 bits per block of 32 (scale,
+//! and scale times the block's sum for formats with a minimum); each format
+//! supplies the dot product of a weight row with it. Rows are split across
+//! rayon's threads when the product is big enough.
+
+use rayon::prelude::*;
+
+pub const QK: usize = 32;
+/// Weights from which a product is split across threads.
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 21;
+/// Most inputs one pass over a weight row serves (accumulators in registers).
+pub const MANY: usize = 8;
+
+/// One block of the quantized input row.
+#[derive(Clone, Copy)]
+pub struct Q8Block {
+    pub d: f32,
+    /// d · Σ q, for the minimum's term.
+    pub s: f32,
+    pub q: [i8; QK],
+}
+
+/// The input row in blocks of 32 signed bytes, scale amax / 127: ggml's
+/// Q8_0 and Q8_1, whose scale and scaled sum are stored as halves, so that
+/// the products round as llama.cpp's (and, for Q5_0, candle's) do: with f32
+/// scales, greedy decoding parted from llama.cpp's after 10 tokens instead
+/// of 70.
+pub fn quantize_row(x: &[f32]) -> Vec<Q8Block> {
+    x.chunks_exact(QK)
+        .map(|c| {
+            let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut q = [0i8; QK];
+            let mut sum = 0i32;
+            for (o, v) in q.iter_mut().zip(c) {
+                *o = (v * id).round() as i8;
+                sum += *o as i32;
+            }
+            Q8Block {
+                d: half::f16::from_f32(d).to_f32(),
+                s: half::f16::from_f32(d * sum as f32).to_f32(),
+                q,
+            }
+        })
+        .collect()
+}
+
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The two halves at the start of a block (`bytes` holds at least 4), as
+/// f32. One 32-bit load into a zeroed register: converting each half with
+/// an insert into a register that holds a loop's accumulator chained every
+/// block to the one before (a false dependency that cost Q4_1 a third of
+/// its speed).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C (`has_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn two_halves(bytes: &[u8]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let bits = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// A weight format's kernels: the dot product of one weight row
+/// (`BLOCK_BYTES` per block of 32) with a quantized input row, and the same
+/// for up to `MANY` inputs at once, equal to `dot` bit for bit. A trait, not
+/// function pointers: short rows (576 values in SmolLM2) make an indirect
+/// call per row cost about a tenth of the decode.
+pub trait BlockFormat {
+    const BLOCK_BYTES: usize;
+    /// `avx2`: the CPU has AVX2, FMA and F16C.
+    fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32;
+    fn dot_many(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32], avx2: bool) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = Self::dot(w, x, avx2);
+        }
+    }
+}
+
+/// `Y = X Wᵀ` for a few input rows (`xs` holds `m` rows of `k` values, as in
+/// a batch of sequences decoding together); returns `m` rows of `n`. Each
+/// weight row is read once for all inputs, while it sits in L1, and each
+/// output is the same dot product `matvec` computes for that row alone.
+pub fn matmul<F: BlockFormat>(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
+    debug_assert_eq!(k % QK, 0);
+    let row_bytes = k / QK * F::BLOCK_BYTES;
+    debug_assert_eq!(weights.len(), n * row_bytes);
+    let xq: Vec<Vec<Q8Block>> = xs.chunks_exact(k).map(quantize_row).collect();
+    let m = xq.len();
+    let avx2 = has_avx2();
+    // Computed weight row by weight row (n × m), then transposed.
+    let mut yt = vec![0f32; n * m];
+    const CHUNK: usize = 64;
+    let inputs: Vec<&[Q8Block]> = xq.iter().map(Vec::as_slice).collect();
+    let rows = |c: usize, out: &mut [f32]| {
+        for (i, o) in out.chunks_mut(m.max(1)).enumerate() {
+            let r = c * CHUNK + i;
+            let w = &weights[r * row_bytes..(r + 1) * row_bytes];
+            if m == 1 {
+                o[0] = F::dot(w, inputs[0], avx2);
+                continue;
+            }
+            for (oc, xc) in o.chunks_mut(MANY).zip(inputs.chunks(MANY)) {
+                F::dot_many(w, xc, oc, avx2);
+            }
+        }
+    };
+    // Waking the pool costs more than a small product takes on one thread.
+    if n * k * m >= PARALLEL_MIN_WEIGHTS {
+        yt.par_chunks_mut(CHUNK * m.max(1))
+            .enumerate()
+            .for_each(|(c, out)| rows(c, out));
+    } else {
+        yt.chunks_mut(CHUNK * m.max(1))
+            .enumerate()
+            .for_each(|(c, out)| rows(c, out));
+    }
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (r, row) in yt.chunks_exact(m).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            y[j * n + r] = *v;
+        }
+    }
+    y
+}
+
+/// Checks both kernels' tests share (`q4_1`, `q5_0`).
+#[cfg(test)]
+pub mod testing {
+    use super::{quantize_row, Q8Block, QK};
+
+    /// A deterministic xorshift stream for test weights.
+    pub fn xorshift(seed: u32) -> impl FnMut() -> u32 {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        }
+    }
+
+    /// `y = W x` from a kernel (`matvec`) against the f32 product of the
+    /// weights' values `vals` (within the input quantization's error) and
+    /// against the format's scalar dot product of each row.
+    pub fn check_matvec(
+        matvec: fn(&[u8], usize, usize, &[f32]) -> Vec<f32>,
+        scalar: fn(&[u8], &[Q8Block]) -> f32,
+        block_bytes: usize,
+        (w, vals): (&[u8], &[f32]),
+        rows: usize,
+        x: &[f32],
+    ) -> Result<(), String> {
+        let k = x.len();
+        let y = matvec(w, rows, k, x);
+        let xq = quantize_row(x);
+        let rb = k / QK * block_bytes;
+        for r in 0..rows {
+            let v = &vals[r * k..(r + 1) * k];
+            let exact: f32 = v.iter().zip(x).map(|(a, b)| a * b).sum();
+            let norm: f32 = v.iter().map(|a| a.abs()).sum::<f32>() * 4.0 / 127.0;
+            if (y[r] - exact).abs() > norm + 1e-3 {
+                return Err(format!("row {r}: {} vs the f32 product {exact}", y[r]));
+            }
+            let s = scalar(&w[r * rb..(r + 1) * rb], &xq);
+            if (y[r] - s).abs() > 1e-3 * (1.0 + s.abs()) {
+                return Err(format!("row {r}: simd {} vs scalar {s}", y[r]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows multiplied together (`matmul`) give, bit for bit, what each
+    /// gives alone (`matvec`): a batch of sequences decodes as each would.
+    pub fn check_rows_alone(
+        matmul: fn(&[u8], usize, usize, &[f32]) -> Vec<f32>,
+        matvec: fn(&[u8], usize, usize, &[f32]) -> Vec<f32>,
+        w: &[u8],
+        n: usize,
+        k: usize,
+        xs: &[f32],
+    ) -> Result<(), String> {
+        let y = matmul(w, n, k, xs);
+        if y.len() != xs.len() / k * n {
+            return Err(format!(
+                "{} outputs for {} rows of {n}",
+                y.len(),
+                xs.len() / k
+            ));
+        }
+        for (j, row) in xs.chunks_exact(k).enumerate() {
+            if y[j * n..(j + 1) * n] != matvec(w, n, k, row)[..] {
+                return Err(format!("row {j} differs from its product alone"));
+            }
+        }
+        Ok(())
+    }
+}
