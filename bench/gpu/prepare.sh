@@ -25,7 +25,7 @@ fi
 mkdir -p "$root/lib64"
 for l in cublas cublasLt cudart nvrtc; do ln -sf "../lib/lib$l.so.13" "$root/lib64/lib$l.so"; done
 ln -sf ../lib/libcurand.so.10 "$root/lib64/libcurand.so"
-cudarc=$(dirname "$(cargo metadata --format-version 1 --locked \
+cudarc=$(dirname "$(cargo metadata --format-version 1 --locked --all-features \
   | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))')")
 grep -ohE "^\s+fn (cu[A-Za-z0-9_]+)\(" "$cudarc/src/driver/sys/mod.rs" | sed -E 's/\s+fn //; s/\(//' \
   | sort -u | sed 's/.*/void &(void){}/' > "$root/lib64/cuda_stub.c"
