@@ -77,7 +77,7 @@ impl Generation {
     }
 }
 
-fn model_err(e: candle_core::Error) -> EngineError {
+pub(crate) fn model_err(e: candle_core::Error) -> EngineError {
     EngineError::Model(e.to_string())
 }
 

@@ -2,7 +2,7 @@
 //! weights and tokenizer from one GGUF file, the file's own chat template,
 //! chunked map-reduce for transcripts longer than the context budget.
 
-use crate::generate::{finished_text, generate, Decoder, GenParams, Generation};
+use crate::generate::{finished_text, generate, model_err, Decoder, GenParams, Generation};
 use crate::mapreduce::{self, Step};
 use crate::prompts::{self, ChatTemplate};
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
@@ -90,6 +90,10 @@ pub struct GgufModel {
     device: Device,
     context: usize,
     transcript_first: bool,
+}
+
+fn poisoned() -> EngineError {
+    EngineError::Model("model lock poisoned by an earlier panic".into())
 }
 
 fn bad_model(path: &Path, msg: impl std::fmt::Display) -> EngineError {
@@ -313,10 +317,7 @@ impl GgufModel {
         req: &SummarizeRequest<'_>,
     ) -> Result<(String, Generation), EngineError> {
         let (mut head, tail) = self.head_and_tail(prefix, suffix)?;
-        let mut weights = self
-            .weights
-            .lock()
-            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let mut weights = self.lock_weights()?;
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         if !matches!(&*weights, Weights::Dense(_)) {
             // Models without forks take the prompt in one pass.
@@ -355,17 +356,19 @@ impl GgufModel {
         Ok((text, g))
     }
 
+    /// The weights, for one call at a time.
+    fn lock_weights(&self) -> Result<std::sync::MutexGuard<'_, Weights>, EngineError> {
+        self.weights.lock().map_err(|_| poisoned())
+    }
+
     /// The next-token logits after the prompt ids, on the host: the
     /// benchmark compares them across devices (GPU against CPU).
     pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let mut weights = self
-            .weights
-            .lock()
-            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let mut weights = self.lock_weights()?;
         weights.clear_cache();
         let input = Tensor::new(ids, &self.device)
             .and_then(|t| t.unsqueeze(0))
-            .map_err(|e| EngineError::Model(e.to_string()))?;
+            .map_err(model_err)?;
         // Every decoder here returns the last position's logits, (1, vocab).
         let logits = weights.forward(&input, 0).and_then(|l| {
             l.flatten_all()?
@@ -373,7 +376,7 @@ impl GgufModel {
                 .to_vec1::<f32>()
         });
         weights.clear_cache();
-        logits.map_err(|e| EngineError::Model(e.to_string()))
+        logits.map_err(model_err)
     }
 
     /// Generates from prompt ids as they are (no template, no cleaning):
@@ -385,10 +388,7 @@ impl GgufModel {
         params: &GenParams,
         stop_at_eos: bool,
     ) -> Result<Generation, EngineError> {
-        let mut weights = self
-            .weights
-            .lock()
-            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let mut weights = self.lock_weights()?;
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         let stop: &[u32] = if stop_at_eos {
             &self.tokenizer.stop_ids
@@ -477,10 +477,7 @@ impl GgufModel {
         let Some((head, prompts_of)) = self.shared_plan(req)? else {
             return Ok(None);
         };
-        let mut weights = self
-            .weights
-            .lock()
-            .map_err(|_| EngineError::Model("model lock poisoned by an earlier panic".into()))?;
+        let mut weights = self.lock_weights()?;
         if !matches!(&*weights, Weights::Dense(_)) {
             return Ok(None);
         }

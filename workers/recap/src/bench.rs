@@ -18,12 +18,25 @@ use recap_engine::prompts;
 use recap_job::SummaryKind;
 use std::path::{Path, PathBuf};
 
+/// The model a benchmark loads: a catalog id, and optionally another GGUF
+/// of the same architecture to load in its place.
+#[derive(clap::Args)]
+pub struct ModelArg {
+    /// The model's catalog id (`recap models list`).
+    #[arg(long = "model", value_name = "MODEL")]
+    id: String,
+    /// Load this GGUF (same architecture as the model) instead of the
+    /// catalog's verified file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Write the benchmark prompt's token ids (JSON array) for a model.
     Prompt {
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        model: ModelArg,
         /// QMSum meetings (JSONL); the first meeting's opening is used.
         #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
         qmsum: PathBuf,
@@ -32,25 +45,17 @@ pub enum BenchCommand {
         tokens: usize,
         #[arg(long)]
         out: PathBuf,
-        /// Load this GGUF (same architecture as the model) instead of the
-        /// catalog's verified file.
-        #[arg(long)]
-        file: Option<PathBuf>,
     },
     /// Prefill the ids, then decode greedily; prints one JSON line.
     Infer {
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        model: ModelArg,
         #[arg(long)]
         ids: PathBuf,
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Load this GGUF (same architecture as the model) instead of the
-        /// catalog's verified file.
-        #[arg(long)]
-        file: Option<PathBuf>,
         /// Also write the prompt's next-token logits here (f32,
         /// little-endian), to compare devices.
         #[arg(long)]
@@ -60,8 +65,8 @@ pub enum BenchCommand {
     /// prefilled once (what workers do) and once per kind (before);
     /// prints jobs/hour for both and whether the texts agree.
     Kinds {
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        model: ModelArg,
         #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
         qmsum: PathBuf,
         /// Transcript length to reach, in tokens.
@@ -69,18 +74,14 @@ pub enum BenchCommand {
         tokens: usize,
         #[arg(long, default_value_t = 2)]
         runs: usize,
-        /// Load this GGUF (same architecture as the model) instead of the
-        /// catalog's verified file.
-        #[arg(long)]
-        file: Option<PathBuf>,
     },
     /// Compact-tier batching: the same jobs (windows of the QMSum
     /// meetings, one overview each) run N at a time through the engine's
     /// batch path, for each N; prints jobs/s per N, the ratio to N = 1 and
     /// whether every N gives the texts of N = 1.
     Batch {
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        model: ModelArg,
         #[arg(long, default_value = "tests/fixtures/qmsum/val-head3.jsonl")]
         qmsum: PathBuf,
         /// Batch sizes to compare.
@@ -92,10 +93,6 @@ pub enum BenchCommand {
         /// Transcript tokens per job.
         #[arg(long, default_value_t = 500)]
         tokens: usize,
-        /// Load this GGUF (same architecture as the model) instead of the
-        /// catalog's verified file.
-        #[arg(long)]
-        file: Option<PathBuf>,
     },
     /// Publish N small jobs (confirmed, pipelined) to recap.jobs with a
     /// routing key (`ingest`: the full path; `compact`: one hop), each with
@@ -128,11 +125,11 @@ pub enum BenchCommand {
 /// loaded with the entry's options (a file of the same shapes with other
 /// values, for timing where the real weights cannot travel: no sha256, since
 /// it is not the catalog's file).
-pub fn gguf(config: &Config, model_id: &str, other_file: Option<&Path>) -> Result<GgufModel> {
+fn gguf(config: &Config, model: &ModelArg) -> Result<GgufModel> {
     let catalog = recap_engine::catalog::Catalog::builtin()?;
-    let entry = catalog.get(model_id)?.clone();
+    let entry = catalog.get(&model.id)?.clone();
     if entry.format != "gguf" {
-        bail!("{model_id} is not a GGUF model");
+        bail!("{} is not a GGUF model", model.id);
     }
     let file = entry
         .file
@@ -143,7 +140,7 @@ pub fn gguf(config: &Config, model_id: &str, other_file: Option<&Path>) -> Resul
         crate::engines::device(config)?,
         config.models.max_context,
     );
-    let path = match other_file {
+    let path = match &model.file {
         Some(path) => {
             options.sha256 = None;
             path.to_path_buf()
@@ -168,14 +165,13 @@ pub fn peak_rss_kib() -> u64 {
 
 fn kinds(
     config: &Config,
-    model: &str,
-    file: Option<&Path>,
+    model: &ModelArg,
     qmsum: &Path,
     tokens: usize,
     runs: usize,
 ) -> Result<()> {
     use recap_engine::{Cancel, SummarizeRequest, Summarizer};
-    let m = gguf(config, model, file)?;
+    let m = gguf(config, model)?;
     let case = first_meeting(qmsum)?;
     let mut transcript = Vec::new();
     for u in &case.transcript {
@@ -223,7 +219,7 @@ fn kinds(
     println!(
         "{}",
         serde_json::json!({
-            "model": model,
+            "model": model.id,
             "device": config.models.device,
             "kinds": ALL.len(),
             "transcript_tokens": m.count_tokens(&recap_engine::mapreduce::lines(&transcript))?,
@@ -240,15 +236,14 @@ fn kinds(
 
 fn batch(
     config: &Config,
-    model: &str,
-    file: Option<&Path>,
+    model: &ModelArg,
     qmsum: &Path,
     sizes: &[usize],
     jobs: usize,
     tokens: usize,
 ) -> Result<()> {
     use recap_engine::{Cancel, SummarizeRequest, Summarizer};
-    let m = gguf(config, model, file)?;
+    let m = gguf(config, model)?;
     let text =
         std::fs::read_to_string(qmsum).with_context(|| format!("reading {}", qmsum.display()))?;
     let cases = recap_eval::qmsum::parse(&text, recap_eval::qmsum::Setting::Whole)?;
@@ -320,7 +315,7 @@ fn batch(
     println!(
         "{}",
         serde_json::json!({
-            "model": model,
+            "model": model.id,
             "device": config.models.device,
             "jobs": jobs,
             "transcript_tokens": tokens,
@@ -383,24 +378,14 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             qmsum,
             tokens,
             runs,
-            file,
-        } => kinds(config, &model, file.as_deref(), &qmsum, tokens, runs)?,
+        } => kinds(config, &model, &qmsum, tokens, runs)?,
         BenchCommand::Batch {
             model,
             qmsum,
             sizes,
             jobs,
             tokens,
-            file,
-        } => batch(
-            config,
-            &model,
-            file.as_deref(),
-            &qmsum,
-            &sizes,
-            jobs,
-            tokens,
-        )?,
+        } => batch(config, &model, &qmsum, &sizes, jobs, tokens)?,
         BenchCommand::Publish {
             messages,
             routing_key,
@@ -415,9 +400,8 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             qmsum,
             tokens,
             out,
-            file,
         } => {
-            let m = gguf(config, &model, file.as_deref())?;
+            let m = gguf(config, &model)?;
             let ids = meeting_prompt(&m, &qmsum, tokens)?;
             std::fs::write(&out, serde_json::to_vec(&ids)?)?;
             eprintln!("{} prompt tokens -> {}", ids.len(), out.display());
@@ -427,11 +411,10 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
             ids,
             new_tokens,
             runs,
-            file,
             logits,
         } => {
             let load = std::time::Instant::now();
-            let m = gguf(config, &model, file.as_deref())?;
+            let m = gguf(config, &model)?;
             let load_ms = load.elapsed().as_secs_f64() * 1e3;
             let ids: Vec<u32> = serde_json::from_slice(&std::fs::read(&ids)?)?;
             if let Some(path) = logits {
@@ -463,9 +446,9 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
                 "{}",
                 serde_json::json!({
                     "engine": "recap",
-                    "model": model,
+                    "model": model.id,
                     "device": config.models.device,
-                    "weights": file.as_ref().map_or("catalog".to_string(), |f| f.display().to_string()),
+                    "weights": model.file.as_ref().map_or("catalog".to_string(), |f| f.display().to_string()),
                     "prompt_tokens": ids.len(),
                     "new_tokens": tokens.len(),
                     "load_ms": load_ms,

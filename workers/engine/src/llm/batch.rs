@@ -10,7 +10,7 @@
 
 use super::{finished_text, max_new_tokens, GgufModel, Weights};
 use crate::decoder::DenseDecoder;
-use crate::generate::{may_start, GenParams, Stream};
+use crate::generate::{may_start, model_err, GenParams, Stream};
 use crate::mapreduce::{self, Step};
 use crate::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
@@ -54,10 +54,6 @@ struct Sequence<'p> {
     prompt_tokens: usize,
     prefill_ms: f64,
     started: Instant,
-}
-
-fn model_err(e: candle_core::Error) -> EngineError {
-    EngineError::Model(e.to_string())
 }
 
 /// Prefills `ids` at `pos`; the logits of the last position (one row).
@@ -165,10 +161,7 @@ impl GgufModel {
                     return reqs.iter().map(|r| self.summarize(r)).collect();
                 }
             },
-            Err(_) => {
-                let e = || EngineError::Model("model lock poisoned by an earlier panic".into());
-                return reqs.iter().map(|_| Err(e())).collect();
-            }
+            Err(_) => return reqs.iter().map(|_| Err(super::poisoned())).collect(),
         }
         // Kinds that need map-reduce, as `summarize` runs them.
         for (i, req) in reqs.iter().enumerate() {
