@@ -233,8 +233,18 @@ impl Layer {
             let y = self.attend_one(&q, kv_len)?;
             return self.wo.forward(&y.reshape((1, 1, n_embd))?);
         }
-        // Grouped-query attention without copying keys and values per query
-        // head: the query heads that share a KV head become extra rows.
+        self.wo.forward(&self.attend(&q, &k, &v, mask)?)
+    }
+
+    /// Attention of the queries, (batch, heads, positions, head dim), over
+    /// keys and values with tensor ops, as (batch, positions, heads × head
+    /// dim). Grouped-query attention without copying keys and values per
+    /// query head: the query heads that share a KV head become extra rows.
+    /// Also a decoding batch's path on devices whose caches the host cannot
+    /// read (`attend_one` on CPU).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, seq_len, _) = q.dims4()?;
+        let kv_len = k.dim(2)?;
         let n_rep = self.n_head / self.n_kv_head;
         let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
         let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
@@ -249,23 +259,10 @@ impl Layer {
             }
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?;
-        let y = y
+        att.matmul(v)?
             .reshape((b, self.n_head, seq_len, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((b, seq_len, n_embd))?;
-        self.wo.forward(&y)
-    }
-
-    /// Attention of one new token, (1, heads, 1, head dim), over its cache's
-    /// keys and values with tensor ops: `attend_one` for devices whose
-    /// buffers the host cannot read (grouped heads as in `attention`).
-    fn attend_cached(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let n_rep = self.n_head / self.n_kv_head;
-        let q = q.reshape((1, self.n_kv_head, n_rep, self.head_dim))?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        att.matmul(v)?.reshape((1, 1, self.n_head * self.head_dim))
+            .reshape((b, seq_len, self.n_head * self.head_dim))
     }
 
     /// Attention of one new token over the cache, straight on the buffers:
@@ -577,7 +574,7 @@ impl DenseDecoder {
                 let y = if device.is_cpu() {
                     layer.attend_one(&qi, kk.dim(2)?)?
                 } else {
-                    layer.attend_cached(&qi, &kk, &vv)?
+                    layer.attend(&qi, &kk, &vv, None)?
                 };
                 ys.push(y.reshape((1, 1, n_embd))?);
             }
