@@ -11,6 +11,7 @@ use recap_engine::SummaryOutput;
 use recap_job::Job;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -88,31 +89,30 @@ impl Status {
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
-/// Runs `$step` (an async call on `$tx: &mut Tx` and `$item`) for each of
-/// `$items` in one transaction, so that a batch of jobs costs one commit
-/// (group commit). Items go in (tenant, job id) order, so that two
+/// Runs `$step` (an async call on `$tx: &mut Tx` and `$items`, a slice of
+/// item references, returning one result per item) over the whole batch in
+/// one transaction, so that a batch of jobs costs one commit and a few
+/// set-based statements. Items go in (tenant, job id) order, so that two
 /// processes batching overlapping tenants take their row locks in the same
-/// order. If the batch transaction fails, each item is tried in a
+/// order. If the batch transaction fails, each item is tried alone in a
 /// transaction of its own: one bad item cannot fail the others, and what
 /// the batch wrote was rolled back. Results come back in the items' order.
 /// A macro, not a function taking an async closure: the closure's borrow
 /// of the transaction would not be `Send` for every lifetime, which the
 /// consumer's spawned tasks need.
 macro_rules! batched {
-    ($pool:expr, $items:expr, |$tx:ident, $item:ident| $step:expr) => {{
+    ($pool:expr, $items:expr, |$tx:ident, $chunk:ident| $step:expr) => {{
         let pool: &PgPool = $pool;
         let items = $items;
         let order = lock_order(items);
         let mut together = None;
         if items.len() > 1 {
+            let ordered: Vec<_> = order.iter().map(|&i| &items[i]).collect();
             let all: Result<Vec<_>, StoreError> = async {
                 let mut tx = pool.begin().await?;
-                let mut out = Vec::with_capacity(items.len());
-                for &i in &order {
-                    let $tx = &mut tx;
-                    let $item = &items[i];
-                    out.push($step.await?);
-                }
+                let $tx = &mut tx;
+                let $chunk = ordered.as_slice();
+                let out = $step.await?;
                 tx.commit().await?;
                 Ok(out)
             }
@@ -133,8 +133,8 @@ macro_rules! batched {
                         async {
                             let mut tx = pool.begin().await?;
                             let $tx = &mut tx;
-                            let $item = item;
-                            let t = $step.await?;
+                            let $chunk = std::slice::from_ref(&item);
+                            let t = $step.await?.into_iter().next().ok_or(StoreError::Batch)?;
                             tx.commit().await?;
                             Ok::<_, StoreError>(t)
                         }
@@ -186,44 +186,71 @@ impl<T> HasJob for (&Job, T) {
     }
 }
 
-fn kinds(job: &Job) -> Vec<String> {
-    job.summaries
-        .iter()
-        .map(|k| k.as_str().to_string())
-        .collect()
+/// Inserts each job in `status` unless it exists: one statement for the
+/// batch.
+async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], status: Status) -> Result<(), StoreError> {
+    fn column<'j, T>(jobs: &[&'j Job], f: impl Fn(&'j Job) -> T) -> Vec<T> {
+        jobs.iter().map(|j| f(j)).collect()
+    }
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
+                           callback_url, input_bytes, utterances, queued_at)
+         SELECT j.job_id, j.tenant, $3, j.quality, j.language, string_to_array(j.kinds, ','),
+                j.metadata, j.callback_url, j.input_bytes, j.utterances, now()
+         FROM unnest($1::uuid[], $2::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
+                     $8::text[], $9::int4[], $10::int4[])
+              AS j(job_id, tenant, quality, language, kinds, metadata, callback_url, input_bytes, utterances)
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(column(jobs, |j| j.job_id))
+    .bind(column(jobs, |j| j.tenant.as_str()))
+    .bind(status.as_str())
+    .bind(column(jobs, |j| j.quality.as_str()))
+    .bind(column(jobs, |j| j.language.as_deref()))
+    // A job's kinds as one comma-joined text: arrays of arrays do not
+    // unnest row by row. Kind names are fixed identifiers, never commas.
+    .bind(column(jobs, |j| {
+        j.summaries
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }))
+    .bind(column(jobs, |j| {
+        j.metadata
+            .as_ref()
+            .map(|m| serde_json::Value::Object(m.clone()))
+    }))
+    .bind(column(jobs, |j| j.callback_url.as_deref()))
+    .bind(column(jobs, |j| j.transcript_bytes() as i32))
+    .bind(column(jobs, |j| j.transcript.len() as i32))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Locks the jobs' rows, in job id order; the status of each.
+async fn lock_jobs(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, Status>, StoreError> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT job_id, status FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, s)| (id, Status::parse(&s).unwrap_or(Status::Queued)))
+        .collect())
 }
 
 /// Inserts the job in `status` unless it exists; returns the status it has
 /// after the call, locked for the rest of the transaction.
 async fn ensure_job_locked(tx: &mut Tx, job: &Job, status: Status) -> Result<Status, StoreError> {
-    sqlx::query(
-        "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
-                           callback_url, input_bytes, utterances, queued_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
-         ON CONFLICT (job_id) DO NOTHING",
-    )
-    .bind(job.job_id)
-    .bind(&job.tenant)
-    .bind(status.as_str())
-    .bind(job.quality.as_str())
-    .bind(job.language.as_deref())
-    .bind(kinds(job))
-    .bind(
-        job.metadata
-            .as_ref()
-            .map(|m| serde_json::Value::Object(m.clone())),
-    )
-    .bind(job.callback_url.as_deref())
-    .bind(job.transcript_bytes() as i32)
-    .bind(job.transcript.len() as i32)
-    .execute(&mut **tx)
-    .await?;
-    let row = sqlx::query("SELECT status FROM jobs WHERE job_id = $1 FOR UPDATE")
-        .bind(job.job_id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let s: String = row.try_get("status")?;
-    Ok(Status::parse(&s).unwrap_or(Status::Queued))
+    insert_jobs(tx, &[job], status).await?;
+    lock_jobs(tx, &[job.job_id])
+        .await?
+        .remove(&job.job_id)
+        .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
 }
 
 /// Gateway side: the job is accepted as `queued`. Returns false when a job
@@ -333,6 +360,26 @@ async fn budget_state(tx: &mut Tx, tenant: &str) -> Result<recap_policy::BudgetS
     })
 }
 
+/// Decisions as rows: `unnest` of the arrays that `bind_decisions` binds
+/// as $1-$9, the order of every statement that writes `route_decisions`.
+macro_rules! decision_rows {
+    () => {
+        "unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                $7::float8[], $8::text[], $9::bool[])
+         AS d(job_id, tier, model, reason, features, trail, cost, policy_version, shadow)"
+    };
+}
+
+/// The insert of `route_decisions` rows from a source named after it.
+macro_rules! insert_decisions_from {
+    () => {
+        "INSERT INTO route_decisions (job_id, tier, model, reason, features, trail,
+                                      estimated_cost_usd, policy_version, shadow)
+         SELECT job_id, tier, model, reason, features, trail, cost::numeric, policy_version, shadow
+         FROM"
+    };
+}
+
 /// Decides and records the jobs' routes, all in one transaction: each job's
 /// row and its tenant's budget row are locked, `decide` sees the budget
 /// left (this batch's earlier estimates included), and the decisions, the
@@ -346,70 +393,121 @@ pub async fn route_jobs(
         recap_policy::BudgetState,
     ) -> Result<Decision, recap_policy::PolicyError>,
 ) -> Vec<Result<RouteOutcome, StoreError>> {
-    batched!(pool, jobs, |tx, job| route_in(tx, job, |b| decide(job, b)))
+    batched!(pool, jobs, |tx, chunk| route_set(tx, chunk, &mut decide))
 }
 
-async fn route_in(
+/// A batch's routes in a fixed number of statements: insert the rows that
+/// are missing, lock them all (job id order), read the earlier routes of
+/// jobs past `queued`, lock and read each tenant's budget (tenant order),
+/// then write every decision, estimate and move to `routed` at once.
+async fn route_set(
     tx: &mut Tx,
-    job: &Job,
-    decide: impl FnOnce(recap_policy::BudgetState) -> Result<Decision, recap_policy::PolicyError>,
-) -> Result<RouteOutcome, StoreError> {
-    let status = ensure_job_locked(tx, job, Status::Queued).await?;
-    if status != Status::Queued {
-        let first: Option<(String, String)> = sqlx::query_as(
-            "SELECT tier, model FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1",
+    jobs: &[&&Job],
+    decide: &mut impl FnMut(
+        &Job,
+        recap_policy::BudgetState,
+    ) -> Result<Decision, recap_policy::PolicyError>,
+) -> Result<Vec<RouteOutcome>, StoreError> {
+    let jobs: Vec<&Job> = jobs.iter().map(|j| **j).collect();
+    insert_jobs(tx, &jobs, Status::Queued).await?;
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+    let statuses = lock_jobs(tx, &ids).await?;
+    let past: Vec<Uuid> = statuses
+        .iter()
+        .filter(|(_, s)| **s != Status::Queued)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut earlier: HashMap<Uuid, (String, String)> = HashMap::new();
+    if !past.is_empty() {
+        let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (job_id) job_id, tier, model FROM route_decisions
+             WHERE job_id = ANY($1) ORDER BY job_id, id",
         )
-        .bind(job.job_id)
-        .fetch_optional(&mut **tx)
+        .bind(&past)
+        .fetch_all(&mut **tx)
         .await?;
-        let (tier, model) = first.unwrap_or_default();
-        return Ok(RouteOutcome::AlreadyRouted {
-            tier,
-            model,
-            status,
-        });
+        earlier.extend(rows.into_iter().map(|(id, t, m)| (id, (t, m))));
     }
-    let budget = budget_state(tx, &job.tenant).await?;
-    let decision = match decide(budget) {
-        Ok(d) => d,
-        Err(e) => {
-            return Ok(RouteOutcome::Refused {
+    let mut budgets: BTreeMap<&str, recap_policy::BudgetState> = BTreeMap::new();
+    for job in &jobs {
+        if statuses.get(&job.job_id) == Some(&Status::Queued) {
+            budgets.insert(&job.tenant, recap_policy::BudgetState::default());
+        }
+    }
+    for (tenant, budget) in budgets.iter_mut() {
+        *budget = budget_state(tx, tenant).await?;
+    }
+
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut decided: Vec<(Uuid, Decision)> = Vec::new();
+    for job in &jobs {
+        let status = *statuses
+            .get(&job.job_id)
+            .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        // The same job twice in one batch: the second finds the first's route.
+        if let Some((_, d)) = decided.iter().find(|(id, _)| *id == job.job_id) {
+            outcomes.push(RouteOutcome::AlreadyRouted {
+                tier: d.tier.clone(),
+                model: d.model.clone(),
+                status: Status::Routed,
+            });
+            continue;
+        }
+        if status != Status::Queued {
+            let (tier, model) = earlier.get(&job.job_id).cloned().unwrap_or_default();
+            outcomes.push(RouteOutcome::AlreadyRouted {
+                tier,
+                model,
+                status,
+            });
+            continue;
+        }
+        let budget = budgets.entry(&job.tenant).or_default();
+        match decide(job, *budget) {
+            Ok(d) => {
+                // What the ledger's estimate row would make budget_state say.
+                let cost = d.estimated_cost_usd;
+                budget.daily_remaining_usd = budget.daily_remaining_usd.map(|r| r - cost);
+                budget.monthly_remaining_usd = budget.monthly_remaining_usd.map(|r| r - cost);
+                outcomes.push(RouteOutcome::Routed {
+                    tier: d.tier.clone(),
+                    model: d.model.clone(),
+                    reason: d.reason.clone(),
+                    shadow: d.shadow,
+                });
+                decided.push((job.job_id, d));
+            }
+            Err(e) => outcomes.push(RouteOutcome::Refused {
                 code: e.code().to_string(),
                 message: e.to_string(),
-            });
+            }),
         }
-    };
-    // The decision, the estimate and the move to `routed`: one statement
-    // (one round trip) instead of three.
-    let statement = sqlx::query(
-        "WITH decision AS (
-             INSERT INTO route_decisions (job_id, tier, model, reason, features, trail,
-                                          estimated_cost_usd, policy_version, shadow)
-             VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)),
-         estimate AS (
-             INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
-             VALUES ($10, $1, $2, $3, 'estimate', $7::float8::numeric))
-         UPDATE jobs SET status = 'routed', tier = $2, model = $3, routed_at = now(), updated_at = now()
-         WHERE job_id = $1",
-    );
-    bind_decision(statement, job.job_id, &decision)
-        .bind(&job.tenant)
-        .execute(&mut **tx)
-        .await?;
-    Ok(RouteOutcome::Routed {
-        tier: decision.tier,
-        model: decision.model,
-        reason: decision.reason,
-        shadow: decision.shadow,
-    })
+    }
+    if !decided.is_empty() {
+        // The decisions, the estimates and the moves to `routed`: one statement.
+        let statement = sqlx::query(concat!(
+            "WITH d AS (SELECT * FROM ",
+            decision_rows!(),
+            "), decision AS (",
+            insert_decisions_from!(),
+            " d), estimate AS (
+                 INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+                 SELECT jobs.tenant, d.job_id, d.tier, d.model, 'estimate', d.cost::numeric
+                 FROM d JOIN jobs USING (job_id))
+             UPDATE jobs SET status = 'routed', tier = d.tier, model = d.model,
+                             routed_at = now(), updated_at = now()
+             FROM d WHERE jobs.job_id = d.job_id"
+        ));
+        bind_decisions(statement, &decided)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(outcomes)
 }
 
 async fn insert_decision(tx: &mut Tx, job_id: Uuid, d: &Decision) -> Result<(), StoreError> {
-    let statement = sqlx::query(
-        "INSERT INTO route_decisions (job_id, tier, model, reason, features, trail, estimated_cost_usd, policy_version, shadow)
-         VALUES ($1, $2, $3, $4, $5, $6, $7::float8::numeric, $8, $9)",
-    );
-    bind_decision(statement, job_id, d)
+    let statement = sqlx::query(concat!(insert_decisions_from!(), " ", decision_rows!()));
+    bind_decisions(statement, &[(job_id, d.clone())])
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -417,19 +515,35 @@ async fn insert_decision(tx: &mut Tx, job_id: Uuid, d: &Decision) -> Result<(), 
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// Binds a decision as $1-$9 (job id, tier, model, reason, features,
-/// trail, estimated cost, policy version, shadow): the order of every
-/// statement that writes a `route_decisions` row.
-fn bind_decision<'q>(q: PgQuery<'q>, job_id: Uuid, d: &'q Decision) -> PgQuery<'q> {
-    q.bind(job_id)
-        .bind(&d.tier)
-        .bind(&d.model)
-        .bind(&d.reason)
-        .bind(&d.features)
-        .bind(&d.trail)
-        .bind(d.estimated_cost_usd)
-        .bind(&d.policy_version)
-        .bind(d.shadow)
+/// Binds decisions as the arrays $1-$9 of `decision_rows!`.
+fn bind_decisions<'q>(q: PgQuery<'q>, decisions: &[(Uuid, Decision)]) -> PgQuery<'q> {
+    let column = |f: fn(&Decision) -> &String| -> Vec<String> {
+        decisions.iter().map(|(_, d)| f(d).clone()).collect()
+    };
+    q.bind(decisions.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(column(|d| &d.tier))
+        .bind(column(|d| &d.model))
+        .bind(column(|d| &d.reason))
+        .bind(
+            decisions
+                .iter()
+                .map(|(_, d)| d.features.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            decisions
+                .iter()
+                .map(|(_, d)| d.trail.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            decisions
+                .iter()
+                .map(|(_, d)| d.estimated_cost_usd)
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|d| &d.policy_version))
+        .bind(decisions.iter().map(|(_, d)| d.shadow).collect::<Vec<_>>())
 }
 
 /// The cascade: a compact output failed its checks, so the job goes to the
@@ -476,7 +590,7 @@ pub async fn record_shadow(
     done: &Completion<'_>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    insert_summaries(&mut tx, job.job_id, done, true).await?;
+    insert_summaries(&mut tx, &[(job.job_id, done)], true).await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
          VALUES ($1, $2, $3, $4, 'shadow', $5::float8::numeric)
@@ -531,56 +645,70 @@ pub enum StartOutcome {
     AlreadyDone(Status),
 }
 
-/// A worker takes the job: `running`, one more attempt.
+/// A worker takes the jobs: `running`, one more attempt each.
 pub async fn start_jobs(
     pool: &PgPool,
     tier: &str,
     jobs: &[(&Job, &str)],
 ) -> Vec<Result<StartOutcome, StoreError>> {
-    batched!(pool, jobs, |tx, item| start_in(tx, item.0, tier, item.1))
+    batched!(pool, jobs, |tx, chunk| start_set(tx, chunk, tier))
 }
 
-async fn start_in(
+/// The common case, routed jobs' rows: one statement locks them and counts
+/// the attempts. A job it did not change (no row yet, or ended) is created
+/// or read under its lock, alone.
+async fn start_set(
+    tx: &mut Tx,
+    items: &[&(&Job, &str)],
+    tier: &str,
+) -> Result<Vec<StartOutcome>, StoreError> {
+    let ids: Vec<Uuid> = items.iter().map(|(j, _)| j.job_id).collect();
+    let models: Vec<&str> = items.iter().map(|(_, m)| *m).collect();
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = m.model,
+                         started_at = now(), updated_at = now()
+         FROM unnest($1::uuid[], $3::text[]) AS m(job_id, model)
+         WHERE jobs.job_id = m.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
+         RETURNING jobs.job_id, jobs.attempts",
+    )
+    .bind(&ids)
+    .bind(tier)
+    .bind(&models)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut started: HashMap<Uuid, i32> = rows.into_iter().collect();
+    let mut out = Vec::with_capacity(items.len());
+    for (job, model) in items {
+        out.push(match started.remove(&job.job_id) {
+            Some(attempt) => StartOutcome::Run { attempt },
+            None => start_alone(tx, job, tier, model).await?,
+        });
+    }
+    Ok(out)
+}
+
+async fn start_alone(
     tx: &mut Tx,
     job: &Job,
     tier: &str,
     model: &str,
 ) -> Result<StartOutcome, StoreError> {
-    // The common case, a routed job's row: one statement locks it and
-    // counts the attempt. Otherwise (no row yet, or an ended job) the row
-    // is created or read under its lock first.
-    if let Some(attempt) = start_unended(tx, job.job_id, tier, model).await? {
-        return Ok(StartOutcome::Run { attempt });
-    }
     let status = ensure_job_locked(tx, job, Status::Routed).await?;
     if status.is_terminal() {
         return Ok(StartOutcome::AlreadyDone(status));
     }
-    match start_unended(tx, job.job_id, tier, model).await? {
-        Some(attempt) => Ok(StartOutcome::Run { attempt }),
-        None => Err(StoreError::Db(sqlx::Error::RowNotFound)),
-    }
-}
-
-/// `running`, one more attempt, unless the job ended; None when no row
-/// changed.
-async fn start_unended(
-    tx: &mut Tx,
-    job_id: Uuid,
-    tier: &str,
-    model: &str,
-) -> Result<Option<i32>, StoreError> {
-    Ok(sqlx::query_scalar(
+    let attempt: i32 = sqlx::query_scalar(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = $3,
                          started_at = now(), updated_at = now()
-         WHERE job_id = $1 AND status NOT IN ('succeeded', 'failed', 'dead')
+         WHERE job_id = $1
          RETURNING attempts",
     )
-    .bind(job_id)
+    .bind(job.job_id)
     .bind(tier)
     .bind(model)
-    .fetch_optional(&mut **tx)
-    .await?)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(StartOutcome::Run { attempt })
 }
 
 /// The finished work of one job.
@@ -593,86 +721,87 @@ pub struct Completion<'a> {
     pub cost_usd: f64,
 }
 
-/// One `summaries` row per output; a row already there is kept.
+/// One `summaries` row per output of the jobs, in one statement; a row
+/// already there is kept.
 async fn insert_summaries(
     tx: &mut Tx,
-    job_id: Uuid,
-    done: &Completion<'_>,
+    jobs: &[(Uuid, &Completion<'_>)],
     shadow: bool,
 ) -> Result<(), StoreError> {
-    for out in done.outputs {
-        sqlx::query(
-            "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
-                                    prefill_ms, decode_ms, total_ms, shadow)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (job_id, kind, shadow) DO NOTHING",
-        )
-        .bind(job_id)
-        .bind(out.kind.as_str())
-        .bind(&out.text)
-        .bind(done.model)
-        .bind(done.engine)
-        .bind(out.input_tokens as i32)
-        .bind(out.output_tokens as i32)
-        .bind(out.prefill_ms)
-        .bind(out.decode_ms)
-        .bind(out.total_ms)
-        .bind(shadow)
-        .execute(&mut **tx)
-        .await?;
+    let rows: Vec<(Uuid, &Completion<'_>, &SummaryOutput)> = jobs
+        .iter()
+        .flat_map(|(id, done)| done.outputs.iter().map(move |o| (*id, *done, o)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
     }
+    sqlx::query(
+        "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
+                                prefill_ms, decode_ms, total_ms, shadow)
+         SELECT s.*, $11 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                     $6::int4[], $7::int4[], $8::float8[], $9::float8[], $10::float8[]) AS s
+         ON CONFLICT (job_id, kind, shadow) DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.kind.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.text.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.model).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.engine).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.input_tokens as i32).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.output_tokens as i32).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.prefill_ms).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.decode_ms).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2.total_ms).collect::<Vec<_>>())
+    .bind(shadow)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
 /// Commits the summaries and `succeeded` in one transaction. Returns false
-/// when the job had already ended: then nothing was written.
+/// for a job that had already ended: nothing was written for it.
 pub async fn complete_jobs(
     pool: &PgPool,
     jobs: &[(&Job, Completion<'_>)],
 ) -> Vec<Result<bool, StoreError>> {
-    batched!(pool, jobs, |tx, item| complete_in(tx, item.0, &item.1))
+    batched!(pool, jobs, |tx, chunk| complete_set(tx, chunk))
 }
 
-async fn complete_in(tx: &mut Tx, job: &Job, done: &Completion<'_>) -> Result<bool, StoreError> {
-    let mut input_tokens = 0i64;
-    let mut output_tokens = 0i64;
-    let mut chunks = 1i32;
-    for out in done.outputs {
-        input_tokens += out.input_tokens as i64;
-        output_tokens += out.output_tokens as i64;
-        chunks = chunks.max(out.chunks as i32);
-    }
-    // The common case, a running job's row: one statement locks it and
-    // ends it; its rows follow in the same transaction. Otherwise the row
-    // is created or read under its lock first.
-    let callback = match end_unended(tx, job.job_id, chunks, done.cost_usd).await? {
-        Some(callback) => callback,
-        None => {
-            let status = ensure_job_locked(tx, job, Status::Running).await?;
-            if status.is_terminal() {
-                return Ok(false);
+/// The common case, running jobs' rows: one statement ends them and books
+/// their actual costs, one writes their summaries. A job it did not end (no
+/// row yet, or ended) is created or read under its lock first, alone.
+async fn complete_set(
+    tx: &mut Tx,
+    items: &[&(&Job, Completion<'_>)],
+) -> Result<Vec<bool>, StoreError> {
+    let mut ended = end_jobs(tx, items).await?;
+    let mut out = Vec::with_capacity(items.len());
+    let mut written: Vec<(Uuid, &Completion<'_>)> = Vec::with_capacity(items.len());
+    let mut callbacks = Vec::new();
+    for item in items {
+        let (job, done) = (item.0, &item.1);
+        let callback = match ended.remove(&job.job_id) {
+            Some(callback) => callback,
+            None => {
+                let status = ensure_job_locked(tx, job, Status::Running).await?;
+                if status.is_terminal() {
+                    out.push(false);
+                    continue;
+                }
+                end_jobs(tx, std::slice::from_ref(item))
+                    .await?
+                    .remove(&job.job_id)
+                    .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?
             }
-            end_unended(tx, job.job_id, chunks, done.cost_usd)
-                .await?
-                .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?
+        };
+        written.push((job.job_id, done));
+        if callback {
+            callbacks.push(*item);
         }
-    };
-    insert_summaries(tx, job.job_id, done, false).await?;
-    sqlx::query(
-        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
-         VALUES ($1, $2, $3, $4, 'actual', $5, $6, $7::float8::numeric)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&job.tenant)
-    .bind(job.job_id)
-    .bind(done.tier)
-    .bind(done.model)
-    .bind(input_tokens.min(i32::MAX as i64) as i32)
-    .bind(output_tokens.min(i32::MAX as i64) as i32)
-    .bind(done.cost_usd)
-    .execute(&mut **tx)
-    .await?;
-    if callback {
+        out.push(true);
+    }
+    insert_summaries(tx, &written, false).await?;
+    for (job, done) in callbacks.iter().map(|i| (i.0, &i.1)) {
         let payload = crate::webhooks::event_payload(
             "job.completed",
             job.job_id,
@@ -687,28 +816,54 @@ async fn complete_in(tx: &mut Tx, job: &Job, done: &Completion<'_>) -> Result<bo
         );
         enqueue_webhook(tx, job.job_id, &payload).await?;
     }
-    Ok(true)
+    Ok(out)
 }
 
-/// `succeeded` unless the job ended; whether it has a callback URL, or
-/// None when no row changed.
-async fn end_unended(
+/// `succeeded` and the `actual` ledger row for each job that has not
+/// ended; for each job it ended, whether the job has a callback URL.
+async fn end_jobs(
     tx: &mut Tx,
-    job_id: Uuid,
-    chunks: i32,
-    cost_usd: f64,
-) -> Result<Option<bool>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "UPDATE jobs SET status = 'succeeded', chunks = $2, cost_usd = $3::float8::numeric,
-                         error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
-         WHERE job_id = $1 AND status NOT IN ('succeeded', 'failed', 'dead')
-         RETURNING callback_url IS NOT NULL",
+    items: &[&(&Job, Completion<'_>)],
+) -> Result<HashMap<Uuid, bool>, StoreError> {
+    fn column<'i, T>(
+        items: &[&'i (&Job, Completion<'_>)],
+        f: impl Fn(&'i Job, &'i Completion<'_>) -> T,
+    ) -> Vec<T> {
+        items.iter().map(|i| f(i.0, &i.1)).collect()
+    }
+    let tokens = |done: &Completion<'_>, f: fn(&SummaryOutput) -> u32| -> i32 {
+        let sum: i64 = done.outputs.iter().map(|o| i64::from(f(o))).sum();
+        sum.min(i64::from(i32::MAX)) as i32
+    };
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
+        "WITH done AS (
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::text[],
+                                  $6::int4[], $7::int4[])
+             AS d(job_id, chunks, cost, tier, model, input_tokens, output_tokens)),
+         ended AS (
+             UPDATE jobs SET status = 'succeeded', chunks = done.chunks, cost_usd = done.cost::numeric,
+                             error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
+             FROM done
+             WHERE jobs.job_id = done.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
+             RETURNING jobs.job_id, jobs.tenant, jobs.callback_url IS NOT NULL AS callback),
+         ledger AS (
+             INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
+             SELECT ended.tenant, done.job_id, done.tier, done.model, 'actual',
+                    done.input_tokens, done.output_tokens, done.cost::numeric
+             FROM done JOIN ended USING (job_id)
+             ON CONFLICT DO NOTHING)
+         SELECT job_id, callback FROM ended",
     )
-    .bind(job_id)
-    .bind(chunks)
-    .bind(cost_usd)
-    .fetch_optional(&mut **tx)
-    .await?)
+    .bind(column(items, |j, _| j.job_id))
+    .bind(column(items, |_, d| d.outputs.iter().map(|o| o.chunks as i32).fold(1, i32::max)))
+    .bind(column(items, |_, d| d.cost_usd))
+    .bind(column(items, |_, d| d.tier))
+    .bind(column(items, |_, d| d.model))
+    .bind(column(items, |_, d| tokens(d, |o| o.input_tokens)))
+    .bind(column(items, |_, d| tokens(d, |o| o.output_tokens)))
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Marks a job `dead` (or `failed`) with its reason, creating the row when
@@ -895,6 +1050,172 @@ mod tests {
             total_ms: 2.0,
             chunks: 1,
         }
+    }
+
+    fn decision(tier: &str, cost: f64) -> Decision {
+        Decision {
+            tier: tier.into(),
+            model: format!("{tier}-model"),
+            reason: "test".into(),
+            features: serde_json::json!({}),
+            trail: serde_json::json!([]),
+            estimated_cost_usd: cost,
+            policy_version: "v".into(),
+            shadow: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_routing_batch_sees_its_own_estimates_duplicates_and_earlier_routes() {
+        let (db, name) = private_db().await;
+        set_budget(&db, "a", Some(1.0), None).await.expect("budget");
+        let [first, second, third, earlier] = [job("a"), job("a"), job("a"), job("b")];
+        // `earlier` was routed by an earlier batch, to large.
+        let out = route_jobs(&db, &[&earlier], |_, _| Ok(decision("large", 0.0))).await;
+        assert!(matches!(out[0], Ok(RouteOutcome::Routed { .. })), "{out:?}");
+        // Each job costs 0.3 of tenant a's 1.0. `first` comes twice;
+        // `earlier` comes again.
+        let mut seen = Vec::new();
+        let batch = [&first, &second, &earlier, &first, &third];
+        let out = route_jobs(&db, &batch, |job, budget| {
+            seen.push((job.job_id, budget.daily_remaining_usd));
+            Ok(decision("compact", 0.3))
+        })
+        .await;
+        let out: Vec<RouteOutcome> = out.into_iter().map(|o| o.expect("routed")).collect();
+        assert!(matches!(&out[0], RouteOutcome::Routed { tier, .. } if tier == "compact"));
+        assert!(matches!(&out[1], RouteOutcome::Routed { tier, .. } if tier == "compact"));
+        assert_eq!(
+            out[2],
+            RouteOutcome::AlreadyRouted {
+                tier: "large".into(),
+                model: "large-model".into(),
+                status: Status::Routed
+            }
+        );
+        assert_eq!(
+            out[3],
+            RouteOutcome::AlreadyRouted {
+                tier: "compact".into(),
+                model: "compact-model".into(),
+                status: Status::Routed
+            }
+        );
+        assert!(matches!(&out[4], RouteOutcome::Routed { tier, .. } if tier == "compact"));
+        // Each of tenant a's jobs was decided once, and saw the estimates
+        // of those decided before it.
+        let mut lefts: Vec<f64> = seen.iter().filter_map(|s| s.1).collect();
+        lefts.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(lefts.len(), 3);
+        for (left, want) in lefts.iter().zip([1.0, 0.7, 0.4]) {
+            assert!((left - want).abs() < 1e-9, "{lefts:?}");
+        }
+        for j in [&first, &second, &third] {
+            let row = get_job(&db, j.job_id).await.expect("read").expect("row");
+            assert_eq!(row.status, "routed");
+        }
+        let count = |sql: &'static str| {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&db)
+                    .await
+                    .expect("count")
+            }
+        };
+        assert_eq!(count("SELECT count(*) FROM route_decisions").await, 4);
+        assert_eq!(
+            count("SELECT count(*) FROM usage_ledger WHERE entry = 'estimate'").await,
+            4
+        );
+        let budget = read_budget(&db, "a").await.expect("budget");
+        assert!((budget.daily_remaining_usd.unwrap_or(0.0) - 0.1).abs() < 1e-9);
+        db.close().await;
+        pg_tool("dropdb", &name);
+    }
+
+    #[tokio::test]
+    async fn a_worker_batch_starts_and_ends_rows_it_finds_in_any_state() {
+        let (db, name) = private_db().await;
+        let [routed, missing, ended] = [job("a"), job("a"), job("a")];
+        route_jobs(&db, &[&routed, &ended], |_, _| Ok(decision("compact", 0.0))).await;
+        let only = [output("done before")];
+        let before = Completion {
+            tier: "compact",
+            model: "m",
+            engine: "extractive",
+            outputs: &only,
+            cost_usd: 0.0,
+        };
+        start_jobs(&db, "compact", &[(&ended, "m")]).await;
+        assert!(matches!(
+            complete_jobs(&db, &[(&ended, before)]).await[0],
+            Ok(true)
+        ));
+        // `missing` has no row yet (its router never wrote one), `ended`
+        // is a redelivery of a finished job, `routed` comes twice.
+        let items = [
+            (&routed, "m"),
+            (&missing, "m"),
+            (&ended, "m"),
+            (&routed, "m"),
+        ];
+        let started: Vec<StartOutcome> = start_jobs(&db, "compact", &items)
+            .await
+            .into_iter()
+            .map(|s| s.expect("started"))
+            .collect();
+        assert_eq!(started[0], StartOutcome::Run { attempt: 1 });
+        assert_eq!(started[1], StartOutcome::Run { attempt: 1 });
+        assert_eq!(started[2], StartOutcome::AlreadyDone(Status::Succeeded));
+        assert_eq!(started[3], StartOutcome::Run { attempt: 2 });
+        let outs = [output("first"), output("second")];
+        let done = |o| Completion {
+            tier: "compact",
+            model: "m",
+            engine: "extractive",
+            outputs: std::slice::from_ref(o),
+            cost_usd: 0.5,
+        };
+        let items = [
+            (&routed, done(&outs[0])),
+            (&missing, done(&outs[1])),
+            (&ended, done(&outs[1])),
+            (&routed, done(&outs[1])),
+        ];
+        let ok: Vec<bool> = complete_jobs(&db, &items)
+            .await
+            .into_iter()
+            .map(|r| r.expect("completed"))
+            .collect();
+        assert_eq!(ok, [true, true, false, false]);
+        let texts = |id| {
+            let db = db.clone();
+            async move {
+                get_summaries(&db, id)
+                    .await
+                    .expect("read")
+                    .into_iter()
+                    .map(|s| s.text)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(texts(routed.job_id).await, ["first"]);
+        assert_eq!(texts(missing.job_id).await, ["second"]);
+        assert_eq!(texts(ended.job_id).await, ["done before"]);
+        let actual: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM usage_ledger WHERE entry = 'actual' AND cost_usd = 0.5",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("count");
+        assert_eq!(actual, 2, "one actual cost per job that ended here");
+        for j in [&routed, &missing] {
+            let row = get_job(&db, j.job_id).await.expect("read").expect("row");
+            assert_eq!(row.status, "succeeded");
+        }
+        db.close().await;
+        pg_tool("dropdb", &name);
     }
 
     #[tokio::test]
