@@ -104,6 +104,11 @@ pub struct AmqpConfig {
     pub url: String,
     /// Unacked deliveries per consumer; also how many jobs a process works on at once.
     pub prefetch: u16,
+    /// Batches a consumer works on at once. While that many are in flight,
+    /// new deliveries wait in the prefetch window and the next batch takes
+    /// them together: under load, batches fill (prefetch >= (this + 1) x
+    /// batch size keeps them full); a lone delivery still goes at once.
+    pub batches_in_flight: u16,
     /// The broker's delivery acknowledgement timeout (RabbitMQ's
     /// `consumer_timeout`, 30 min by default), in seconds. recap asks for it
     /// per consumer (`x-consumer-timeout`, honoured by RabbitMQ 3.12 and
@@ -219,6 +224,7 @@ impl Default for AmqpConfig {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefetch: 1,
+            batches_in_flight: 2,
             consumer_timeout_s: 1800,
         }
     }
@@ -284,13 +290,14 @@ impl Default for MetricsConfig {
 pub const MAX_BATCH: usize = 256;
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 18] = [
+pub const ENV_OVERRIDES: [(&str, &str); 19] = [
     ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
     ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
     ("RECAP_GATEWAY_BURST", "gateway.burst"),
     ("RECAP_POLICY", "policy.file"),
     ("RECAP_AMQP_URL", "amqp.url"),
     ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
+    ("RECAP_AMQP_BATCHES_IN_FLIGHT", "amqp.batches_in_flight"),
     ("RECAP_AMQP_CONSUMER_TIMEOUT_S", "amqp.consumer_timeout_s"),
     ("RECAP_JOB_DEADLINE_S", "worker.job_deadline_s"),
     ("RECAP_DATABASE_URL", "database.url"),
@@ -341,6 +348,10 @@ impl Config {
                 "amqp.url" => self.amqp.url = value.clone(),
                 "amqp.prefetch" => {
                     self.amqp.prefetch = u16::try_from(number("an integer")?)
+                        .map_err(|_| invalid(key, "must be at most 65535"))?
+                }
+                "amqp.batches_in_flight" => {
+                    self.amqp.batches_in_flight = u16::try_from(number("an integer")?)
                         .map_err(|_| invalid(key, "must be at most 65535"))?
                 }
                 "amqp.consumer_timeout_s" => self.amqp.consumer_timeout_s = number("seconds")?,
@@ -402,6 +413,12 @@ impl Config {
             return Err(invalid(
                 "amqp.prefetch",
                 format!("must be 1-1000, got {}", self.amqp.prefetch),
+            ));
+        }
+        if !(1..=1000).contains(&self.amqp.batches_in_flight) {
+            return Err(invalid(
+                "amqp.batches_in_flight",
+                format!("must be 1-1000, got {}", self.amqp.batches_in_flight),
             ));
         }
         if !(1..=MAX_BATCH).contains(&self.router.batch_size) {
@@ -616,8 +633,12 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: [(&[(&str, &str)], &str); 7] = [
+        let cases: [(&[(&str, &str)], &str); 8] = [
             (&[("RECAP_AMQP_URL", "http://x")], "amqp.url"),
+            (
+                &[("RECAP_AMQP_BATCHES_IN_FLIGHT", "0")],
+                "amqp.batches_in_flight",
+            ),
             (&[("RECAP_DATABASE_URL", "mysql://x")], "database.url"),
             (&[("RECAP_AMQP_PREFETCH", "0")], "amqp.prefetch"),
             (&[("RECAP_DEVICE", "tpu")], "models.device"),

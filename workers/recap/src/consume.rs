@@ -7,7 +7,11 @@
 //! Deliveries that are already waiting when one arrives go to the handler
 //! together, up to the consumer's batch size, so that their database work
 //! shares one commit and their publishes share one round of confirms. A
-//! lone delivery is never held back to wait for company.
+//! lone delivery is never held back to wait for company; but while
+//! `amqp.batches_in_flight` batches are being handled, no new batch starts,
+//! so under load deliveries gather in the prefetch window and the next
+//! batch takes them all (one small batch per refill is what the broker's
+//! ack-paced delivery gives otherwise).
 
 use crate::config::Config;
 use crate::metrics::metrics;
@@ -152,11 +156,12 @@ impl<H: Handler> Consumer<H> {
 
         let cancel = Cancel::default();
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let in_flight = usize::from(self.config.amqp.batches_in_flight.max(1));
         let broken = loop {
             tokio::select! {
                 _ = shutdown.wait() => break None,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                next = consumer.next() => match next {
+                next = consumer.next(), if tasks.len() < in_flight => match next {
                     Some(Ok(delivery)) => {
                         let mut batch = vec![delivery];
                         let mut ended = None;
@@ -275,14 +280,26 @@ impl<H: Handler> Task<H> {
                 detail: "no verdict from the handler".into(),
             });
         }
+        // The plain acks go to the connection together (one I/O loop
+        // wake-up for the batch, not a thread hand-off per ack); the rest
+        // are settled one by one.
+        let mut acks = Vec::with_capacity(batch.len());
         for (delivery, verdict) in batch.iter().zip(verdicts) {
+            if let Verdict::Ack = verdict {
+                acks.push(delivery.ack(BasicAckOptions::default()));
+                continue;
+            }
             let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
                 .and_then(|a| u32::try_from(a).ok())
                 .unwrap_or(1)
                 .max(1);
             if let Err(e) = self.carry_out(delivery, verdict, attempt).await {
-                // Nothing was acked: the broker redelivers when the channel closes.
-                tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
+                unsettled(&e);
+            }
+        }
+        for acked in futures::future::join_all(acks).await {
+            if let Err(e) = acked {
+                unsettled(&e.into());
             }
         }
     }
@@ -442,6 +459,11 @@ impl<H: Handler> Task<H> {
         delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
+}
+
+fn unsettled(e: &anyhow::Error) {
+    // Nothing was acked: the broker redelivers when the channel closes.
+    tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
 }
 
 /// The original properties with new headers; persistent whatever the

@@ -330,24 +330,29 @@ pub async fn publish_all_confirmed(
     ch: &Channel,
     messages: Vec<Outgoing<'_>>,
 ) -> Vec<Result<(), QueueError>> {
-    let mut pending = Vec::with_capacity(messages.len());
-    for m in messages {
-        let sent = ch
-            .basic_publish(
-                m.exchange.into(),
-                m.routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: m.mandatory,
-                    ..BasicPublishOptions::default()
-                },
-                m.payload,
-                m.props,
-            )
-            .await;
-        pending.push((m.exchange, m.routing_key, sent));
-    }
-    let mut results = Vec::with_capacity(pending.len());
-    for (exchange, routing_key, sent) in pending {
+    // All publishes are handed to the connection's I/O loop together: one
+    // wake-up writes them all, where awaiting each in turn cost a thread
+    // hand-off per message. Each has its own delivery tag and confirm, so
+    // their order on the wire does not matter.
+    let targets: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| (m.exchange, m.routing_key))
+        .collect();
+    let sent = futures::future::join_all(messages.into_iter().map(|m| {
+        ch.basic_publish(
+            m.exchange.into(),
+            m.routing_key.into(),
+            BasicPublishOptions {
+                mandatory: m.mandatory,
+                ..BasicPublishOptions::default()
+            },
+            m.payload,
+            m.props,
+        )
+    }))
+    .await;
+    let mut results = Vec::with_capacity(sent.len());
+    for ((exchange, routing_key), sent) in targets.into_iter().zip(sent) {
         let result = match sent {
             Err(e) => Err(QueueError::from(e)),
             Ok(confirm) => match confirm.await {

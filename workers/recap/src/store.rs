@@ -9,9 +9,10 @@ use crate::config::{redact_url, Config};
 use chrono::{DateTime, Utc};
 use recap_engine::SummaryOutput;
 use recap_job::Job;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -30,15 +31,23 @@ pub enum StoreError {
 }
 
 pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
+    let failed = |source| StoreError::Connect {
+        url: redact_url(&config.database.url),
+        source,
+    };
+    let options = PgConnectOptions::from_str(&config.database.url)
+        .map_err(failed)?
+        // Plan each statement for the tables as they are now. A prepared
+        // statement's generic plan, made while a table was still empty,
+        // kept scanning it whole as it grew (the batch statements join on
+        // arrays of ids): per-job database time rose with every job.
+        .options([("plan_cache_mode", "force_custom_plan")]);
     PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&config.database.url)
+        .connect_with(options)
         .await
-        .map_err(|source| StoreError::Connect {
-            url: redact_url(&config.database.url),
-            source,
-        })
+        .map_err(failed)
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
@@ -655,15 +664,60 @@ pub async fn start_jobs(
 }
 
 /// The common case, routed jobs' rows: one statement locks them and counts
-/// the attempts. A job it did not change (no row yet, or ended) is created
-/// or read under its lock, alone.
+/// the attempts. The jobs it did not change get their rows created where
+/// missing (a job published straight onto a tier queue) and locked, in
+/// three more statements for all of them; an ended job is left as it is.
 async fn start_set(
     tx: &mut Tx,
     items: &[&(&Job, &str)],
     tier: &str,
 ) -> Result<Vec<StartOutcome>, StoreError> {
-    let ids: Vec<Uuid> = items.iter().map(|(j, _)| j.job_id).collect();
-    let models: Vec<&str> = items.iter().map(|(_, m)| *m).collect();
+    let all: Vec<(Uuid, &str)> = items.iter().map(|(j, m)| (j.job_id, *m)).collect();
+    let mut started = mark_running(tx, &all, tier).await?;
+    let mut rest: Vec<&Job> = Vec::new();
+    for (job, _) in items {
+        if !started.contains_key(&job.job_id) && !rest.iter().any(|j| j.job_id == job.job_id) {
+            rest.push(job);
+        }
+    }
+    let mut ended: HashMap<Uuid, Status> = HashMap::new();
+    if !rest.is_empty() {
+        insert_jobs(tx, &rest, Status::Routed).await?;
+        let ids: Vec<Uuid> = rest.iter().map(|j| j.job_id).collect();
+        let mut runnable = Vec::new();
+        for (id, status) in lock_jobs(tx, &ids).await? {
+            if status.is_terminal() {
+                ended.insert(id, status);
+            } else if let Some((_, model)) = all.iter().find(|(i, _)| *i == id) {
+                runnable.push((id, *model));
+            }
+        }
+        started.extend(mark_running(tx, &runnable, tier).await?);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (job, model) in items {
+        out.push(
+            match (started.remove(&job.job_id), ended.get(&job.job_id)) {
+                (Some(attempt), _) => StartOutcome::Run { attempt },
+                (None, Some(status)) => StartOutcome::AlreadyDone(*status),
+                // The same job again in this batch: one more attempt, as if alone.
+                (None, None) => start_alone(tx, job, tier, model).await?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `running`, one more attempt, for each of the jobs that has not ended;
+/// the attempt of each one changed.
+async fn mark_running(
+    tx: &mut Tx,
+    jobs: &[(Uuid, &str)],
+    tier: &str,
+) -> Result<HashMap<Uuid, i32>, StoreError> {
+    if jobs.is_empty() {
+        return Ok(HashMap::new());
+    }
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = m.model,
                          started_at = now(), updated_at = now()
@@ -671,20 +725,12 @@ async fn start_set(
          WHERE jobs.job_id = m.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
          RETURNING jobs.job_id, jobs.attempts",
     )
-    .bind(&ids)
+    .bind(jobs.iter().map(|j| j.0).collect::<Vec<_>>())
     .bind(tier)
-    .bind(&models)
+    .bind(jobs.iter().map(|j| j.1).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
-    let mut started: HashMap<Uuid, i32> = rows.into_iter().collect();
-    let mut out = Vec::with_capacity(items.len());
-    for (job, model) in items {
-        out.push(match started.remove(&job.job_id) {
-            Some(attempt) => StartOutcome::Run { attempt },
-            None => start_alone(tx, job, tier, model).await?,
-        });
-    }
-    Ok(out)
+    Ok(rows.into_iter().collect())
 }
 
 async fn start_alone(
@@ -697,18 +743,11 @@ async fn start_alone(
     if status.is_terminal() {
         return Ok(StartOutcome::AlreadyDone(status));
     }
-    let attempt: i32 = sqlx::query_scalar(
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = $3,
-                         started_at = now(), updated_at = now()
-         WHERE job_id = $1
-         RETURNING attempts",
-    )
-    .bind(job.job_id)
-    .bind(tier)
-    .bind(model)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(StartOutcome::Run { attempt })
+    mark_running(tx, &[(job.job_id, model)], tier)
+        .await?
+        .remove(&job.job_id)
+        .map(|attempt| StartOutcome::Run { attempt })
+        .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
 }
 
 /// The finished work of one job.
