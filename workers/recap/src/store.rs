@@ -4,15 +4,22 @@
 //! key, and every transition runs in a transaction that first locks the job
 //! row and refuses to leave a terminal state. A redelivered message finds
 //! the job `succeeded` and writes nothing.
+//!
+//! The batch statements that join arrays of ids against the growing tables
+//! are not kept prepared (`persistent(false)`): PostgreSQL plans them for
+//! each call, for the tables as they are then. A kept statement's generic
+//! plan, made while a table was still empty, went on scanning it whole as
+//! it grew (per-job database time rose with every job). Planning every
+//! statement of the session instead (`plan_cache_mode`) also replanned the
+//! foreign-key checks for every row, which cost more than it saved.
 
 use crate::config::{redact_url, Config};
 use chrono::{DateTime, Utc};
 use recap_engine::SummaryOutput;
 use recap_job::Job;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -31,23 +38,15 @@ pub enum StoreError {
 }
 
 pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
-    let failed = |source| StoreError::Connect {
-        url: redact_url(&config.database.url),
-        source,
-    };
-    let options = PgConnectOptions::from_str(&config.database.url)
-        .map_err(failed)?
-        // Plan each statement for the tables as they are now. A prepared
-        // statement's generic plan, made while a table was still empty,
-        // kept scanning it whole as it grew (the batch statements join on
-        // arrays of ids): per-job database time rose with every job.
-        .options([("plan_cache_mode", "force_custom_plan")]);
     PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
+        .connect(&config.database.url)
         .await
-        .map_err(failed)
+        .map_err(|source| StoreError::Connect {
+            url: redact_url(&config.database.url),
+            source,
+        })
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
@@ -243,6 +242,7 @@ async fn lock_jobs(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, Status>, S
     let rows: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT job_id, status FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE",
     )
+    .persistent(false)
     .bind(ids)
     .fetch_all(&mut **tx)
     .await?;
@@ -352,11 +352,13 @@ async fn budget_state(tx: &mut Tx, tenant: &str) -> Result<recap_policy::BudgetS
               AND created_at >= date_trunc($2, now())
             ORDER BY job_id, (entry = 'actual') DESC, id DESC) s";
     let day: f64 = sqlx::query_scalar(SPENT_SINCE)
+        .persistent(false)
         .bind(tenant)
         .bind("day")
         .fetch_one(&mut **tx)
         .await?;
     let month: f64 = sqlx::query_scalar(SPENT_SINCE)
+        .persistent(false)
         .bind(tenant)
         .bind("month")
         .fetch_one(&mut **tx)
@@ -432,6 +434,7 @@ async fn route_set(
             "SELECT DISTINCT ON (job_id) job_id, tier, model FROM route_decisions
              WHERE job_id = ANY($1) ORDER BY job_id, id",
         )
+        .persistent(false)
         .bind(&past)
         .fetch_all(&mut **tx)
         .await?;
@@ -506,7 +509,8 @@ async fn route_set(
              UPDATE jobs SET status = 'routed', tier = d.tier, model = d.model,
                              routed_at = now(), updated_at = now()
              FROM d WHERE jobs.job_id = d.job_id"
-        ));
+        ))
+        .persistent(false);
         bind_decisions(statement, &decided)
             .execute(&mut **tx)
             .await?;
@@ -725,6 +729,7 @@ async fn mark_running(
          WHERE jobs.job_id = m.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
          RETURNING jobs.job_id, jobs.attempts",
     )
+    .persistent(false)
     .bind(jobs.iter().map(|j| j.0).collect::<Vec<_>>())
     .bind(tier)
     .bind(jobs.iter().map(|j| j.1).collect::<Vec<_>>())
@@ -893,6 +898,7 @@ async fn end_jobs(
              ON CONFLICT DO NOTHING)
          SELECT job_id, callback FROM ended",
     )
+    .persistent(false)
     .bind(column(items, |j, _| j.job_id))
     .bind(column(items, |_, d| d.outputs.iter().map(|o| o.chunks as i32).fold(1, i32::max)))
     .bind(column(items, |_, d| d.cost_usd))
