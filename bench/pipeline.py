@@ -123,13 +123,14 @@ RECAP_LAT = pct_sql(
 
 def recap_fleet(sc, recap, hop, workers, prefetch, batch):
     # batch: deliveries already waiting that a process takes together (one
-    # commit, one round of confirms); 1 = one job per transaction.
+    # commit, one round of confirms); 1 = one job per transaction, with as
+    # many jobs in flight as the prefetch allows (as before batching).
+    in_flight = "2" if batch > 1 else str(prefetch)
+    common = dict(RECAP_AMQP_PREFETCH=str(prefetch), RECAP_AMQP_BATCHES_IN_FLIGHT=in_flight)
     if hop == "ingest":
-        sc.spawn([recap, "router"], RECAP_AMQP_PREFETCH=str(prefetch),
-                 RECAP_ROUTER_BATCH_SIZE=str(batch))
+        sc.spawn([recap, "router"], RECAP_ROUTER_BATCH_SIZE=str(batch), **common)
     for _ in range(workers):
-        sc.spawn([recap, "worker", "--tier", "compact"], RECAP_AMQP_PREFETCH=str(prefetch),
-                 RECAP_COMPACT_BATCH_SIZE=str(batch))
+        sc.spawn([recap, "worker", "--tier", "compact"], RECAP_COMPACT_BATCH_SIZE=str(batch), **common)
 
 
 def recap_publish(sc, recap, n, hop, rate=0.0):
@@ -248,7 +249,9 @@ def main():
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--latency-jobs", type=int, default=1_000)
     ap.add_argument("--rate", type=float, default=100.0)
-    ap.add_argument("--prefetch", type=int, default=64)
+    # (batches in flight + 1) x batch: while two batches are handled, a
+    # third waits whole in the prefetch window.
+    ap.add_argument("--prefetch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated scenarios to run (default: all)")
     a = ap.parse_args()

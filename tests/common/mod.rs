@@ -234,65 +234,55 @@ pub async fn confirm_channel(conn: &Connection) -> Channel {
 
 /// Publishes raw bytes the way a producer would: persistent, JSON, confirmed.
 pub async fn publish(ch: &Channel, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+    let confirm = send(ch, routing_key, body, message_id).await;
+    check_confirmed(confirm, routing_key).await;
+}
+
+/// Publishes many jobs with pipelined confirms (all sent, then all awaited):
+/// a load test's backlog goes in at broker speed, not at one round trip each.
+pub async fn publish_jobs(ch: &Channel, routing_key: &str, jobs: &[(Uuid, Vec<u8>)]) {
+    let mut confirms = Vec::with_capacity(jobs.len());
+    for (id, body) in jobs {
+        confirms.push(send(ch, routing_key, body, Some(&id.to_string())).await);
+    }
+    for confirm in confirms {
+        check_confirmed(confirm, routing_key).await;
+    }
+}
+
+async fn send(
+    ch: &Channel,
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> lapin::PublisherConfirm {
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
     if let Some(id) = message_id {
         props = props.with_message_id(id.into());
     }
-    let confirm = ch
-        .basic_publish(
-            "recap.jobs".into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    ch.basic_publish(
+        "recap.jobs".into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        body,
+        props,
+    )
+    .await
+    .expect("publish")
+}
+
+async fn check_confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) {
+    let confirm = confirm.await.expect("confirm");
     assert!(confirm.is_ack(), "broker nacked the publish");
     assert!(
         confirm.take_message().is_none(),
         "publish to {routing_key} was unroutable"
     );
-}
-
-/// Publishes many jobs with pipelined confirms (all sent, then all awaited):
-/// a load test's backlog goes in at broker speed, not at one round trip each.
-pub async fn publish_jobs(ch: &Channel, routing_key: &str, jobs: &[(Uuid, Vec<u8>)]) {
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    let mut confirms = Vec::with_capacity(jobs.len());
-    for (id, body) in jobs {
-        let confirm = ch
-            .basic_publish(
-                "recap.jobs".into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props.clone().with_message_id(id.to_string().into()),
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    for confirm in confirms {
-        let confirm = confirm.await.expect("confirm");
-        assert!(confirm.is_ack(), "broker nacked the publish");
-        assert!(
-            confirm.take_message().is_none(),
-            "publish to {routing_key} was unroutable"
-        );
-    }
 }
 
 pub fn job_json(job_id: Uuid, tenant: &str, kinds: &[&str]) -> Vec<u8> {
