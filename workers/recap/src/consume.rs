@@ -280,26 +280,31 @@ impl<H: Handler> Task<H> {
                 detail: "no verdict from the handler".into(),
             });
         }
-        // The plain acks go to the connection together (one I/O loop
-        // wake-up for the batch, not a thread hand-off per ack); the rest
-        // are settled one by one.
-        let mut acks = Vec::with_capacity(batch.len());
-        for (delivery, verdict) in batch.iter().zip(verdicts) {
-            if let Verdict::Ack = verdict {
-                acks.push(delivery.ack(BasicAckOptions::default()));
-                continue;
+        // The plain acks go first and to the connection together (one I/O
+        // loop wake-up for the batch, not a thread hand-off per ack), so
+        // that a requeue waiting out a database outage holds none of them;
+        // the rest are settled one by one.
+        let (acks, rest): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .zip(verdicts)
+            .partition(|(_, verdict)| matches!(verdict, Verdict::Ack));
+        let acked = futures::future::join_all(
+            acks.iter()
+                .map(|(delivery, _)| delivery.ack(BasicAckOptions::default())),
+        )
+        .await;
+        for result in acked {
+            if let Err(e) = result {
+                unsettled(&e.into());
             }
+        }
+        for (delivery, verdict) in rest {
             let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
                 .and_then(|a| u32::try_from(a).ok())
                 .unwrap_or(1)
                 .max(1);
             if let Err(e) = self.carry_out(delivery, verdict, attempt).await {
                 unsettled(&e);
-            }
-        }
-        for acked in futures::future::join_all(acks).await {
-            if let Err(e) = acked {
-                unsettled(&e.into());
             }
         }
     }
