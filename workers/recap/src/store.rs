@@ -194,21 +194,46 @@ impl<T> HasJob for (&Job, T) {
     }
 }
 
-/// Inserts each job in `status` unless it exists: one statement for the
-/// batch.
-async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], status: Status) -> Result<(), StoreError> {
+/// How a missing job row is created.
+#[derive(Clone, Copy)]
+enum NewRow<'a> {
+    /// In this status.
+    As(Status),
+    /// Already `running` on its first attempt, on `tier` with each job's
+    /// model: a worker's start of a job that never had a row.
+    Running {
+        tier: &'a str,
+        models: &'a [&'a str],
+    },
+}
+
+/// Inserts each job unless it exists: one statement for the batch. The ids
+/// of the rows inserted.
+async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], new: NewRow<'_>) -> Result<Vec<Uuid>, StoreError> {
     fn column<'j, T>(jobs: &[&'j Job], f: impl Fn(&'j Job) -> T) -> Vec<T> {
         jobs.iter().map(|j| f(j)).collect()
     }
-    sqlx::query(
+    let (status, tier, models) = match new {
+        NewRow::As(status) => (status, None, vec![None; jobs.len()]),
+        NewRow::Running { tier, models } => (
+            Status::Running,
+            Some(tier),
+            models.iter().map(|m| Some(*m)).collect(),
+        ),
+    };
+    Ok(sqlx::query_scalar(
         "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
-                           callback_url, input_bytes, utterances, queued_at)
+                           callback_url, input_bytes, utterances, queued_at,
+                           tier, model, attempts, started_at)
          SELECT j.job_id, j.tenant, $3, j.quality, j.language, string_to_array(j.kinds, ','),
-                j.metadata, j.callback_url, j.input_bytes, j.utterances, now()
+                j.metadata, j.callback_url, j.input_bytes, j.utterances, now(),
+                $11, j.model, CASE WHEN $13 THEN 1 ELSE 0 END, CASE WHEN $13 THEN now() END
          FROM unnest($1::uuid[], $2::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
-                     $8::text[], $9::int4[], $10::int4[])
-              AS j(job_id, tenant, quality, language, kinds, metadata, callback_url, input_bytes, utterances)
-         ON CONFLICT (job_id) DO NOTHING",
+                     $8::text[], $9::int4[], $10::int4[], $12::text[])
+              AS j(job_id, tenant, quality, language, kinds, metadata, callback_url, input_bytes,
+                   utterances, model)
+         ON CONFLICT (job_id) DO NOTHING
+         RETURNING job_id",
     )
     .bind(column(jobs, |j| j.job_id))
     .bind(column(jobs, |j| j.tenant.as_str()))
@@ -232,9 +257,11 @@ async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], status: Status) -> Result<(), S
     .bind(column(jobs, |j| j.callback_url.as_deref()))
     .bind(column(jobs, |j| j.transcript_bytes() as i32))
     .bind(column(jobs, |j| j.transcript.len() as i32))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .bind(tier)
+    .bind(models)
+    .bind(tier.is_some())
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Locks the jobs' rows, in job id order; the status of each.
@@ -255,7 +282,7 @@ async fn lock_jobs(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, Status>, S
 /// Inserts the job in `status` unless it exists; returns the status it has
 /// after the call, locked for the rest of the transaction.
 async fn ensure_job_locked(tx: &mut Tx, job: &Job, status: Status) -> Result<Status, StoreError> {
-    insert_jobs(tx, &[job], status).await?;
+    insert_jobs(tx, &[job], NewRow::As(status)).await?;
     lock_jobs(tx, &[job.job_id])
         .await?
         .remove(&job.job_id)
@@ -420,7 +447,7 @@ async fn route_set(
     ) -> Result<Decision, recap_policy::PolicyError>,
 ) -> Result<Vec<RouteOutcome>, StoreError> {
     let jobs: Vec<&Job> = jobs.iter().map(|j| **j).collect();
-    insert_jobs(tx, &jobs, Status::Queued).await?;
+    insert_jobs(tx, &jobs, NewRow::As(Status::Queued)).await?;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
     let statuses = lock_jobs(tx, &ids).await?;
     let past: Vec<Uuid> = statuses
@@ -668,9 +695,9 @@ pub async fn start_jobs(
 }
 
 /// The common case, routed jobs' rows: one statement locks them and counts
-/// the attempts. The jobs it did not change get their rows created where
-/// missing (a job published straight onto a tier queue) and locked, in
-/// three more statements for all of them; an ended job is left as it is.
+/// the attempts. The jobs it did not change are inserted as started where
+/// their rows are missing (a job published straight onto a tier queue);
+/// the others are locked and read, and an ended one is left as it is.
 async fn start_set(
     tx: &mut Tx,
     items: &[&(&Job, &str)],
@@ -678,25 +705,43 @@ async fn start_set(
 ) -> Result<Vec<StartOutcome>, StoreError> {
     let all: Vec<(Uuid, &str)> = items.iter().map(|(j, m)| (j.job_id, *m)).collect();
     let mut started = mark_running(tx, &all, tier).await?;
-    let mut rest: Vec<&Job> = Vec::new();
-    for (job, _) in items {
-        if !started.contains_key(&job.job_id) && !rest.iter().any(|j| j.job_id == job.job_id) {
-            rest.push(job);
+    let mut rest: Vec<(&Job, &str)> = Vec::new();
+    for (job, model) in items {
+        if !started.contains_key(&job.job_id) && !rest.iter().any(|(j, _)| j.job_id == job.job_id) {
+            rest.push((job, model));
         }
     }
     let mut ended: HashMap<Uuid, Status> = HashMap::new();
     if !rest.is_empty() {
-        insert_jobs(tx, &rest, Status::Routed).await?;
-        let ids: Vec<Uuid> = rest.iter().map(|j| j.job_id).collect();
-        let mut runnable = Vec::new();
-        for (id, status) in lock_jobs(tx, &ids).await? {
-            if status.is_terminal() {
-                ended.insert(id, status);
-            } else if let Some((_, model)) = all.iter().find(|(i, _)| *i == id) {
-                runnable.push((id, *model));
+        let jobs: Vec<&Job> = rest.iter().map(|(j, _)| *j).collect();
+        let models: Vec<&str> = rest.iter().map(|(_, m)| *m).collect();
+        let inserted = insert_jobs(
+            tx,
+            &jobs,
+            NewRow::Running {
+                tier,
+                models: &models,
+            },
+        )
+        .await?;
+        started.extend(inserted.iter().map(|id| (*id, 1)));
+        let existing: Vec<Uuid> = jobs
+            .iter()
+            .map(|j| j.job_id)
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        if !existing.is_empty() {
+            let mut runnable = Vec::new();
+            for (id, status) in lock_jobs(tx, &existing).await? {
+                if status.is_terminal() {
+                    ended.insert(id, status);
+                } else if let Some((_, model)) = rest.iter().find(|(j, _)| j.job_id == id) {
+                    // Created by someone else since this batch's first statement.
+                    runnable.push((id, *model));
+                }
             }
+            started.extend(mark_running(tx, &runnable, tier).await?);
         }
-        started.extend(mark_running(tx, &runnable, tier).await?);
     }
     let mut out = Vec::with_capacity(items.len());
     for (job, model) in items {
@@ -1214,6 +1259,20 @@ mod tests {
         assert_eq!(started[1], StartOutcome::Run { attempt: 1 });
         assert_eq!(started[2], StartOutcome::AlreadyDone(Status::Succeeded));
         assert_eq!(started[3], StartOutcome::Run { attempt: 2 });
+        let row = get_job(&db, missing.job_id)
+            .await
+            .expect("read")
+            .expect("row");
+        assert_eq!(
+            (
+                row.status.as_str(),
+                row.tier.as_deref(),
+                row.model.as_deref()
+            ),
+            ("running", Some("compact"), Some("m"))
+        );
+        assert_eq!(row.attempts, 1);
+        assert!(row.started_at.is_some() && row.queued_at.is_some());
         let outs = [output("first"), output("second")];
         let done = |o| Completion {
             tier: "compact",
