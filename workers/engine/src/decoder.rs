@@ -68,6 +68,7 @@ impl QLinear {
         let own: Option<RowsProduct> = match self.weight.dtype() {
             GgmlDType::Q4_1 => Some(crate::q4_1::matmul),
             GgmlDType::Q5_0 => Some(crate::q5_0::matmul),
+            GgmlDType::Q8_0 => Some(crate::q8_0::matmul),
             _ => None,
         };
         let y = if let (Some(matmul), true) = (own, x.device().is_cpu()) {

@@ -23,6 +23,7 @@ pub mod mapreduce;
 pub mod prompts;
 pub mod q4_1;
 pub mod q5_0;
+pub mod q8_0;
 pub mod qdot;
 pub mod spm;
 pub mod summarizer;

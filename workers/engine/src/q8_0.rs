@@ -1,0 +1,177 @@
+//! Matrix-vector (and few-rows) product for Q8_0 weights: the tied token
+//! table that Qwen2.5-0.5B Q4_K_M multiplies every decoded token by (the
+//! output projection, 151,936 × 896: 136 of about 410 MB read per token).
+//! candle's own Q8_0 kernel is vectorized, but runs on candle's thread pool,
+//! whose barrier spun for a quarter of Qwen's decode on 2 cores (`perf`);
+//! here the product runs on the engine's rayon pool like Q4_1 and Q5_0.
+//! ggml's scheme (`ggml_vec_dot_q8_0_q8_0`): each weight block contributes
+//! `dw·dx·Σ qw·qx`, the signed products 32 lanes at a time.
+
+use crate::qdot::{BlockFormat, Q8Block};
+use half::f16;
+
+/// Bytes of one Q8_0 block: f16 scale, then 32 signed bytes.
+pub const BLOCK_BYTES: usize = 34;
+
+struct Q8_0;
+
+// Batches (few rows) take `dot` per input (the trait's default): the same
+// results, and batched decoding is not what CPU workers run.
+impl BlockFormat for Q8_0 {
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+
+    // Inlined into the row loop, like the other formats' dot products.
+    #[inline(always)]
+    fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller).
+            return unsafe { dot_avx2(w, x) };
+        }
+        let _ = avx2;
+        dot_scalar(w, x)
+    }
+}
+
+fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let sumi: i32 = b[2..]
+            .iter()
+            .zip(&xb.q)
+            .map(|(&q, &v)| q as i8 as i32 * v as i32)
+            .sum();
+        acc += d * xb.d * sumi as f32;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
+        let (d, _) = crate::qdot::two_halves(b);
+        // SAFETY: `b` holds 34 bytes, so 32 can be read at offset 2; `xb.q`
+        // holds 32 bytes. Unaligned loads.
+        let qw = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+        let qx = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
+        // Signed × signed via |qw| × (qx with qw's sign): pairs of at most
+        // 128·127 sum within i16.
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+        let p32 = _mm256_madd_epi16(p16, ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
+    }
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
+/// `Y = X Wᵀ` for a few input rows (`qdot::matmul`): `weights` holds `n`
+/// rows of `k` Q8_0 values (`k` a multiple of 32); each output is the one
+/// the row gets alone.
+pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
+    crate::qdot::matmul::<Q8_0>(weights, n, k, xs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qdot::testing::{check_matvec, check_rows_alone, xorshift};
+    use crate::qdot::QK;
+    use proptest::prelude::*;
+
+    /// Q8_0 blocks for `rows` × `k` random-ish values, and their f32 values.
+    fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = Vec::new();
+        let mut vals = Vec::new();
+        let mut next = xorshift(seed);
+        for _ in 0..rows * k / QK {
+            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
+            bytes.extend(d.to_le_bytes());
+            for _ in 0..QK {
+                // The whole i8 range, -128 included.
+                let q = (next() % 256) as u8;
+                bytes.push(q);
+                vals.push(d.to_f32() * q as i8 as f32);
+            }
+        }
+        (bytes, vals)
+    }
+
+    fn matvec(w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
+        matmul(w, n, k, x)
+    }
+
+    proptest! {
+        // The SIMD kernel equals the scalar one, and both equal the f32
+        // product within the input quantization's error.
+        #[test]
+        fn matvec_matches_the_f32_product(
+            rows in 1usize..80,
+            blocks in 1usize..6,
+            seed in any::<u32>(),
+            x in proptest::collection::vec(-4f32..4.0, 192),
+        ) {
+            let k = blocks * QK;
+            let (w, vals) = weights(rows, k, seed);
+            let r = check_matvec(matvec, dot_scalar, BLOCK_BYTES, (&w, &vals), rows, &x[..k]);
+            prop_assert!(r.is_ok(), "{:?}", r);
+        }
+
+        // Rows multiplied together give, bit for bit, what each gives alone.
+        #[test]
+        fn matmul_rows_equal_matvec(
+            n in 1usize..100,
+            m in 1usize..12,
+            seed in any::<u32>(),
+            x in proptest::collection::vec(-4f32..4.0, 12 * 64),
+        ) {
+            let (w, _) = weights(n, 64, seed);
+            let r = check_rows_alone(matmul, matvec, &w, n, 64, &x[..m * 64]);
+            prop_assert!(r.is_ok(), "{:?}", r);
+        }
+    }
+
+    // Against candle's Q8_0 product (the code the kernel replaces, which
+    // quantizes the input the same way) and its dequantization: equal but
+    // for the order of the float sums.
+    #[test]
+    fn matvec_equals_candles_product_and_layout() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        use candle_core::{Device, Module, Shape, Tensor};
+        let (n, k) = (64, 896);
+        let (w, vals) = weights(n, k, 11);
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let storage = QStorage::from_data(
+            std::borrow::Cow::Borrowed(&w),
+            &Device::Cpu,
+            GgmlDType::Q8_0,
+        )
+        .expect("storage");
+        let t = QTensor::new(storage, Shape::from((n, k))).expect("tensor");
+        let dequantized: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .expect("dequantize");
+        assert_eq!(dequantized, vals);
+        let mm = QMatMul::from_qtensor(t).expect("qmatmul");
+        let theirs: Vec<f32> = Tensor::from_slice(&x, (1, k), &Device::Cpu)
+            .and_then(|t| mm.forward(&t))
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .expect("candle product");
+        let ours = matvec(&w, n, k, &x);
+        for (r, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "row {r}: ours {a}, candle {b}"
+            );
+        }
+    }
+}
