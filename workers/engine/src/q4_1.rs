@@ -76,10 +76,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
         mins += m * xb.s;
     }
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    _mm_cvtss_f32(h) + mins
+    crate::qdot::hsum(acc) + mins
 }
 
 /// `dot_avx2` of one weight row with up to `MANY` inputs: each block's
@@ -112,10 +109,7 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
     }
     for j in 0..m {
         let a = acc[j];
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        out[j] = _mm_cvtss_f32(h) + mins[j];
+        out[j] = crate::qdot::hsum(a) + mins[j];
     }
 }
 
@@ -147,8 +141,7 @@ pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::testing::{check_matvec, check_rows_alone, xorshift};
-    use proptest::prelude::*;
+    use crate::qdot::testing::xorshift;
 
     /// Q4_1 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
@@ -169,32 +162,5 @@ mod tests {
         (bytes, vals)
     }
 
-    proptest! {
-        #[test]
-        fn matmul_rows_equal_matvec(
-            n in 1usize..150,
-            m in 1usize..20,
-            seed in any::<u32>(),
-            x in proptest::collection::vec(-4f32..4.0, 20 * 96),
-        ) {
-            let (w, _) = weights(n, 96, seed);
-            let r = check_rows_alone(matmul, matvec, &w, n, 96, &x[..m * 96]);
-            prop_assert!(r.is_ok(), "{:?}", r);
-        }
-
-        // The SIMD kernel equals the scalar one, and both equal the f32
-        // product within the input quantization's error.
-        #[test]
-        fn matvec_matches_the_f32_product(
-            rows in 1usize..80,
-            blocks in 1usize..6,
-            seed in any::<u32>(),
-            x in proptest::collection::vec(-4f32..4.0, 192),
-        ) {
-            let k = blocks * QK;
-            let (w, vals) = weights(rows, k, seed);
-            let r = check_matvec(matvec, dot_scalar, BLOCK_BYTES, (&w, &vals), rows, &x[..k]);
-            prop_assert!(r.is_ok(), "{:?}", r);
-        }
-    }
+    crate::qdot::kernel_proptests!();
 }

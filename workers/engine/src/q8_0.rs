@@ -65,10 +65,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         let p32 = _mm256_madd_epi16(p16, ones);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
     }
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    _mm_cvtss_f32(h)
+    crate::qdot::hsum(acc)
 }
 
 /// `Y = X Wᵀ` for a few input rows (`qdot::matmul`): `weights` holds `n`
@@ -81,9 +78,9 @@ pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::testing::{check_matvec, check_rows_alone, xorshift};
+    use crate::qdot::testing::{check_against_candle, xorshift};
     use crate::qdot::QK;
-    use proptest::prelude::*;
+    use candle_core::quantized::GgmlDType;
 
     /// Q8_0 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
@@ -107,71 +104,13 @@ mod tests {
         matmul(w, n, k, x)
     }
 
-    proptest! {
-        // The SIMD kernel equals the scalar one, and both equal the f32
-        // product within the input quantization's error.
-        #[test]
-        fn matvec_matches_the_f32_product(
-            rows in 1usize..80,
-            blocks in 1usize..6,
-            seed in any::<u32>(),
-            x in proptest::collection::vec(-4f32..4.0, 192),
-        ) {
-            let k = blocks * QK;
-            let (w, vals) = weights(rows, k, seed);
-            let r = check_matvec(matvec, dot_scalar, BLOCK_BYTES, (&w, &vals), rows, &x[..k]);
-            prop_assert!(r.is_ok(), "{:?}", r);
-        }
+    crate::qdot::kernel_proptests!();
 
-        // Rows multiplied together give, bit for bit, what each gives alone.
-        #[test]
-        fn matmul_rows_equal_matvec(
-            n in 1usize..100,
-            m in 1usize..12,
-            seed in any::<u32>(),
-            x in proptest::collection::vec(-4f32..4.0, 12 * 64),
-        ) {
-            let (w, _) = weights(n, 64, seed);
-            let r = check_rows_alone(matmul, matvec, &w, n, 64, &x[..m * 64]);
-            prop_assert!(r.is_ok(), "{:?}", r);
-        }
-    }
-
-    // Against candle's Q8_0 product (the code the kernel replaces, which
-    // quantizes the input the same way) and its dequantization: equal but
-    // for the order of the float sums.
     #[test]
-    fn matvec_equals_candles_product_and_layout() {
-        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-        use candle_core::{Device, Module, Shape, Tensor};
+    fn blocks_and_products_equal_candles() {
         let (n, k) = (64, 896);
         let (w, vals) = weights(n, k, 11);
-        let x: Vec<f32> = (0..k)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-            .collect();
-        let storage = QStorage::from_data(
-            std::borrow::Cow::Borrowed(&w),
-            &Device::Cpu,
-            GgmlDType::Q8_0,
-        )
-        .expect("storage");
-        let t = QTensor::new(storage, Shape::from((n, k))).expect("tensor");
-        let dequantized: Vec<f32> = t
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all()?.to_vec1())
-            .expect("dequantize");
-        assert_eq!(dequantized, vals);
-        let mm = QMatMul::from_qtensor(t).expect("qmatmul");
-        let theirs: Vec<f32> = Tensor::from_slice(&x, (1, k), &Device::Cpu)
-            .and_then(|t| mm.forward(&t))
-            .and_then(|t| t.flatten_all()?.to_vec1())
-            .expect("candle product");
-        let ours = matvec(&w, n, k, &x);
-        for (r, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "row {r}: ours {a}, candle {b}"
-            );
-        }
+        let r = check_against_candle(GgmlDType::Q8_0, (&w, &vals), (n, k), matvec);
+        assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -81,6 +81,21 @@ pub unsafe fn two_halves(bytes: &[u8]) -> (f32, f32) {
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
+/// The sum of the eight lanes.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
 /// A weight format's kernels: the dot product of one weight row
 /// (`BLOCK_BYTES` per block of 32) with a quantized input row, and the same
 /// for up to `MANY` inputs at once, equal to `dot` bit for bit. A trait, not
@@ -148,6 +163,50 @@ pub fn matmul<F: BlockFormat>(weights: &[u8], n: usize, k: usize, xs: &[f32]) ->
 }
 
 /// Checks both kernels' tests share (`q4_1`, `q5_0`).
+/// The property tests every weight format's kernel passes, given its test
+/// `weights(rows, k, seed) -> (blocks, values)`, `matvec`, `matmul`,
+/// `dot_scalar` and `BLOCK_BYTES` in scope: the SIMD kernel equals the
+/// scalar one and both the f32 product (within the input quantization's
+/// error), and rows multiplied together give, bit for bit, what each gives
+/// alone.
+#[cfg(test)]
+macro_rules! kernel_proptests {
+    () => {
+        proptest::proptest! {
+            #[test]
+            fn matvec_matches_the_f32_product(
+                rows in 1usize..80,
+                blocks in 1usize..6,
+                seed in proptest::prelude::any::<u32>(),
+                x in proptest::collection::vec(-4f32..4.0, 192),
+            ) {
+                let k = blocks * crate::qdot::QK;
+                let (w, vals) = weights(rows, k, seed);
+                let r = crate::qdot::testing::check_matvec(
+                    matvec, dot_scalar, BLOCK_BYTES, (&w, &vals), rows, &x[..k],
+                );
+                proptest::prop_assert!(r.is_ok(), "{:?}", r);
+            }
+
+            #[test]
+            fn matmul_rows_equal_matvec(
+                n in 1usize..150,
+                m in 1usize..20,
+                seed in proptest::prelude::any::<u32>(),
+                x in proptest::collection::vec(-4f32..4.0, 20 * 96),
+            ) {
+                let (w, _) = weights(n, 96, seed);
+                let r = crate::qdot::testing::check_rows_alone(
+                    matmul, matvec, &w, n, 96, &x[..m * 96],
+                );
+                proptest::prop_assert!(r.is_ok(), "{:?}", r);
+            }
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use kernel_proptests;
+
 #[cfg(test)]
 pub mod testing {
     use super::{quantize_row, Q8Block, QK};
@@ -214,6 +273,43 @@ pub mod testing {
         for (j, row) in xs.chunks_exact(k).enumerate() {
             if y[j * n..(j + 1) * n] != matvec(w, n, k, row)[..] {
                 return Err(format!("row {j} differs from its product alone"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Against candle, whose code a kernel replaces: candle dequantizes the
+    /// blocks `w` to the values `vals` the test wrote (the layout), and its
+    /// product (which quantizes the input the same way) equals the kernel's
+    /// but for the order of the float sums.
+    pub fn check_against_candle(
+        dtype: candle_core::quantized::GgmlDType,
+        (w, vals): (&[u8], &[f32]),
+        (n, k): (usize, usize),
+        matvec: fn(&[u8], usize, usize, &[f32]) -> Vec<f32>,
+    ) -> Result<(), String> {
+        use candle_core::quantized::{QMatMul, QStorage, QTensor};
+        use candle_core::{Device, Module, Shape, Tensor};
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(w), &Device::Cpu, dtype)
+            .map_err(|e| e.to_string())?;
+        let t = QTensor::new(storage, Shape::from((n, k))).map_err(|e| e.to_string())?;
+        let dequantized: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(|e| e.to_string())?;
+        if dequantized != vals {
+            return Err("candle reads other values from the blocks".into());
+        }
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let theirs: Vec<f32> = QMatMul::from_qtensor(t)
+            .and_then(|mm| mm.forward(&Tensor::from_slice(&x, (1, k), &Device::Cpu)?))
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(|e| e.to_string())?;
+        for (r, (a, b)) in matvec(w, n, k, &x).iter().zip(&theirs).enumerate() {
+            if (a - b).abs() > 1e-5 * (1.0 + b.abs()) {
+                return Err(format!("row {r}: ours {a}, candle {b}"));
             }
         }
         Ok(())
