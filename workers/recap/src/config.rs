@@ -102,7 +102,8 @@ pub struct PolicySection {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: String,
-    /// Unacked deliveries per consumer; also how many jobs a process works on at once.
+    /// Unacked deliveries per consumer: with `batches_in_flight` x the batch
+    /// size, it bounds the jobs a process works on at once.
     pub prefetch: u16,
     /// Batches a consumer works on at once. While that many are in flight,
     /// new deliveries wait in the prefetch window and the next batch takes
