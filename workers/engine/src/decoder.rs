@@ -66,9 +66,9 @@ impl QLinear {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         // recap's own kernels where candle's are scalar (see `qdot`).
         let own: Option<RowsProduct> = match self.weight.dtype() {
-            GgmlDType::Q4_1 => Some(crate::q4_1::matmul),
-            GgmlDType::Q5_0 => Some(crate::q5_0::matmul),
-            GgmlDType::Q8_0 => Some(crate::q8_0::matmul),
+            GgmlDType::Q4_1 => Some(crate::qdot::matmul::<crate::q4_1::Q4_1>),
+            GgmlDType::Q5_0 => Some(crate::qdot::matmul::<crate::q5_0::Q5_0>),
+            GgmlDType::Q8_0 => Some(crate::qdot::matmul::<crate::q8_0::Q8_0>),
             _ => None,
         };
         let y = if let (Some(matmul), true) = (own, x.device().is_cpu()) {

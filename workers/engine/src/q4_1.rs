@@ -14,14 +14,32 @@ use half::f16;
 /// (element j in the low nibble of byte j, element j+16 in the high one).
 pub const BLOCK_BYTES: usize = 20;
 
-struct Q4_1;
+/// The Q4_1 format's kernels, for `qdot::matmul::<Q4_1>`.
+pub struct Q4_1;
 
 impl BlockFormat for Q4_1 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
+    fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+        let mut acc = 0f32;
+        for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let mut sumi = 0i32;
+            for j in 0..QK / 2 {
+                let byte = b[4 + j];
+                sumi += (byte & 0x0F) as i32 * xb.q[j] as i32;
+                sumi += (byte >> 4) as i32 * xb.q[j + QK / 2] as i32;
+            }
+            acc += d * xb.d * sumi as f32 + m * xb.s;
+        }
+        acc
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
-        dot(w, x, avx2)
+    unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+        dot_avx2(w, x)
     }
 
     fn dot_many(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32], avx2: bool) {
@@ -32,25 +50,9 @@ impl BlockFormat for Q4_1 {
             return;
         }
         for (o, x) in out.iter_mut().zip(xs) {
-            *o = dot(w, x, avx2);
+            *o = Self::dot(w, x, avx2);
         }
     }
-}
-
-fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-    let mut acc = 0f32;
-    for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let byte = b[4 + j];
-            sumi += (byte & 0x0F) as i32 * xb.q[j] as i32;
-            sumi += (byte >> 4) as i32 * xb.q[j + QK / 2] as i32;
-        }
-        acc += d * xb.d * sumi as f32 + m * xb.s;
-    }
-    acc
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -113,31 +115,6 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
     }
 }
 
-// Inlined into the row loop: a call per short row costs a tenth of the
-// decode (measured on SmolLM2's 576-value rows).
-#[inline(always)]
-fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller).
-        return unsafe { dot_avx2(w, x) };
-    }
-    let _ = avx2;
-    dot_scalar(w, x)
-}
-
-/// `y = W x` for one input row: `weights` holds `n` rows of `k` Q4_1 values
-/// (`k` a multiple of 32), `x` has `k` values; returns `n` values.
-pub fn matvec(weights: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
-    matmul(weights, n, k, x)
-}
-
-/// `Y = X Wᵀ` for a few input rows (`qdot::matmul`): each output is the
-/// one `matvec` computes for that row alone.
-pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
-    crate::qdot::matmul::<Q4_1>(weights, n, k, xs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +139,5 @@ mod tests {
         (bytes, vals)
     }
 
-    crate::qdot::kernel_proptests!();
+    crate::qdot::kernel_proptests!(Q4_1);
 }

@@ -15,34 +15,36 @@ use half::f16;
 /// j+16 in the high one).
 pub const BLOCK_BYTES: usize = 22;
 
-struct Q5_0;
+/// The Q5_0 format's kernels, for `qdot::matmul::<Q5_0>`.
+pub struct Q5_0;
 
 // Batches (few rows) take `dot` per input (the trait's default): the same
 // results, and batched decoding is not what CPU workers run.
 impl BlockFormat for Q5_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
-    #[inline(always)]
-    fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
-        dot(w, x, avx2)
-    }
-}
-
-fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-    let mut acc = 0f32;
-    for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let byte = b[6 + j];
-            let lo = (byte & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
-            let hi = (byte >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
-            sumi += (lo - 16) * xb.q[j] as i32 + (hi - 16) * xb.q[j + QK / 2] as i32;
+    fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+        let mut acc = 0f32;
+        for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let mut sumi = 0i32;
+            for j in 0..QK / 2 {
+                let byte = b[6 + j];
+                let lo = (byte & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+                let hi = (byte >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                sumi += (lo - 16) * xb.q[j] as i32 + (hi - 16) * xb.q[j + QK / 2] as i32;
+            }
+            acc += d * xb.d * sumi as f32;
         }
-        acc += d * xb.d * sumi as f32;
+        acc
     }
-    acc
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+        dot_avx2(w, x)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -87,31 +89,6 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     crate::qdot::hsum(acc)
 }
 
-// Inlined into the row loop: a call per short row costs a tenth of the
-// decode (measured on SmolLM2's 576-value rows).
-#[inline(always)]
-fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller).
-        return unsafe { dot_avx2(w, x) };
-    }
-    let _ = avx2;
-    dot_scalar(w, x)
-}
-
-/// `y = W x` for one input row: `weights` holds `n` rows of `k` Q5_0 values
-/// (`k` a multiple of 32), `x` has `k` values; returns `n` values.
-pub fn matvec(weights: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
-    matmul(weights, n, k, x)
-}
-
-/// `Y = X Wᵀ` for a few input rows (`qdot::matmul`): each output is the
-/// one `matvec` computes for that row alone.
-pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
-    crate::qdot::matmul::<Q5_0>(weights, n, k, xs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,13 +117,18 @@ mod tests {
         (bytes, vals)
     }
 
-    crate::qdot::kernel_proptests!();
+    crate::qdot::kernel_proptests!(Q5_0);
 
     #[test]
     fn blocks_and_products_equal_candles() {
         let (n, k) = (64, 896);
         let (w, vals) = weights(n, k, 11);
-        let r = check_against_candle(GgmlDType::Q5_0, (&w, &vals), (n, k), matvec);
+        let r = check_against_candle(
+            GgmlDType::Q5_0,
+            (&w, &vals),
+            (n, k),
+            crate::qdot::matmul::<Q5_0>,
+        );
         assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -13,38 +13,33 @@ use half::f16;
 /// Bytes of one Q8_0 block: f16 scale, then 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
 
-struct Q8_0;
+/// The Q8_0 format's kernels, for `qdot::matmul::<Q8_0>`.
+pub struct Q8_0;
 
 // Batches (few rows) take `dot` per input (the trait's default): the same
 // results, and batched decoding is not what CPU workers run.
 impl BlockFormat for Q8_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
-    // Inlined into the row loop, like the other formats' dot products.
-    #[inline(always)]
-    fn dot(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller).
-            return unsafe { dot_avx2(w, x) };
+    fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
+        let mut acc = 0f32;
+        for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let sumi: i32 = b[2..]
+                .iter()
+                .zip(&xb.q)
+                .map(|(&q, &v)| q as i8 as i32 * v as i32)
+                .sum();
+            acc += d * xb.d * sumi as f32;
         }
-        let _ = avx2;
-        dot_scalar(w, x)
+        acc
     }
-}
 
-fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-    let mut acc = 0f32;
-    for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let sumi: i32 = b[2..]
-            .iter()
-            .zip(&xb.q)
-            .map(|(&q, &v)| q as i8 as i32 * v as i32)
-            .sum();
-        acc += d * xb.d * sumi as f32;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
+        dot_avx2(w, x)
     }
-    acc
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -66,13 +61,6 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
     }
     crate::qdot::hsum(acc)
-}
-
-/// `Y = X Wᵀ` for a few input rows (`qdot::matmul`): `weights` holds `n`
-/// rows of `k` Q8_0 values (`k` a multiple of 32); each output is the one
-/// the row gets alone.
-pub fn matmul(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
-    crate::qdot::matmul::<Q8_0>(weights, n, k, xs)
 }
 
 #[cfg(test)]
@@ -100,17 +88,18 @@ mod tests {
         (bytes, vals)
     }
 
-    fn matvec(w: &[u8], n: usize, k: usize, x: &[f32]) -> Vec<f32> {
-        matmul(w, n, k, x)
-    }
-
-    crate::qdot::kernel_proptests!();
+    crate::qdot::kernel_proptests!(Q8_0);
 
     #[test]
     fn blocks_and_products_equal_candles() {
         let (n, k) = (64, 896);
         let (w, vals) = weights(n, k, 11);
-        let r = check_against_candle(GgmlDType::Q8_0, (&w, &vals), (n, k), matvec);
+        let r = check_against_candle(
+            GgmlDType::Q8_0,
+            (&w, &vals),
+            (n, k),
+            crate::qdot::matmul::<Q8_0>,
+        );
         assert!(r.is_ok(), "{r:?}");
     }
 }
