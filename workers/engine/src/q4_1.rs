@@ -118,25 +118,18 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::testing::xorshift;
 
     /// Q4_1 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        let mut bytes = Vec::new();
-        let mut vals = Vec::new();
-        let mut next = xorshift(seed);
-        for _ in 0..rows * k / QK {
-            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
+        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             let m = f16::from_f32(-((next() % 1000) as f32) / 5000.0);
-            bytes.extend(d.to_le_bytes());
             bytes.extend(m.to_le_bytes());
             let nibbles: Vec<u8> = (0..QK).map(|_| (next() % 16) as u8).collect();
             for j in 0..QK / 2 {
                 bytes.push(nibbles[j] | (nibbles[j + 16] << 4));
             }
-            vals.extend(nibbles.iter().map(|&q| d.to_f32() * q as f32 + m.to_f32()));
-        }
-        (bytes, vals)
+            vals.extend(nibbles.iter().map(|&q| d * q as f32 + m.to_f32()));
+        })
     }
 
     crate::qdot::kernel_proptests!(Q4_1);

@@ -52,7 +52,6 @@ impl BlockFormat for Q5_0 {
 unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     // Byte j of the spread bits takes bit j of the 32: each byte first gets
     // the bits' byte j/8, then every bit but j%8 set; all ones iff bit j.
     let spread = _mm256_set_epi64x(
@@ -81,10 +80,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         // (nibble | 0xF0 = nibble − 16); a set one leaves nibble = q5 − 16.
         let q5 = _mm256_or_si256(q4, _mm256_andnot_si256(bits, high_nibble));
         let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-        // Signed × signed via |q5| × (q8 with q5's sign): ≤ 2·16·127 in i16.
-        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q5, q5), _mm256_sign_epi8(q8, q5));
-        let p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
+        acc = crate::qdot::fma_signed_products(acc, q5, q8, d * xb.d);
     }
     crate::qdot::hsum(acc)
 }
@@ -92,17 +88,10 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::testing::{check_against_candle, xorshift};
-    use candle_core::quantized::GgmlDType;
 
     /// Q5_0 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        let mut bytes = Vec::new();
-        let mut vals = Vec::new();
-        let mut next = xorshift(seed);
-        for _ in 0..rows * k / QK {
-            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
-            bytes.extend(d.to_le_bytes());
+        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             let q: Vec<u8> = (0..QK).map(|_| (next() % 32) as u8).collect();
             let qh = q
                 .iter()
@@ -112,23 +101,9 @@ mod tests {
             for j in 0..QK / 2 {
                 bytes.push((q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4));
             }
-            vals.extend(q.iter().map(|&v| d.to_f32() * (v as f32 - 16.0)));
-        }
-        (bytes, vals)
+            vals.extend(q.iter().map(|&v| d * (v as f32 - 16.0)));
+        })
     }
 
-    crate::qdot::kernel_proptests!(Q5_0);
-
-    #[test]
-    fn blocks_and_products_equal_candles() {
-        let (n, k) = (64, 896);
-        let (w, vals) = weights(n, k, 11);
-        let r = check_against_candle(
-            GgmlDType::Q5_0,
-            (&w, &vals),
-            (n, k),
-            crate::qdot::matmul::<Q5_0>,
-        );
-        assert!(r.is_ok(), "{r:?}");
-    }
+    crate::qdot::kernel_proptests!(Q5_0, candle: Q5_0);
 }

@@ -46,7 +46,6 @@ impl BlockFormat for Q8_0 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
         let (d, _) = crate::qdot::two_halves(b);
@@ -54,11 +53,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         // holds 32 bytes. Unaligned loads.
         let qw = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
         let qx = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-        // Signed × signed via |qw| × (qx with qw's sign): pairs of at most
-        // 128·127 sum within i16.
-        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-        let p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
+        acc = crate::qdot::fma_signed_products(acc, qw, qx, d * xb.d);
     }
     crate::qdot::hsum(acc)
 }
@@ -66,40 +61,19 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::testing::{check_against_candle, xorshift};
     use crate::qdot::QK;
-    use candle_core::quantized::GgmlDType;
 
     /// Q8_0 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        let mut bytes = Vec::new();
-        let mut vals = Vec::new();
-        let mut next = xorshift(seed);
-        for _ in 0..rows * k / QK {
-            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
-            bytes.extend(d.to_le_bytes());
+        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             for _ in 0..QK {
                 // The whole i8 range, -128 included.
                 let q = (next() % 256) as u8;
                 bytes.push(q);
-                vals.push(d.to_f32() * q as i8 as f32);
+                vals.push(d * q as i8 as f32);
             }
-        }
-        (bytes, vals)
+        })
     }
 
-    crate::qdot::kernel_proptests!(Q8_0);
-
-    #[test]
-    fn blocks_and_products_equal_candles() {
-        let (n, k) = (64, 896);
-        let (w, vals) = weights(n, k, 11);
-        let r = check_against_candle(
-            GgmlDType::Q8_0,
-            (&w, &vals),
-            (n, k),
-            crate::qdot::matmul::<Q8_0>,
-        );
-        assert!(r.is_ok(), "{r:?}");
-    }
+    crate::qdot::kernel_proptests!(Q8_0, candle: Q8_0);
 }

@@ -96,6 +96,28 @@ pub unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(h)
 }
 
+/// `acc + scale·Σ a·b` over 32 pairs of signed bytes (ggml's
+/// `mul_sum_i8_pairs`): |a| × (b with a's sign), so that `maddubs` (unsigned
+/// × signed) serves; `a` must not hold -128 with `b` -128, and pairs of
+/// products stay within i16 for |a| ≤ 128, |b| ≤ 127.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn fma_signed_products(
+    acc: std::arch::x86_64::__m256,
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+    scale: f32,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p32), acc)
+}
+
 /// A weight format's kernels: the dot product of one weight row
 /// (`BLOCK_BYTES` per block of 32) with a quantized input row, and the same
 /// for up to `MANY` inputs at once, equal to `dot` bit for bit. A trait, not
@@ -183,12 +205,29 @@ pub fn matmul<F: BlockFormat>(weights: &[u8], n: usize, k: usize, xs: &[f32]) ->
 
 /// Checks both kernels' tests share (`q4_1`, `q5_0`).
 /// The property tests every weight format's kernel passes, given the format
-/// (`kernel_proptests!(Q4_1)`) and its test `weights(rows, k, seed) ->
+/// (`kernel_proptests!(Q4_1)`; with `candle: Q5_0`, also the check against
+/// candle's reading of the blocks and its product) and its test `weights(rows, k, seed) ->
 /// (blocks, values)` in scope: the product equals the scalar dot product of
 /// each row and the f32 product (within the input quantization's error), and
 /// rows multiplied together give, bit for bit, what each gives alone.
 #[cfg(test)]
 macro_rules! kernel_proptests {
+    ($format:ty, candle: $dtype:ident) => {
+        crate::qdot::kernel_proptests!($format);
+
+        #[test]
+        fn blocks_and_products_equal_candles() {
+            let (n, k) = (64, 896);
+            let (w, vals) = weights(n, k, 11);
+            let r = crate::qdot::testing::check_against_candle(
+                candle_core::quantized::GgmlDType::$dtype,
+                (&w, &vals),
+                (n, k),
+                crate::qdot::matmul::<$format>,
+            );
+            assert!(r.is_ok(), "{r:?}");
+        }
+    };
     ($format:ty) => {
         proptest::proptest! {
             #[test]
@@ -244,6 +283,26 @@ pub mod testing {
             s ^= s << 5;
             s
         }
+    }
+
+    /// Test weights of `rows` × `k` values: each block of 32 starts with a
+    /// small random f16 scale `d`, then `block(next, d, bytes, values)`
+    /// writes the rest of its bytes and its 32 values.
+    pub fn blocks(
+        rows: usize,
+        k: usize,
+        seed: u32,
+        mut block: impl FnMut(&mut dyn FnMut() -> u32, f32, &mut Vec<u8>, &mut Vec<f32>),
+    ) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = Vec::new();
+        let mut vals = Vec::new();
+        let mut next = xorshift(seed);
+        for _ in 0..rows * k / QK {
+            let d = half::f16::from_f32((next() % 1000) as f32 / 20000.0);
+            bytes.extend(d.to_le_bytes());
+            block(&mut next, d.to_f32(), &mut bytes, &mut vals);
+        }
+        (bytes, vals)
     }
 
     /// `y = W x` from a kernel (`matvec`) against the f32 product of the
