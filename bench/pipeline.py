@@ -125,8 +125,9 @@ def recap_fleet(sc, recap, hop, workers, prefetch, batch):
     # batch: deliveries already waiting that a process takes together (one
     # commit, one round of confirms); 1 = one job per transaction, with as
     # many jobs in flight as the prefetch allows (as before batching).
-    in_flight = "2" if batch > 1 else str(prefetch)
-    common = dict(RECAP_AMQP_PREFETCH=str(prefetch), RECAP_AMQP_BATCHES_IN_FLIGHT=in_flight)
+    common = dict(RECAP_AMQP_PREFETCH=str(prefetch))
+    if batch == 1:
+        common["RECAP_AMQP_BATCHES_IN_FLIGHT"] = str(prefetch)
     if hop == "ingest":
         sc.spawn([recap, "router"], RECAP_ROUTER_BATCH_SIZE=str(batch), **common)
     for _ in range(workers):

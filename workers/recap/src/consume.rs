@@ -288,24 +288,21 @@ impl<H: Handler> Task<H> {
             .iter()
             .zip(verdicts)
             .partition(|(_, verdict)| matches!(verdict, Verdict::Ack));
-        let acked = futures::future::join_all(
-            acks.iter()
-                .map(|(delivery, _)| delivery.ack(BasicAckOptions::default())),
-        )
-        .await;
-        for result in acked {
-            if let Err(e) = result {
-                unsettled(&e.into());
-            }
-        }
+        futures::future::join_all(acks.into_iter().map(|(d, v)| self.settle(d, v))).await;
         for (delivery, verdict) in rest {
-            let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
-                .and_then(|a| u32::try_from(a).ok())
-                .unwrap_or(1)
-                .max(1);
-            if let Err(e) = self.carry_out(delivery, verdict, attempt).await {
-                unsettled(&e);
-            }
+            self.settle(delivery, verdict).await;
+        }
+    }
+
+    /// Carries out one verdict; a failure leaves the delivery unacked.
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict) {
+        let attempt = queue::header_int(&delivery.properties, H_ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1)
+            .max(1);
+        if let Err(e) = self.carry_out(delivery, verdict, attempt).await {
+            // Nothing was acked: the broker redelivers when the channel closes.
+            tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
         }
     }
 
@@ -464,11 +461,6 @@ impl<H: Handler> Task<H> {
         delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
-}
-
-fn unsettled(e: &anyhow::Error) {
-    // Nothing was acked: the broker redelivers when the channel closes.
-    tracing::error!(error = %e, "could not settle a delivery; it stays unacked");
 }
 
 /// The original properties with new headers; persistent whatever the
