@@ -13,6 +13,7 @@
 //!   prefilled prefix can be forked: [`crate::llm`] prefills a transcript
 //!   once and continues each summary kind from a clone.
 
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::Embedding;
@@ -63,12 +64,15 @@ impl QLinear {
     /// The product on the quantized weights, whatever the rows: each row's
     /// result is the one it would get alone (a decoding batch relies on it).
     fn forward_quantized(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        // recap's own kernels where candle's are scalar (see `qdot`).
+        // recap's own kernels where candle's are scalar (see `qdot`), and
+        // candle's K-quant dot products on recap's pool (see `kquant`).
         let own: Option<RowsProduct> = match self.weight.dtype() {
             GgmlDType::Q4_1 => Some(crate::qdot::matmul::<crate::q4_1::Q4_1>),
             GgmlDType::Q5_0 => Some(crate::qdot::matmul::<crate::q5_0::Q5_0>),
             GgmlDType::Q8_0 => Some(crate::qdot::matmul::<crate::q8_0::Q8_0>),
+            GgmlDType::Q4K => Some(crate::kquant::matmul::<BlockQ4K>),
+            GgmlDType::Q5K => Some(crate::kquant::matmul::<BlockQ5K>),
+            GgmlDType::Q6K => Some(crate::kquant::matmul::<BlockQ6K>),
             _ => None,
         };
         let y = if let (Some(matmul), true) = (own, x.device().is_cpu()) {
@@ -81,20 +85,6 @@ impl QLinear {
                 *last = n;
             }
             Tensor::from_vec(out, dims, x.device())?
-        } else if self.weight.dtype() == GgmlDType::Q6K && x.device().is_cpu() && rows > 1 {
-            // candle multiplies several rows of Q6K with a repacked kernel
-            // whose rounding differs from its one-row kernel's: row by row,
-            // each result is the one that row gets alone.
-            let flat = x.reshape((rows, x.dim(D::Minus1)?))?;
-            let mut out = Vec::with_capacity(rows);
-            for r in 0..rows {
-                out.push(self.quantized.forward(&flat.narrow(0, r, 1)?)?);
-            }
-            let mut dims = x.dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = self.weight.shape().dims2()?.0;
-            }
-            Tensor::cat(&out, 0)?.reshape(dims)?
         } else {
             self.quantized.forward(x)?
         };
@@ -268,6 +258,11 @@ impl Layer {
 
     /// Attention of one new token over the cache, straight on the buffers:
     /// candle's GEMM spends most of such a tiny product packing operands.
+    /// The query heads that share a KV head read each cached key and value
+    /// once, together (Qwen2.5-0.5B: 7 heads a KV head; reading the cache
+    /// once per query head made decoding memory-bound), and the KV heads are
+    /// split across the pool. Per head the arithmetic, and its order, is
+    /// that of one head alone.
     fn attend_one(&self, q: &Tensor, kv_len: usize) -> Result<Tensor> {
         let (kb, vb) = match (&self.kv_cache.k, &self.kv_cache.v) {
             (Some(k), Some(v)) => (k, v),
@@ -287,29 +282,48 @@ impl Layer {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; self.n_head * d];
-        let mut scores = vec![0f32; kv_len];
-        for h in 0..self.n_head {
-            let kvh = h / n_rep;
-            let qh = &q[h * d..(h + 1) * d];
+        // One KV head's group of query heads: `qs` and `o` hold n_rep heads.
+        let group = |kvh: usize, qs: &[f32], o: &mut [f32]| {
             let base = kvh * cap * d;
-            let mut max = f32::NEG_INFINITY;
-            for (t, s) in scores.iter_mut().enumerate() {
+            // scores[r * kv_len + t]: query head r of the group, position t.
+            let mut scores = vec![0f32; n_rep * kv_len];
+            for t in 0..kv_len {
                 let kr = &ks[base + t * d..base + (t + 1) * d];
-                *s = dot(qh, kr) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[h * d..(h + 1) * d];
-            for (t, p) in scores.iter().enumerate() {
-                let vr = &vs[base + t * d..base + (t + 1) * d];
-                let w = p / sum;
-                for (acc, x) in o.iter_mut().zip(vr) {
-                    *acc += w * x;
+                for (r, qh) in qs.chunks_exact(d).enumerate() {
+                    scores[r * kv_len + t] = dot(qh, kr) * scale;
                 }
+            }
+            let mut sums = vec![0f32; n_rep];
+            for (row, sum) in scores.chunks_exact_mut(kv_len).zip(&mut sums) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    *sum += *s;
+                }
+            }
+            for t in 0..kv_len {
+                let vr = &vs[base + t * d..base + (t + 1) * d];
+                for (r, oh) in o.chunks_exact_mut(d).enumerate() {
+                    let w = scores[r * kv_len + t] / sums[r];
+                    for (acc, x) in oh.iter_mut().zip(vr) {
+                        *acc += w * x;
+                    }
+                }
+            }
+        };
+        let per_group = n_rep * d;
+        // Waking the pool costs more than a short cache takes on one thread.
+        if self.n_head * kv_len * d >= 1 << 16 {
+            crate::qdot::for_each_chunk(&mut out, per_group, |kvh, o| {
+                group(kvh, &q[kvh * per_group..(kvh + 1) * per_group], o)
+            });
+        } else {
+            for (kvh, (o, qs)) in out
+                .chunks_mut(per_group)
+                .zip(q.chunks(per_group))
+                .enumerate()
+            {
+                group(kvh, qs, o);
             }
         }
         Tensor::from_vec(out, (1, 1, self.n_head * d), self.cos.device())
@@ -329,7 +343,9 @@ impl Layer {
 }
 
 /// A dot product in 16 independent lanes, which the compiler vectorizes (a
-/// plain sum must keep its order and stays scalar).
+/// plain sum must keep its order and stays scalar); the lanes are summed
+/// as a tree of halves, a few vector adds: summed in order they were a chain
+/// of 15 dependent scalar adds per dot, most of a decoded token's attention.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -344,7 +360,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut half = 8;
+    while half > 0 {
+        for i in 0..half {
+            acc[i] += acc[i + half];
+        }
+        half /= 2;
+    }
+    acc[0] + tail
 }
 
 /// Token embeddings. On CPU the table stays quantized and each looked-up

@@ -18,6 +18,7 @@ pub mod chunking;
 pub mod decoder;
 pub mod extractive;
 pub mod generate;
+pub mod kquant;
 pub mod llm;
 pub mod mapreduce;
 pub mod prompts;

@@ -60,7 +60,6 @@ impl BlockFormat for Q4_1 {
 unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
     for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
@@ -73,8 +72,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         let q4 = _mm256_set_m128i(hi, lo);
         let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
         // u8 (≤ 15) × i8 pairs summed to i16: at most 2·15·128, no saturation.
-        let p16 = _mm256_maddubs_epi16(q4, q8);
-        let p32 = _mm256_madd_epi16(p16, ones);
+        let p32 = crate::qdot::sum_u8_i8(q4, q8);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
         mins += m * xb.s;
     }
@@ -90,7 +88,6 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let m = xs.len().min(MANY).min(out.len());
     let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); MANY];
     let mut mins = [0f32; MANY];
     for (bi, b) in w.chunks_exact(BLOCK_BYTES).enumerate() {
@@ -104,7 +101,7 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
             let xb = &xs[j][bi];
             // SAFETY: `xb.q` holds 32 bytes.
             let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            let p32 = crate::qdot::sum_u8_i8(q4, q8);
             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[j]);
             mins[j] += mn * xb.s;
         }

@@ -1,9 +1,9 @@
 //! Matrix-vector (and few-rows) product for Q8_0 weights: the tied token
 //! table that Qwen2.5-0.5B Q4_K_M multiplies every decoded token by (the
 //! output projection, 151,936 × 896: 136 of about 410 MB read per token).
-//! candle's own Q8_0 kernel is vectorized, but runs on candle's thread pool,
-//! whose barrier spun for a quarter of Qwen's decode on 2 cores (`perf`);
-//! here the product runs on the engine's rayon pool like Q4_1 and Q5_0.
+//! candle's own Q8_0 kernel is vectorized, but a product of this shape goes
+//! through candle's generic driver (no repacked kernel for rows of 896);
+//! here it runs through `qdot`'s driver like Q4_1 and Q5_0.
 //! ggml's scheme (`ggml_vec_dot_q8_0_q8_0`): each weight block contributes
 //! `dw·dx·Σ qw·qx`, the signed products 32 lanes at a time.
 

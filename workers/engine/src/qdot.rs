@@ -1,17 +1,44 @@
-//! The driver of recap's quantized matrix-vector kernels (`q4_1`, `q5_0`):
-//! candle 0.11.1 has no SIMD `vec_dot` for these two formats (its code for
-//! them is the scalar reference), and they hold most of the weights a token
-//! reads in the default models (SmolLM2: Q4_1; Qwen2.5-0.5B Q4_K_M: Q5_0).
-//! As in ggml, the input row is quantized to 8 bits per block of 32 (scale,
-//! and scale times the block's sum for formats with a minimum); each format
+//! The driver of recap's quantized matrix-vector kernels (`q4_1`, `q5_0`,
+//! `q8_0`, and candle's K-quant dot products in `kquant`): candle 0.11.1 has
+//! no SIMD `vec_dot` for Q4_1 and Q5_0 (its code for them is the scalar
+//! reference), and they hold most of the weights a token reads in the
+//! default models (SmolLM2: Q4_1; Qwen2.5-0.5B Q4_K_M: Q5_0). As in ggml,
+//! the input row is quantized to 8 bits per block (of 32 here: scale, and
+//! scale times the block's sum for formats with a minimum); each format
 //! supplies the dot product of a weight row with it. Rows are split across
-//! rayon's threads when the product is big enough.
-
-use rayon::prelude::*;
+//! rayon's threads when the product is big enough: every product of a
+//! decoded token runs on this one pool (see `kquant` for why).
 
 pub const QK: usize = 32;
 /// Weights from which a product is split across threads.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 21;
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
+
+/// `f(c, chunk)` for each `chunk`-long piece of `out` (the last may be
+/// shorter), split across candle's barrier pool: its threads spin a while
+/// between tasks, so a decoded token's hundreds of small products each
+/// start within a microsecond, where waking rayon's sleeping threads cost
+/// more than most of them take (SmolLM2 decoded at half of llama.cpp's
+/// speed on one thread). Every product of a decoded token uses this pool
+/// (`kquant`, the decoder's attention): two pools spinning on two cores
+/// take turns at them.
+pub fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let (len, chunk) = (out.len(), chunk.max(1));
+    // The base address as an integer: a raw pointer is not `Sync`.
+    let base = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(chunk), |range| {
+        for c in range {
+            let start = c * chunk;
+            let end = len.min(start + chunk);
+            // SAFETY: `execute_chunked` hands out each index once, so the
+            // pieces are disjoint ranges of `out`, which outlives the call
+            // (it returns when every thread is done).
+            let piece = unsafe {
+                std::slice::from_raw_parts_mut((base as *mut f32).add(start), end - start)
+            };
+            f(c, piece);
+        }
+    });
+}
 /// Most inputs one pass over a weight row serves (accumulators in registers).
 pub const MANY: usize = 8;
 
@@ -113,9 +140,35 @@ pub unsafe fn fma_signed_products(
     scale: f32,
 ) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    let p32 = sum_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
     _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p32), acc)
+}
+
+/// Unsigned bytes `u` times signed bytes `s`, each four neighbouring
+/// products summed into an i32 lane. The callers' pairs of products stay
+/// within i16, so the AVX2 form (`maddubs`, which saturates pairs at i16,
+/// then `madd`) and the VNNI one (`dpbusd`, one instruction, chosen where
+/// the build targets a CPU with it: `-C target-cpu=native`) are equal.
+///
+/// # Safety
+/// The CPU must have AVX2 (and VNNI where the build enables it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn sum_u8_i8(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    #[cfg(all(
+        target_feature = "avxvnni",
+        not(all(target_feature = "avx512vnni", target_feature = "avx512vl"))
+    ))]
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+    #[allow(unreachable_code)]
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
 
 /// A weight format's kernels: the dot product of one weight row
@@ -153,39 +206,70 @@ pub trait BlockFormat {
     }
 }
 
+/// What [`matmul`] needs of a weight format: how it quantizes an input row
+/// and the dot product of one weight row (`BLOCK_BYTES` per block of
+/// `BLOCK_VALUES`) with it, alone and for several inputs (bit for bit the
+/// same). Every [`BlockFormat`] is one; `kquant` adds candle's K-quants.
+pub trait RowKernel {
+    const BLOCK_VALUES: usize;
+    const BLOCK_BYTES: usize;
+    type Input: Sync;
+    fn quantize(x: &[f32]) -> Vec<Self::Input>;
+    fn dot_row(w: &[u8], x: &[Self::Input], avx2: bool) -> f32;
+    fn dot_rows(w: &[u8], xs: &[&[Self::Input]], out: &mut [f32], avx2: bool) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = Self::dot_row(w, x, avx2);
+        }
+    }
+}
+
+impl<F: BlockFormat> RowKernel for F {
+    const BLOCK_VALUES: usize = QK;
+    const BLOCK_BYTES: usize = <F as BlockFormat>::BLOCK_BYTES;
+    type Input = Q8Block;
+    fn quantize(x: &[f32]) -> Vec<Q8Block> {
+        quantize_row(x)
+    }
+    #[inline(always)]
+    fn dot_row(w: &[u8], x: &[Q8Block], avx2: bool) -> f32 {
+        F::dot(w, x, avx2)
+    }
+    fn dot_rows(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32], avx2: bool) {
+        F::dot_many(w, xs, out, avx2)
+    }
+}
+
 /// `Y = X Wᵀ` for a few input rows (`xs` holds `m` rows of `k` values, as in
 /// a batch of sequences decoding together); returns `m` rows of `n`. Each
 /// weight row is read once for all inputs, while it sits in L1, and each
 /// output is the same dot product that row gets alone.
-pub fn matmul<F: BlockFormat>(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
-    debug_assert_eq!(k % QK, 0);
-    let row_bytes = k / QK * F::BLOCK_BYTES;
+pub fn matmul<F: RowKernel>(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
+    debug_assert_eq!(k % F::BLOCK_VALUES, 0);
+    let row_bytes = k / F::BLOCK_VALUES * F::BLOCK_BYTES;
     debug_assert_eq!(weights.len(), n * row_bytes);
-    let xq: Vec<Vec<Q8Block>> = xs.chunks_exact(k).map(quantize_row).collect();
+    let xq: Vec<Vec<F::Input>> = xs.chunks_exact(k).map(F::quantize).collect();
     let m = xq.len();
     let avx2 = has_avx2();
     // Computed weight row by weight row (n × m), then transposed.
     let mut yt = vec![0f32; n * m];
     const CHUNK: usize = 64;
-    let inputs: Vec<&[Q8Block]> = xq.iter().map(Vec::as_slice).collect();
+    let inputs: Vec<&[F::Input]> = xq.iter().map(Vec::as_slice).collect();
     let rows = |c: usize, out: &mut [f32]| {
         for (i, o) in out.chunks_mut(m.max(1)).enumerate() {
             let r = c * CHUNK + i;
             let w = &weights[r * row_bytes..(r + 1) * row_bytes];
             if m == 1 {
-                o[0] = F::dot(w, inputs[0], avx2);
+                o[0] = F::dot_row(w, inputs[0], avx2);
                 continue;
             }
             for (oc, xc) in o.chunks_mut(MANY).zip(inputs.chunks(MANY)) {
-                F::dot_many(w, xc, oc, avx2);
+                F::dot_rows(w, xc, oc, avx2);
             }
         }
     };
     // Waking the pool costs more than a small product takes on one thread.
     if n * k * m >= PARALLEL_MIN_WEIGHTS {
-        yt.par_chunks_mut(CHUNK * m.max(1))
-            .enumerate()
-            .for_each(|(c, out)| rows(c, out));
+        for_each_chunk(&mut yt, CHUNK * m.max(1), rows);
     } else {
         yt.chunks_mut(CHUNK * m.max(1))
             .enumerate()
