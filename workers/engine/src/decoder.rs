@@ -152,10 +152,17 @@ impl KvCache {
         let (b, h, n, d) = k.dims4()?;
         let need = pos + n;
         let cap = self.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
+        // f16 on CPU: decoding reads the whole cache every token, and that
+        // read bounds its speed at a meeting's length (`attention`).
+        let dtype = if k.device().is_cpu() {
+            DType::F16
+        } else {
+            k.dtype()
+        };
         if need > cap || pos > self.len {
             let new_cap = need.max(cap * 2).max(256).next_multiple_of(64);
-            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            let nk = Tensor::zeros((b, h, new_cap, d), dtype, k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), dtype, v.device())?;
             let keep = self.len.min(pos);
             if keep > 0 {
                 if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
@@ -170,8 +177,8 @@ impl KvCache {
             (Some(kb), Some(vb)) => (kb, vb),
             _ => candle_core::bail!("kv cache buffers missing"),
         };
-        kb.slice_set(&k.contiguous()?, 2, pos)?;
-        vb.slice_set(&v.contiguous()?, 2, pos)?;
+        kb.slice_set(&k.to_dtype(dtype)?.contiguous()?, 2, pos)?;
+        vb.slice_set(&v.to_dtype(dtype)?.contiguous()?, 2, pos)?;
         self.len = need;
         Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
     }
@@ -237,6 +244,8 @@ impl Layer {
         let (b, _, seq_len, _) = q.dims4()?;
         let kv_len = k.dim(2)?;
         let n_rep = self.n_head / self.n_kv_head;
+        // The cache's f16 (CPU) widened for the products.
+        let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
         let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let att = match mask {
@@ -276,10 +285,11 @@ impl Layer {
         let (vs, _) = vb.storage_and_layout();
         let (ks, vs) = match (&*ks, &*vs) {
             (candle_core::Storage::Cpu(k), candle_core::Storage::Cpu(v)) => {
-                (k.as_slice::<f32>()?, v.as_slice::<f32>()?)
+                (k.as_slice::<half::f16>()?, v.as_slice::<half::f16>()?)
             }
-            _ => candle_core::bail!("attend_one runs on CPU f32 caches"),
+            _ => candle_core::bail!("attend_one runs on CPU f16 caches"),
         };
+        let simd = crate::qdot::has_avx2();
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; self.n_head * d];
         // One KV head's group of query heads: `qs` and `o` hold n_rep heads.
@@ -290,25 +300,22 @@ impl Layer {
             for t in 0..kv_len {
                 let kr = &ks[base + t * d..base + (t + 1) * d];
                 for (r, qh) in qs.chunks_exact(d).enumerate() {
-                    scores[r * kv_len + t] = dot(qh, kr) * scale;
+                    scores[r * kv_len + t] = crate::attention::dot(qh, kr, simd) * scale;
                 }
             }
-            let mut sums = vec![0f32; n_rep];
-            for (row, sum) in scores.chunks_exact_mut(kv_len).zip(&mut sums) {
+            for row in scores.chunks_exact_mut(kv_len) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                let mut sum = 0f32;
                 for s in row.iter_mut() {
                     *s = (*s - max).exp();
-                    *sum += *s;
+                    sum += *s;
+                }
+                for s in row.iter_mut() {
+                    *s /= sum;
                 }
             }
-            for t in 0..kv_len {
-                let vr = &vs[base + t * d..base + (t + 1) * d];
-                for (r, oh) in o.chunks_exact_mut(d).enumerate() {
-                    let w = scores[r * kv_len + t] / sums[r];
-                    for (acc, x) in oh.iter_mut().zip(vr) {
-                        *acc += w * x;
-                    }
-                }
+            for (row, oh) in scores.chunks_exact(kv_len).zip(o.chunks_exact_mut(d)) {
+                crate::attention::weighted_sum(oh, row, &vs[base..], d, simd);
             }
         };
         let per_group = n_rep * d;
@@ -340,34 +347,6 @@ impl Layer {
         self.down
             .forward_quantized(&(gate * self.up.forward_quantized(x)?)?)
     }
-}
-
-/// A dot product in 16 independent lanes, which the compiler vectorizes (a
-/// plain sum must keep its order and stays scalar); the lanes are summed
-/// as a tree of halves, a few vector adds: summed in order they were a chain
-/// of 15 dependent scalar adds per dot, most of a decoded token's attention.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut half = 8;
-    while half > 0 {
-        for i in 0..half {
-            acc[i] += acc[i + half];
-        }
-        half /= 2;
-    }
-    acc[0] + tail
 }
 
 /// Token embeddings. On CPU the table stays quantized and each looked-up
