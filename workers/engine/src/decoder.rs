@@ -291,46 +291,75 @@ impl Layer {
         };
         let simd = crate::qdot::has_avx2();
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; self.n_head * d];
-        // One KV head's group of query heads: `qs` and `o` hold n_rep heads.
-        let group = |kvh: usize, qs: &[f32], o: &mut [f32]| {
+        // Each KV head's positions in `splits` pieces, so that the pieces
+        // share the pool's threads evenly (SmolLM2's 3 KV heads on 2 threads
+        // left one idle a third of the time); merged as flash-decoding does.
+        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let splits = (threads / gcd(self.n_kv_head, threads))
+            .min(kv_len / 64)
+            .max(1);
+        // A piece's result per query head of its group: the sum of the
+        // values weighted by exp(score - max) (d values), the max, the sum
+        // of the weights.
+        let per_head = d + 2;
+        let per_piece = n_rep * per_head;
+        let piece = |p: usize, part: &mut [f32]| {
+            let (kvh, s) = (p / splits, p % splits);
+            let (lo, hi) = (kv_len * s / splits, kv_len * (s + 1) / splits);
             let base = kvh * cap * d;
-            // scores[r * kv_len + t]: query head r of the group, position t.
-            let mut scores = vec![0f32; n_rep * kv_len];
-            for t in 0..kv_len {
+            let qs = &q[kvh * n_rep * d..(kvh + 1) * n_rep * d];
+            // scores[r * n + i]: query head r of the group, position lo + i.
+            let n = hi - lo;
+            let mut scores = vec![0f32; n_rep * n];
+            for t in lo..hi {
                 let kr = &ks[base + t * d..base + (t + 1) * d];
                 for (r, qh) in qs.chunks_exact(d).enumerate() {
-                    scores[r * kv_len + t] = crate::attention::dot(qh, kr, simd) * scale;
+                    scores[r * n + t - lo] = crate::attention::dot(qh, kr, simd) * scale;
                 }
             }
-            for row in scores.chunks_exact_mut(kv_len) {
+            for (row, out) in scores
+                .chunks_exact_mut(n)
+                .zip(part.chunks_exact_mut(per_head))
+            {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
                 let mut sum = 0f32;
                 for s in row.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                for s in row.iter_mut() {
-                    *s /= sum;
-                }
-            }
-            for (row, oh) in scores.chunks_exact(kv_len).zip(o.chunks_exact_mut(d)) {
-                crate::attention::weighted_sum(oh, row, &vs[base..], d, simd);
+                crate::attention::weighted_sum(&mut out[..d], row, &vs[base + lo * d..], d, simd);
+                out[d] = max;
+                out[d + 1] = sum;
             }
         };
-        let per_group = n_rep * d;
+        let mut parts = vec![0f32; self.n_kv_head * splits * per_piece];
         // Waking the pool costs more than a short cache takes on one thread.
         if self.n_head * kv_len * d >= 1 << 16 {
-            crate::qdot::for_each_chunk(&mut out, per_group, |kvh, o| {
-                group(kvh, &q[kvh * per_group..(kvh + 1) * per_group], o)
-            });
+            crate::qdot::for_each_chunk(&mut parts, per_piece, piece);
         } else {
-            for (kvh, (o, qs)) in out
-                .chunks_mut(per_group)
-                .zip(q.chunks(per_group))
-                .enumerate()
-            {
-                group(kvh, qs, o);
+            for (p, part) in parts.chunks_mut(per_piece).enumerate() {
+                piece(p, part);
+            }
+        }
+        let mut out = vec![0f32; self.n_head * d];
+        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
+            let (kvh, r) = (h / n_rep, h % n_rep);
+            let of = |s: usize| {
+                let at = (kvh * splits + s) * per_piece + r * per_head;
+                &parts[at..at + per_head]
+            };
+            let max = (0..splits).fold(f32::NEG_INFINITY, |m, s| m.max(of(s)[d]));
+            let mut sum = 0f32;
+            for s in 0..splits {
+                let part = of(s);
+                let w = (part[d] - max).exp();
+                sum += part[d + 1] * w;
+                for (o, a) in oh.iter_mut().zip(&part[..d]) {
+                    *o += a * w;
+                }
+            }
+            for o in oh.iter_mut() {
+                *o /= sum;
             }
         }
         Tensor::from_vec(out, (1, 1, self.n_head * d), self.cos.device())
@@ -346,6 +375,14 @@ impl Layer {
         let gate = candle_nn::ops::silu(&self.gate.forward_quantized(x)?)?;
         self.down
             .forward_quantized(&(gate * self.up.forward_quantized(x)?)?)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -631,6 +668,82 @@ impl DenseDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layer of `n_head` query heads over `n_kv_head` KV heads of 64
+    /// values, for its attention alone (the weights are never used).
+    fn attention_layer(n_head: usize, n_kv_head: usize) -> Layer {
+        let dev = Device::Cpu;
+        let w = || {
+            let t = Tensor::zeros((32, 32), DType::F32, &dev).expect("zeros");
+            QLinear::new(QTensor::quantize(&t, GgmlDType::F32).expect("weight"), None)
+                .expect("linear")
+        };
+        let norm = || {
+            let t = Tensor::ones(32, DType::F32, &dev).expect("ones");
+            RmsNorm::from_qtensor(QTensor::quantize(&t, GgmlDType::F32).expect("norm"), 1e-6)
+                .expect("norm")
+        };
+        let table = Tensor::zeros((8, 32), DType::F32, &dev).expect("rope");
+        Layer {
+            wq: w(),
+            wk: w(),
+            wv: w(),
+            wo: w(),
+            gate: w(),
+            down: w(),
+            up: w(),
+            attn_norm: norm(),
+            ffn_norm: norm(),
+            n_head,
+            n_kv_head,
+            head_dim: 64,
+            rope_neox: true,
+            cos: table.clone(),
+            sin: table,
+            neg_inf: Tensor::new(f32::NEG_INFINITY, &dev).expect("neg inf"),
+            kv_cache: KvCache::default(),
+        }
+    }
+
+    // One new token's attention straight on the f16 cache (grouped query
+    // heads, positions in pieces merged as flash-decoding does) equals the
+    // tensor ops' attention over the same cache, for SmolLM2's and Qwen's
+    // head layouts and caches too short to split.
+    #[test]
+    fn one_tokens_attention_equals_the_tensor_attention() {
+        let dev = Device::Cpu;
+        for (n_head, n_kv_head, kv_len) in [(9, 3, 700), (14, 2, 1300), (4, 4, 5), (6, 3, 130)] {
+            let mut layer = attention_layer(n_head, n_kv_head);
+            let r = |n: usize, seed: u32| {
+                let mut next = crate::qdot::testing::xorshift(seed);
+                let v: Vec<f32> = (0..n)
+                    .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+                    .collect();
+                v
+            };
+            let shape = (1, n_kv_head, kv_len, 64);
+            let k = Tensor::from_vec(r(n_kv_head * kv_len * 64, 1), shape, &dev).expect("k");
+            let v = Tensor::from_vec(r(n_kv_head * kv_len * 64, 2), shape, &dev).expect("v");
+            let q = Tensor::from_vec(r(n_head * 64, 3), (1, n_head, 1, 64), &dev).expect("q");
+            let (kc, vc) = layer.kv_cache.append(&k, &v, 0).expect("append");
+            let ours = layer.attend_one(&q, kv_len).expect("attend_one");
+            let theirs = layer.attend(&q, &kc, &vc, None).expect("attend");
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                ours.flatten_all().and_then(|t| t.to_vec1()).expect("ours"),
+                theirs
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .expect("theirs"),
+            );
+            assert_eq!(a.len(), n_head * 64);
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{n_head}/{n_kv_head} heads, {kv_len} positions, value {i}: {x} vs {y}"
+                );
+            }
+        }
+    }
 
     // Rows dequantized one by one are the rows of the dequantized table,
     // for each block type a token table comes in; ids outside it are errors.
