@@ -133,8 +133,8 @@ struct Layer {
     kv_cache: KvCache,
 }
 
-/// A layer's keys and values, (batch, kv heads, capacity, head dim), filled
-/// in place up to `len`. Appending copies only the new positions (candle's
+/// A layer's keys and values, (batch, kv heads, capacity, head dim), f16 on
+/// CPU (the input's dtype elsewhere), filled in place up to `len`. Appending copies only the new positions (candle's
 /// models concatenate, copying the whole cache every token). Clones share
 /// the buffers: a fork continues from a prefix by writing past it, and forks
 /// run one after another, so none overwrites what another still reads.
@@ -147,7 +147,7 @@ struct KvCache {
 
 impl KvCache {
     /// Appends at `pos` (positions from `pos` on are replaced) and returns
-    /// views of the keys and values up to the new end.
+    /// views of the keys and values up to the new end, in the cache's dtype.
     fn append(&mut self, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
         let (b, h, n, d) = k.dims4()?;
         let need = pos + n;
@@ -269,9 +269,8 @@ impl Layer {
     /// candle's GEMM spends most of such a tiny product packing operands.
     /// The query heads that share a KV head read each cached key and value
     /// once, together (Qwen2.5-0.5B: 7 heads a KV head; reading the cache
-    /// once per query head made decoding memory-bound), and the KV heads are
-    /// split across the pool. Per head the arithmetic, and its order, is
-    /// that of one head alone.
+    /// once per query head made decoding memory-bound), and each KV head's
+    /// positions are cut into pieces for the pool's threads.
     fn attend_one(&self, q: &Tensor, kv_len: usize) -> Result<Tensor> {
         let (kb, vb) = match (&self.kv_cache.k, &self.kv_cache.v) {
             (Some(k), Some(v)) => (k, v),

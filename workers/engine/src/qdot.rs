@@ -6,8 +6,7 @@
 //! the input row is quantized to 8 bits per block (of 32 here: scale, and
 //! scale times the block's sum for formats with a minimum); each format
 //! supplies the dot product of a weight row with it. Rows are split across
-//! rayon's threads when the product is big enough: every product of a
-//! decoded token runs on this one pool (see `kquant` for why).
+//! threads when the product is big enough ([`for_each_chunk`]).
 
 pub const QK: usize = 32;
 /// Weights from which a product is split across threads.
@@ -15,12 +14,12 @@ const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 
 /// `f(c, chunk)` for each `chunk`-long piece of `out` (the last may be
 /// shorter), split across candle's barrier pool: its threads spin a while
-/// between tasks, so a decoded token's hundreds of small products each
-/// start within a microsecond, where waking rayon's sleeping threads cost
-/// more than most of them take (SmolLM2 decoded at half of llama.cpp's
-/// speed on one thread). Every product of a decoded token uses this pool
-/// (`kquant`, the decoder's attention): two pools spinning on two cores
-/// take turns at them.
+/// between tasks, so each of a decoded token's hundreds of small products
+/// starts within microseconds, where waking rayon's sleeping threads cost
+/// more than most of them take (so they ran on one thread, and SmolLM2
+/// decoded at half of llama.cpp's speed). Every product of a decoded token
+/// uses this one pool (these kernels, `kquant`, the decoder's attention):
+/// with two pools, one's spinning threads held the cores the other needed.
 pub fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let (len, chunk) = (out.len(), chunk.max(1));
     // The base address as an integer: a raw pointer is not `Sync`.
