@@ -7,9 +7,11 @@
 //! - every weight goes through [`QLinear`]: a prompt-sized input (many rows)
 //!   is multiplied as dequantize-then-GEMM, which runs at the f32 GEMM's
 //!   speed, instead of candle's row-by-row quantized dot products (scalar
-//!   code for Q4_1); a single row (decoding) keeps the quantized kernels,
-//!   which read 4-5 bits a weight instead of 32;
-//! - the model is cheap to clone and its KV cache is plain tensors, so a
+//!   code for Q4_1), but for K-quants on a CPU with VNNI, where candle's
+//!   int8 GEMM is faster; a single row (decoding) keeps the quantized
+//!   kernels, which read 4-5 bits a weight instead of 32;
+//! - the model is cheap to clone and its KV cache is plain tensors (f16 on
+//!   CPU), so a
 //!   prefilled prefix can be forked: [`crate::llm`] prefills a transcript
 //!   once and continues each summary kind from a clone.
 
@@ -56,7 +58,8 @@ impl QLinear {
     /// int8 GEMM with AVX-512 VNNI (its repacked x86 kernels, llama.cpp's
     /// scheme): K-quants whose shape its tiles take, on a CPU with VNNI.
     /// There it beats dequantize + f32 GEMM (Qwen2.5's `ffn_down`: prefill
-    /// +8%); elsewhere candle's fallback does not, so the f32 GEMM stays.
+    /// +10%); elsewhere candle's fallback was not measured to, so the f32
+    /// GEMM stays.
     fn has_int8_gemm(&self) -> bool {
         let vnni = {
             #[cfg(target_arch = "x86_64")]
