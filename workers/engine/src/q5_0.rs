@@ -8,7 +8,6 @@
 //! the signed products run 32 lanes at a time.
 
 use crate::qdot::{BlockFormat, Q8Block, QK};
-use half::f16;
 
 /// Bytes of one Q5_0 block: f16 scale, 32 fifth bits (bit j for element j),
 /// 16 bytes of low nibbles (element j in the low nibble of byte j, element
@@ -24,20 +23,17 @@ impl BlockFormat for Q5_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
     fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-        let mut acc = 0f32;
-        for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        crate::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             let mut sumi = 0i32;
             for j in 0..QK / 2 {
                 let byte = b[6 + j];
                 let lo = (byte & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
                 let hi = (byte >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
-                sumi += (lo - 16) * xb.q[j] as i32 + (hi - 16) * xb.q[j + QK / 2] as i32;
+                sumi += (lo - 16) * q[j] as i32 + (hi - 16) * q[j + QK / 2] as i32;
             }
-            acc += d * xb.d * sumi as f32;
-        }
-        acc
+            sumi
+        })
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -8,7 +8,6 @@
 //! `dw·dx·Σ qw·qx`, the signed products 32 lanes at a time.
 
 use crate::qdot::{BlockFormat, Q8Block};
-use half::f16;
 
 /// Bytes of one Q8_0 block: f16 scale, then 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
@@ -22,17 +21,13 @@ impl BlockFormat for Q8_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
     fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-        let mut acc = 0f32;
-        for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-            let sumi: i32 = b[2..]
+        crate::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
+            b[2..]
                 .iter()
-                .zip(&xb.q)
-                .map(|(&q, &v)| q as i8 as i32 * v as i32)
-                .sum();
-            acc += d * xb.d * sumi as f32;
-        }
-        acc
+                .zip(q)
+                .map(|(&qw, &qx)| qw as i8 as i32 * qx as i32)
+                .sum()
+        })
     }
 
     #[cfg(target_arch = "x86_64")]

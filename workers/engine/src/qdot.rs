@@ -143,6 +143,25 @@ pub unsafe fn fma_signed_products(
     _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p32), acc)
 }
 
+/// The dot product in plain Rust of the formats whose block is an f16 scale
+/// and 32 signed weights (Q5_0, Q8_0): Σ over blocks of `dw·dx·Σ qw·qx`,
+/// where `signed_sum(block, input)` is the block's `Σ qw·qx`. (Their AVX2
+/// loops stay apart: the same loop shared through a closure decoded Qwen 5%
+/// slower, 26.0 vs 27.3 tok/s interleaved.)
+pub fn dot_scaled_blocks(
+    w: &[u8],
+    x: &[Q8Block],
+    block_bytes: usize,
+    signed_sum: impl Fn(&[u8], &[i8; QK]) -> i32,
+) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(block_bytes).zip(x) {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        acc += d * xb.d * signed_sum(b, &xb.q) as f32;
+    }
+    acc
+}
+
 /// Unsigned bytes `u` times signed bytes `s`, each four neighbouring
 /// products summed into an i32 lane. The callers' pairs of products stay
 /// within i16, so the AVX2 form (`maddubs`, which saturates pairs at i16,
