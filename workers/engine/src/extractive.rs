@@ -98,6 +98,10 @@ impl Summarizer for Extractive {
         "extractive"
     }
 
+    fn is_instant(&self) -> bool {
+        true
+    }
+
     fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
         Ok(words(text))
     }

@@ -89,6 +89,12 @@ pub trait Summarizer: Send + Sync {
     fn model_id(&self) -> &str;
     /// Which engine produced the text: `extractive`, `gguf`, `t5`.
     fn engine(&self) -> &'static str;
+    /// Whether a job takes this engine about a millisecond, with no model
+    /// to run (the extractive baseline): the worker then records the job's
+    /// start with its completion, in one transaction, instead of before the run.
+    fn is_instant(&self) -> bool {
+        false
+    }
     /// Counts tokens the way this model does (for policy features and cost).
     fn count_tokens(&self, text: &str) -> Result<usize, EngineError>;
     /// One output per requested kind, in the order requested.

@@ -19,7 +19,7 @@ use recap_engine::SummaryOutput;
 use recap_job::Job;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -205,6 +205,14 @@ enum NewRow<'a> {
         tier: &'a str,
         models: &'a [&'a str],
     },
+    /// Already `succeeded` on its first attempt, with each job's model,
+    /// chunk count and cost: an instant run of a job that never had a row.
+    Succeeded {
+        tier: &'a str,
+        models: &'a [&'a str],
+        chunks: &'a [i32],
+        costs: &'a [f64],
+    },
 }
 
 /// Inserts each job unless it exists: one statement for the batch. The ids
@@ -213,25 +221,48 @@ async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], new: NewRow<'_>) -> Result<Vec<
     fn column<'j, T>(jobs: &[&'j Job], f: impl Fn(&'j Job) -> T) -> Vec<T> {
         jobs.iter().map(|j| f(j)).collect()
     }
-    let (status, tier, models) = match new {
-        NewRow::As(status) => (status, None, vec![None; jobs.len()]),
+    let n = jobs.len();
+    type Columns<'m> = (
+        Status,
+        Option<&'m str>,
+        Vec<Option<&'m str>>,
+        Vec<Option<i32>>,
+        Vec<Option<f64>>,
+    );
+    let (status, tier, models, chunks, costs): Columns<'_> = match new {
+        NewRow::As(status) => (status, None, vec![None; n], vec![None; n], vec![None; n]),
         NewRow::Running { tier, models } => (
             Status::Running,
             Some(tier),
             models.iter().map(|m| Some(*m)).collect(),
+            vec![None; n],
+            vec![None; n],
+        ),
+        NewRow::Succeeded {
+            tier,
+            models,
+            chunks,
+            costs,
+        } => (
+            Status::Succeeded,
+            Some(tier),
+            models.iter().map(|m| Some(*m)).collect(),
+            chunks.iter().map(|c| Some(*c)).collect(),
+            costs.iter().map(|c| Some(*c)).collect(),
         ),
     };
     Ok(sqlx::query_scalar(
         "INSERT INTO jobs (job_id, tenant, status, quality, language, summary_kinds, metadata,
                            callback_url, input_bytes, utterances, queued_at,
-                           tier, model, attempts, started_at)
+                           tier, model, attempts, started_at, chunks, cost_usd, finished_at)
          SELECT j.job_id, j.tenant, $3, j.quality, j.language, string_to_array(j.kinds, ','),
                 j.metadata, j.callback_url, j.input_bytes, j.utterances, now(),
-                $11, j.model, CASE WHEN $13 THEN 1 ELSE 0 END, CASE WHEN $13 THEN now() END
+                $11, j.model, CASE WHEN $13 THEN 1 ELSE 0 END, CASE WHEN $13 THEN now() END,
+                j.chunks, j.cost::numeric, CASE WHEN $3 = 'succeeded' THEN now() END
          FROM unnest($1::uuid[], $2::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
-                     $8::text[], $9::int4[], $10::int4[], $12::text[])
+                     $8::text[], $9::int4[], $10::int4[], $12::text[], $14::int4[], $15::float8[])
               AS j(job_id, tenant, quality, language, kinds, metadata, callback_url, input_bytes,
-                   utterances, model)
+                   utterances, model, chunks, cost)
          ON CONFLICT (job_id) DO NOTHING
          RETURNING job_id",
     )
@@ -260,6 +291,8 @@ async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], new: NewRow<'_>) -> Result<Vec<
     .bind(tier)
     .bind(models)
     .bind(tier.is_some())
+    .bind(chunks)
+    .bind(costs)
     .fetch_all(&mut **tx)
     .await?)
 }
@@ -810,6 +843,29 @@ pub struct Completion<'a> {
     pub cost_usd: f64,
 }
 
+impl Completion<'_> {
+    /// The job's chunk count: its most chunked output's, at least 1.
+    fn chunks(&self) -> i32 {
+        self.outputs
+            .iter()
+            .map(|o| o.chunks as i32)
+            .fold(1, i32::max)
+    }
+
+    fn input_tokens(&self) -> i32 {
+        Self::total(self.outputs.iter().map(|o| o.input_tokens))
+    }
+
+    fn output_tokens(&self) -> i32 {
+        Self::total(self.outputs.iter().map(|o| o.output_tokens))
+    }
+
+    fn total(counts: impl Iterator<Item = u32>) -> i32 {
+        let sum: i64 = counts.map(i64::from).sum();
+        sum.min(i64::from(i32::MAX)) as i32
+    }
+}
+
 /// One `summaries` row per output of the jobs, in one statement; a row
 /// already there is kept.
 async fn insert_summaries(
@@ -856,6 +912,138 @@ pub async fn complete_jobs(
     batched!(pool, jobs, |tx, chunk| complete_set(tx, chunk))
 }
 
+/// For jobs whose engine has already run and took no time to speak of (the
+/// extractive baseline): the start and the completion in one transaction,
+/// as `start_jobs` then `complete_jobs` would write them (one more attempt,
+/// `running`, then `succeeded` with the summaries and the cost). Nothing
+/// could be seen of the `running` state in between, and a worker that dies
+/// during such a run is bounded by the queue's delivery limit as any other.
+/// `rows_likely_missing` (jobs published straight onto the tier queue):
+/// insert the rows already ended first, rather than look for them first.
+/// Returns false for a job that had already ended: nothing was written for it.
+pub async fn start_and_complete_jobs(
+    pool: &PgPool,
+    tier: &str,
+    jobs: &[(&Job, Completion<'_>)],
+    rows_likely_missing: bool,
+) -> Vec<Result<bool, StoreError>> {
+    batched!(pool, jobs, |tx, chunk| start_and_complete_set(
+        tx,
+        chunk,
+        tier,
+        rows_likely_missing
+    ))
+}
+
+async fn start_and_complete_set(
+    tx: &mut Tx,
+    items: &[&(&Job, Completion<'_>)],
+    tier: &str,
+    insert_first: bool,
+) -> Result<Vec<bool>, StoreError> {
+    let mut out: Vec<Option<bool>> = vec![None; items.len()];
+    if insert_first {
+        // The first copy of each job: a later one in the batch is a duplicate.
+        let mut seen = HashSet::new();
+        let firsts: Vec<(usize, &(&Job, Completion<'_>))> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| seen.insert(i.0.job_id))
+            .map(|(at, i)| (at, *i))
+            .collect();
+        let inserted: HashSet<Uuid> = insert_ended(tx, tier, &firsts).await?;
+        let new: Vec<&(&Job, Completion<'_>)> = firsts
+            .iter()
+            .filter(|(_, i)| inserted.contains(&i.0.job_id))
+            .map(|(at, i)| {
+                out[*at] = Some(true);
+                *i
+            })
+            .collect();
+        let written: Vec<(Uuid, &Completion<'_>)> =
+            new.iter().map(|i| (i.0.job_id, &i.1)).collect();
+        insert_summaries(tx, &written, false).await?;
+        let callbacks: Vec<&(&Job, Completion<'_>)> = new
+            .into_iter()
+            .filter(|i| i.0.callback_url.is_some())
+            .collect();
+        enqueue_completion_webhooks(tx, &callbacks).await?;
+    }
+    let rest: Vec<&(&Job, Completion<'_>)> = items
+        .iter()
+        .zip(&out)
+        .filter(|(_, o)| o.is_none())
+        .map(|(i, _)| *i)
+        .collect();
+    let starts: Vec<(&Job, &str)> = rest.iter().map(|i| (i.0, i.1.model)).collect();
+    let start_refs: Vec<&(&Job, &str)> = starts.iter().collect();
+    let started = start_set(tx, &start_refs, tier).await?;
+    let runs: Vec<&(&Job, Completion<'_>)> = rest
+        .iter()
+        .zip(&started)
+        .filter(|(_, s)| matches!(s, StartOutcome::Run { .. }))
+        .map(|(i, _)| *i)
+        .collect();
+    let mut completed = complete_set(tx, &runs).await?.into_iter();
+    let mut rest_done = started
+        .iter()
+        .map(|s| matches!(s, StartOutcome::Run { .. }) && completed.next().unwrap_or(false));
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| rest_done.next().unwrap_or(false)))
+        .collect())
+}
+
+/// Inserts the jobs' rows already `succeeded`, with their `actual` ledger
+/// rows, where they do not exist: the ids inserted.
+async fn insert_ended(
+    tx: &mut Tx,
+    tier: &str,
+    items: &[(usize, &(&Job, Completion<'_>))],
+) -> Result<HashSet<Uuid>, StoreError> {
+    let jobs: Vec<&Job> = items.iter().map(|(_, i)| i.0).collect();
+    let models: Vec<&str> = items.iter().map(|(_, i)| i.1.model).collect();
+    let chunks: Vec<i32> = items.iter().map(|(_, i)| i.1.chunks()).collect();
+    let costs: Vec<f64> = items.iter().map(|(_, i)| i.1.cost_usd).collect();
+    let inserted: HashSet<Uuid> = insert_jobs(
+        tx,
+        &jobs,
+        NewRow::Succeeded {
+            tier,
+            models: &models,
+            chunks: &chunks,
+            costs: &costs,
+        },
+    )
+    .await?
+    .into_iter()
+    .collect();
+    let booked: Vec<&(&Job, Completion<'_>)> = items
+        .iter()
+        .filter(|(_, i)| inserted.contains(&i.0.job_id))
+        .map(|(_, i)| *i)
+        .collect();
+    if !booked.is_empty() {
+        sqlx::query(
+            "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
+             SELECT d.tenant, d.job_id, d.tier, d.model, 'actual', d.input_tokens, d.output_tokens, d.cost::numeric
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[], $7::float8[])
+             AS d(job_id, tenant, tier, model, input_tokens, output_tokens, cost)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(booked.iter().map(|i| i.0.job_id).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.0.tenant.as_str()).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.tier).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.model).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.input_tokens()).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.output_tokens()).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.cost_usd).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(inserted)
+}
+
 /// The common case, running jobs' rows: one statement ends them and books
 /// their actual costs, one writes their summaries. A job it did not end (no
 /// row yet, or ended) is created or read under its lock first, alone.
@@ -890,6 +1078,16 @@ async fn complete_set(
         out.push(true);
     }
     insert_summaries(tx, &written, false).await?;
+    enqueue_completion_webhooks(tx, &callbacks).await?;
+    Ok(out)
+}
+
+/// The `job.completed` outbox rows of jobs that succeeded here and gave a
+/// callback URL.
+async fn enqueue_completion_webhooks(
+    tx: &mut Tx,
+    callbacks: &[&(&Job, Completion<'_>)],
+) -> Result<(), StoreError> {
     for (job, done) in callbacks.iter().map(|i| (i.0, &i.1)) {
         let payload = crate::webhooks::event_payload(
             "job.completed",
@@ -905,7 +1103,7 @@ async fn complete_set(
         );
         enqueue_webhook(tx, job.job_id, &payload).await?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `succeeded` and the `actual` ledger row for each job that has not
@@ -920,10 +1118,6 @@ async fn end_jobs(
     ) -> Vec<T> {
         items.iter().map(|i| f(i.0, &i.1)).collect()
     }
-    let tokens = |done: &Completion<'_>, f: fn(&SummaryOutput) -> u32| -> i32 {
-        let sum: i64 = done.outputs.iter().map(|o| i64::from(f(o))).sum();
-        sum.min(i64::from(i32::MAX)) as i32
-    };
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "WITH done AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::text[],
@@ -945,12 +1139,12 @@ async fn end_jobs(
     )
     .persistent(false)
     .bind(column(items, |j, _| j.job_id))
-    .bind(column(items, |_, d| d.outputs.iter().map(|o| o.chunks as i32).fold(1, i32::max)))
+    .bind(column(items, |_, d| d.chunks()))
     .bind(column(items, |_, d| d.cost_usd))
     .bind(column(items, |_, d| d.tier))
     .bind(column(items, |_, d| d.model))
-    .bind(column(items, |_, d| tokens(d, |o| o.input_tokens)))
-    .bind(column(items, |_, d| tokens(d, |o| o.output_tokens)))
+    .bind(column(items, |_, d| d.input_tokens()))
+    .bind(column(items, |_, d| d.output_tokens()))
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows.into_iter().collect())
@@ -1318,6 +1512,116 @@ mod tests {
             let row = get_job(&db, j.job_id).await.expect("read").expect("row");
             assert_eq!(row.status, "succeeded");
         }
+        db.close().await;
+        pg_tool("dropdb", &name);
+    }
+
+    #[tokio::test]
+    async fn an_instant_batch_starts_and_ends_its_jobs_in_one_transaction() {
+        instant_batch(false).await;
+    }
+
+    #[tokio::test]
+    async fn an_instant_batch_that_inserts_first_writes_the_same() {
+        instant_batch(true).await;
+    }
+
+    /// Jobs in every state through `start_and_complete_jobs`: the rows,
+    /// summaries and costs are those of a start then a completion.
+    async fn instant_batch(rows_likely_missing: bool) {
+        let (db, name) = private_db().await;
+        let [routed, mut missing, ended, bad] = [job("a"), job("a"), job("a"), job("b")];
+        missing.callback_url = Some("https://example.com/hook".into());
+        route_jobs(&db, &[&routed, &ended], |_, _| Ok(decision("compact", 0.0))).await;
+        let outs = [output("done before"), output("first"), output("second")];
+        let done = |o| Completion {
+            tier: "compact",
+            model: "m",
+            engine: "extractive",
+            outputs: std::slice::from_ref(o),
+            cost_usd: 0.5,
+        };
+        assert!(matches!(
+            start_and_complete_jobs(
+                &db,
+                "compact",
+                &[(&ended, done(&outs[0]))],
+                rows_likely_missing
+            )
+            .await[0],
+            Ok(true)
+        ));
+        // `missing` has no row yet, `ended` is a redelivery of a finished
+        // job, `routed` comes twice.
+        let items = [
+            (&routed, done(&outs[1])),
+            (&missing, done(&outs[2])),
+            (&ended, done(&outs[2])),
+            (&routed, done(&outs[2])),
+        ];
+        let ok: Vec<bool> = start_and_complete_jobs(&db, "compact", &items, rows_likely_missing)
+            .await
+            .into_iter()
+            .map(|r| r.expect("completed"))
+            .collect();
+        assert_eq!(ok, [true, true, false, false]);
+        for (j, text, attempts) in [
+            (&routed, "first", 2),
+            (&missing, "second", 1),
+            (&ended, "done before", 1),
+        ] {
+            let row = get_job(&db, j.job_id).await.expect("read").expect("row");
+            assert_eq!(
+                (
+                    row.status.as_str(),
+                    row.tier.as_deref(),
+                    row.model.as_deref(),
+                    row.attempts
+                ),
+                ("succeeded", Some("compact"), Some("m"), attempts)
+            );
+            assert_eq!((row.chunks, row.cost_usd), (Some(1), Some(0.5)));
+            assert!(
+                row.queued_at.is_some() && row.started_at.is_some() && row.finished_at.is_some()
+            );
+            let texts: Vec<String> = get_summaries(&db, j.job_id)
+                .await
+                .expect("read")
+                .into_iter()
+                .map(|s| s.text)
+                .collect();
+            assert_eq!(texts, [text]);
+        }
+        let actual: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM usage_ledger WHERE entry = 'actual' AND cost_usd = 0.5
+               AND tenant = 'a' AND tier = 'compact' AND model = 'm'
+               AND input_tokens = 5 AND output_tokens = 3",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("count");
+        assert_eq!(actual, 3, "one actual cost per job that ended");
+        let hooks: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT job_id FROM webhook_deliveries WHERE event = 'job.completed' AND url = 'https://example.com/hook'",
+        )
+        .fetch_all(&db)
+        .await
+        .expect("outbox");
+        assert_eq!(hooks, [missing.job_id]);
+        // A job whose summary cannot be written leaves no trace, not even
+        // its start; its batch mate commits.
+        let outs = [output("fine"), output("bad\0text")];
+        let fine = job("b");
+        let out = start_and_complete_jobs(
+            &db,
+            "compact",
+            &[(&fine, done(&outs[0])), (&bad, done(&outs[1]))],
+            rows_likely_missing,
+        )
+        .await;
+        assert!(matches!(out[0], Ok(true)), "{:?}", out[0]);
+        assert!(out[1].is_err(), "{:?}", out[1]);
+        assert!(get_job(&db, bad.job_id).await.expect("read").is_none());
         db.close().await;
         pg_tool("dropdb", &name);
     }

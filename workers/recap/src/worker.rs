@@ -118,6 +118,20 @@ struct Run {
     job: Job,
     shadow: bool,
     engine: Arc<dyn Summarizer>,
+    start: Start,
+}
+
+/// When a job's row moves to `running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Start {
+    /// Before the run, in a transaction of its own.
+    BeforeRun,
+    /// In the transaction that completes it (an instant engine's run); its
+    /// row most likely there (the router wrote it).
+    WithCompletion,
+    /// The same, the row most likely missing (the job was published
+    /// straight onto the tier queue): it is inserted already ended.
+    WithCompletionNewRow,
 }
 
 /// A run whose engine is through with it.
@@ -328,11 +342,27 @@ impl Worker {
             }
             to_complete.push(r);
         }
+        // One commit for each way of starting, in `Start`'s order.
+        to_complete.sort_by_key(|r| r.run.start);
         let items: Vec<(&Job, Completion<'_>)> = to_complete
             .iter()
             .map(|r| (&r.run.job, self.completion(r)))
             .collect();
-        let outcomes = store::complete_jobs(&self.pool, &items).await;
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut from = 0;
+        while from < items.len() {
+            let start = to_complete[from].run.start;
+            let to = from + to_complete[from..].partition_point(|r| r.run.start == start);
+            let group = &items[from..to];
+            outcomes.extend(match start {
+                Start::BeforeRun => store::complete_jobs(&self.pool, group).await,
+                Start::WithCompletion | Start::WithCompletionNewRow => {
+                    let new_rows = start == Start::WithCompletionNewRow;
+                    store::start_and_complete_jobs(&self.pool, &self.tier, group, new_rows).await
+                }
+            });
+            from = to;
+        }
         let mut events = Vec::new();
         let mut succeeded = Vec::new();
         for ((r, (_, done)), outcome) in to_complete.iter().zip(&items).zip(outcomes) {
@@ -417,16 +447,30 @@ impl Handler for Worker {
         let mut runs = Vec::with_capacity(deliveries.len());
         for (at, delivery) in deliveries.iter().enumerate() {
             match parse_job(&delivery.data, &self.config.limits) {
-                Ok(job) => runs.push(Run {
-                    at,
-                    job,
-                    shadow: queue::header_bool(&delivery.properties, H_SHADOW),
-                    engine: self.engine_for(delivery),
-                }),
+                Ok(job) => {
+                    let shadow = queue::header_bool(&delivery.properties, H_SHADOW);
+                    let engine = self.engine_for(delivery);
+                    let start = if shadow || !engine.is_instant() {
+                        Start::BeforeRun
+                    } else if queue::header_str(&delivery.properties, H_MODEL).is_some() {
+                        Start::WithCompletion
+                    } else {
+                        Start::WithCompletionNewRow
+                    };
+                    runs.push(Run {
+                        at,
+                        job,
+                        shadow,
+                        engine,
+                        start,
+                    })
+                }
                 Err(r) => verdicts[at] = Some(Verdict::refused(r)),
             }
         }
-        let runs = self.start(runs, &mut verdicts).await;
+        let (to_start, mut runs): (Vec<Run>, Vec<Run>) =
+            runs.into_iter().partition(|r| r.start == Start::BeforeRun);
+        runs.extend(self.start(to_start, &mut verdicts).await);
         let ran = self.infer(runs, &ctx, &mut verdicts).await;
         self.persist(ran, deliveries, &ctx, &mut verdicts).await;
         Verdict::all(verdicts)
