@@ -252,8 +252,8 @@ def main():
     ap.add_argument("--rate", type=float, default=100.0)
     # (batches in flight + 1) x batch: while two batches are handled, a
     # third waits whole in the prefetch window.
-    ap.add_argument("--prefetch", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prefetch", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--only", default="", help="comma-separated scenarios to run (default: all)")
     a = ap.parse_args()
     scenarios = {

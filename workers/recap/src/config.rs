@@ -65,7 +65,7 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { batch_size: 32 }
+        RouterConfig { batch_size: 128 }
     }
 }
 
