@@ -3,8 +3,75 @@
 //! token, and at a meeting's length (1,000+ positions) that read, not the
 //! arithmetic, bounds the speed; f16 halves it. Keys and values are
 //! widened to f32 as they are read (F16C), and the sums are f32.
+//! And the softmax of a prompt's attention scores, causal mask included.
 
+use candle_core::{CpuStorage, InplaceOp1, Layout};
 use half::f16;
+
+/// The scaled, causally masked softmax of a prompt's attention scores, in
+/// place: one pass per row instead of the tensor ops' three over a
+/// heads × positions² buffer (scale, mask to -inf, softmax), and no
+/// exponentials of the masked half. The scores are rows of `kv_len`, the
+/// prompt's `seq_len` queries repeated for every head; the prompt follows
+/// `kv_len - seq_len` cached positions, and query `i` sees keys
+/// `0..=kv_len - seq_len + i` (`build_causal_mask`'s rule); the others get 0.
+pub struct CausalSoftmax {
+    pub seq_len: usize,
+    pub scale: f32,
+}
+
+impl CausalSoftmax {
+    pub fn apply(&self, scores: &mut [f32], kv_len: usize) {
+        let first = kv_len.saturating_sub(self.seq_len);
+        crate::qdot::for_each_chunk(scores, kv_len, |r, row| {
+            let visible = (first + r % self.seq_len.max(1) + 1).min(row.len());
+            let (seen, hidden) = row.split_at_mut(visible);
+            let mut max = f32::NEG_INFINITY;
+            for x in seen.iter_mut() {
+                *x *= self.scale;
+                max = max.max(*x);
+            }
+            for x in seen.iter_mut() {
+                *x = (*x - max).exp();
+            }
+            hidden.fill(0.0);
+            // Summed and divided as candle's softmax does (its SIMD sum over
+            // the whole row, the masked zeros included), so that the result
+            // is the tensor ops' to the bit: a rounding apart, greedy
+            // decoding took other tokens at near-ties.
+            let mut sum = 0.0f32;
+            // SAFETY: `row` holds `row.len()` values and `sum` is one.
+            unsafe {
+                <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(
+                    row.as_ptr(),
+                    &mut sum,
+                    row.len(),
+                )
+            };
+            for x in &mut row[..visible] {
+                *x /= sum;
+            }
+        });
+    }
+}
+
+impl InplaceOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("causal-softmax: contiguous f32 scores only");
+        };
+        let kv_len = layout.dims().last().copied().unwrap_or(0);
+        if kv_len > 0 {
+            self.apply(&mut data[start..end], kv_len);
+        }
+        Ok(())
+    }
+}
 
 /// `q · k`, an f32 query against an f16 key. `simd`: the CPU has AVX2,
 /// FMA and F16C (`qdot::has_avx2`).
@@ -114,6 +181,33 @@ mod tests {
             let plain = dot(&q, &k, false);
             let scale: f32 = q.iter().zip(&k).map(|(a, b)| (a * b.to_f32()).abs()).sum();
             prop_assert!(close(dot(&q, &k, crate::qdot::has_avx2()), plain, scale));
+        }
+
+        #[test]
+        fn the_causal_softmax_weighs_each_querys_visible_keys(
+            seq_len in 1usize..12,
+            cached in 0usize..9,
+            heads in 1usize..4,
+            scale in 0.05f32..2.0,
+            seed in any::<u32>(),
+        ) {
+            let kv_len = cached + seq_len;
+            let mut next = crate::qdot::testing::xorshift(seed);
+            let scores: Vec<f32> = (0..heads * seq_len * kv_len)
+                .map(|_| (next() % 4001) as f32 / 100.0 - 20.0)
+                .collect();
+            let mut fused = scores.clone();
+            CausalSoftmax { seq_len, scale }.apply(&mut fused, kv_len);
+            for (r, (row, got)) in scores.chunks(kv_len).zip(fused.chunks(kv_len)).enumerate() {
+                let visible = cached + r % seq_len + 1;
+                let max = row[..visible].iter().map(|x| x * scale).fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f64> = row[..visible].iter().map(|x| f64::from(x * scale - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for (j, g) in got.iter().enumerate() {
+                    let want = if j < visible { (exps[j] / sum) as f32 } else { 0.0 };
+                    prop_assert!((g - want).abs() <= 1e-5, "row {} key {}: {} vs {}", r, j, g, want);
+                }
+            }
         }
 
         #[test]

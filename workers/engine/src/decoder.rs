@@ -279,18 +279,29 @@ impl Layer {
         // The cache's f16 (CPU) widened for the products.
         let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(mask) => {
-                let shape = (b, self.n_kv_head, n_rep, seq_len, kv_len);
-                let att = att.reshape(shape)?;
-                let mask = mask.broadcast_as(shape)?;
-                mask.where_cond(&self.neg_inf.broadcast_as(shape)?, &att)?
-                    .reshape((b, self.n_kv_head, n_rep * seq_len, kv_len))?
-            }
+        let scores = q.matmul(&k.t()?)?;
+        let att = if mask.is_some() && scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            // The mask is the prompt's causal one: the fused kernel applies it.
+            scores.inplace_op1(&crate::attention::CausalSoftmax {
+                seq_len,
+                // As the tensor path's division by √d rounds it.
+                scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+            })?;
+            scores
+        } else {
+            let att = (scores / (self.head_dim as f64).sqrt())?;
+            let att = match mask {
+                None => att,
+                Some(mask) => {
+                    let shape = (b, self.n_kv_head, n_rep, seq_len, kv_len);
+                    let att = att.reshape(shape)?;
+                    let mask = mask.broadcast_as(shape)?;
+                    mask.where_cond(&self.neg_inf.broadcast_as(shape)?, &att)?
+                        .reshape((b, self.n_kv_head, n_rep * seq_len, kv_len))?
+                }
+            };
+            candle_nn::ops::softmax_last_dim(&att)?
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
         att.matmul(v)?
             .reshape((b, self.n_head, seq_len, self.head_dim))?
             .transpose(1, 2)?
@@ -839,6 +850,71 @@ mod tests {
                 assert!(
                     (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
                     "{n_head}/{n_kv_head} heads, {kv_len} positions, value {i}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    // A prompt's attention through the fused causal softmax equals the
+    // tensor ops' (scale, causal mask, softmax) head by head, for prompts
+    // that follow cached positions too.
+    #[test]
+    fn a_prompts_attention_equals_the_masked_tensor_attention() {
+        let dev = Device::Cpu;
+        for (n_head, n_kv_head, cached, seq_len) in [(9, 3, 0, 37), (14, 2, 20, 70), (4, 4, 3, 2)] {
+            let mut layer = attention_layer(n_head, n_kv_head);
+            let r = |n: usize, seed: u32| {
+                let mut next = crate::qdot::testing::xorshift(seed);
+                let v: Vec<f32> = (0..n)
+                    .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+                    .collect();
+                v
+            };
+            let kv_len = cached + seq_len;
+            let shape = (1, n_kv_head, kv_len, 64);
+            let k = Tensor::from_vec(r(n_kv_head * kv_len * 64, 1), shape, &dev).expect("k");
+            let v = Tensor::from_vec(r(n_kv_head * kv_len * 64, 2), shape, &dev).expect("v");
+            let q = Tensor::from_vec(r(n_head * seq_len * 64, 3), (1, n_head, seq_len, 64), &dev)
+                .expect("q");
+            let (kc, vc) = layer.kv_cache.append(&k, &v, 0).expect("append");
+            let mask = build_causal_mask(seq_len, cached, &dev).expect("mask");
+            let ours = layer.attend(&q, &kc, &vc, Some(&mask)).expect("attend");
+            let (kc, vc) = (
+                kc.to_dtype(DType::F32).expect("k"),
+                vc.to_dtype(DType::F32).expect("v"),
+            );
+            let heads: Vec<Tensor> = (0..n_head)
+                .map(|h| {
+                    let kv = h / (n_head / n_kv_head);
+                    let qh = q.i((0, h)).expect("q head");
+                    let (kh, vh) = (
+                        kc.i((0, kv)).expect("k head"),
+                        vc.i((0, kv)).expect("v head"),
+                    );
+                    let scores =
+                        (qh.matmul(&kh.t().expect("t")).expect("qk") / 8.0).expect("scale");
+                    let neg_inf = Tensor::new(f32::NEG_INFINITY, &dev)
+                        .and_then(|t| t.broadcast_as((seq_len, kv_len)))
+                        .expect("-inf");
+                    let masked = mask.where_cond(&neg_inf, &scores).expect("mask");
+                    candle_nn::ops::softmax_last_dim(&masked)
+                        .and_then(|p| p.matmul(&vh))
+                        .expect("head")
+                })
+                .collect();
+            let theirs = Tensor::cat(&heads, 1).expect("cat");
+            assert_eq!(ours.dims(), &[1, seq_len, n_head * 64]);
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                ours.flatten_all().and_then(|t| t.to_vec1()).expect("ours"),
+                theirs
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .expect("theirs"),
+            );
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{n_head}/{n_kv_head} heads, {cached}+{seq_len} positions, value {i}: {x} vs {y}"
                 );
             }
         }
