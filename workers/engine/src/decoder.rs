@@ -815,6 +815,32 @@ mod tests {
         }
     }
 
+    /// `n` values in [-4, 4], the same for the same seed.
+    fn random_values(n: usize, seed: u32) -> Vec<f32> {
+        let mut next = crate::qdot::testing::xorshift(seed);
+        (0..n)
+            .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+            .collect()
+    }
+
+    /// Equal values to 1e-4 of each, place by place.
+    fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            ours.flatten_all().and_then(|t| t.to_vec1()).expect("ours"),
+            theirs
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("theirs"),
+        );
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{what}, value {i}: {x} vs {y}"
+            );
+        }
+    }
+
     // One new token's attention straight on the f16 cache (grouped query
     // heads, positions in pieces merged as flash-decoding does) equals the
     // tensor ops' attention over the same cache, for SmolLM2's and Qwen's
@@ -824,34 +850,22 @@ mod tests {
         let dev = Device::Cpu;
         for (n_head, n_kv_head, kv_len) in [(9, 3, 700), (14, 2, 1300), (4, 4, 5), (6, 3, 130)] {
             let mut layer = attention_layer(n_head, n_kv_head);
-            let r = |n: usize, seed: u32| {
-                let mut next = crate::qdot::testing::xorshift(seed);
-                let v: Vec<f32> = (0..n)
-                    .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
-                    .collect();
-                v
-            };
             let shape = (1, n_kv_head, kv_len, 64);
-            let k = Tensor::from_vec(r(n_kv_head * kv_len * 64, 1), shape, &dev).expect("k");
-            let v = Tensor::from_vec(r(n_kv_head * kv_len * 64, 2), shape, &dev).expect("v");
-            let q = Tensor::from_vec(r(n_head * 64, 3), (1, n_head, 1, 64), &dev).expect("q");
+            let k = Tensor::from_vec(random_values(n_kv_head * kv_len * 64, 1), shape, &dev)
+                .expect("k");
+            let v = Tensor::from_vec(random_values(n_kv_head * kv_len * 64, 2), shape, &dev)
+                .expect("v");
+            let q = Tensor::from_vec(random_values(n_head * 64, 3), (1, n_head, 1, 64), &dev)
+                .expect("q");
             let (kc, vc) = layer.kv_cache.append(&k, &v, 0).expect("append");
             let ours = layer.attend_one(&q, kv_len).expect("attend_one");
             let theirs = layer.attend(&q, &kc, &vc, None).expect("attend");
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                ours.flatten_all().and_then(|t| t.to_vec1()).expect("ours"),
-                theirs
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1())
-                    .expect("theirs"),
+            assert_eq!(ours.elem_count(), n_head * 64);
+            assert_close(
+                &ours,
+                &theirs,
+                &format!("{n_head}/{n_kv_head} heads, {kv_len} positions"),
             );
-            assert_eq!(a.len(), n_head * 64);
-            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                    "{n_head}/{n_kv_head} heads, {kv_len} positions, value {i}: {x} vs {y}"
-                );
-            }
         }
     }
 
@@ -863,19 +877,18 @@ mod tests {
         let dev = Device::Cpu;
         for (n_head, n_kv_head, cached, seq_len) in [(9, 3, 0, 37), (14, 2, 20, 70), (4, 4, 3, 2)] {
             let mut layer = attention_layer(n_head, n_kv_head);
-            let r = |n: usize, seed: u32| {
-                let mut next = crate::qdot::testing::xorshift(seed);
-                let v: Vec<f32> = (0..n)
-                    .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
-                    .collect();
-                v
-            };
             let kv_len = cached + seq_len;
             let shape = (1, n_kv_head, kv_len, 64);
-            let k = Tensor::from_vec(r(n_kv_head * kv_len * 64, 1), shape, &dev).expect("k");
-            let v = Tensor::from_vec(r(n_kv_head * kv_len * 64, 2), shape, &dev).expect("v");
-            let q = Tensor::from_vec(r(n_head * seq_len * 64, 3), (1, n_head, seq_len, 64), &dev)
-                .expect("q");
+            let k = Tensor::from_vec(random_values(n_kv_head * kv_len * 64, 1), shape, &dev)
+                .expect("k");
+            let v = Tensor::from_vec(random_values(n_kv_head * kv_len * 64, 2), shape, &dev)
+                .expect("v");
+            let q = Tensor::from_vec(
+                random_values(n_head * seq_len * 64, 3),
+                (1, n_head, seq_len, 64),
+                &dev,
+            )
+            .expect("q");
             let (kc, vc) = layer.kv_cache.append(&k, &v, 0).expect("append");
             let mask = build_causal_mask(seq_len, cached, &dev).expect("mask");
             let ours = layer.attend(&q, &kc, &vc, Some(&mask)).expect("attend");
@@ -904,19 +917,11 @@ mod tests {
                 .collect();
             let theirs = Tensor::cat(&heads, 1).expect("cat");
             assert_eq!(ours.dims(), &[1, seq_len, n_head * 64]);
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                ours.flatten_all().and_then(|t| t.to_vec1()).expect("ours"),
-                theirs
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1())
-                    .expect("theirs"),
+            assert_close(
+                &ours,
+                &theirs,
+                &format!("{n_head}/{n_kv_head} heads, {cached}+{seq_len} positions"),
             );
-            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                    "{n_head}/{n_kv_head} heads, {cached}+{seq_len} positions, value {i}: {x} vs {y}"
-                );
-            }
         }
     }
 

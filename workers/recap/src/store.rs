@@ -1336,6 +1336,17 @@ mod tests {
         }
     }
 
+    /// The extractive run of one output on compact's model `m`, costing 0.5.
+    fn done(o: &SummaryOutput) -> Completion<'_> {
+        Completion {
+            tier: "compact",
+            model: "m",
+            engine: "extractive",
+            outputs: std::slice::from_ref(o),
+            cost_usd: 0.5,
+        }
+    }
+
     fn decision(tier: &str, cost: f64) -> Decision {
         Decision {
             tier: tier.into(),
@@ -1468,13 +1479,6 @@ mod tests {
         assert_eq!(row.attempts, 1);
         assert!(row.started_at.is_some() && row.queued_at.is_some());
         let outs = [output("first"), output("second")];
-        let done = |o| Completion {
-            tier: "compact",
-            model: "m",
-            engine: "extractive",
-            outputs: std::slice::from_ref(o),
-            cost_usd: 0.5,
-        };
         let items = [
             (&routed, done(&outs[0])),
             (&missing, done(&outs[1])),
@@ -1534,13 +1538,6 @@ mod tests {
         missing.callback_url = Some("https://example.com/hook".into());
         route_jobs(&db, &[&routed, &ended], |_, _| Ok(decision("compact", 0.0))).await;
         let outs = [output("done before"), output("first"), output("second")];
-        let done = |o| Completion {
-            tier: "compact",
-            model: "m",
-            engine: "extractive",
-            outputs: std::slice::from_ref(o),
-            cost_usd: 0.5,
-        };
         assert!(matches!(
             start_and_complete_jobs(
                 &db,
