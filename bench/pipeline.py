@@ -32,7 +32,11 @@ PG = "postgres://postgres@127.0.0.1:5432"
 
 
 def sh(*args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+    r = subprocess.run(args, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        # Name the command and what it said: a bare exit status hides why.
+        raise SystemExit(f"{' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-4000:]}")
+    return r
 
 
 class Scenario:

@@ -126,6 +126,66 @@ async fn the_same_job_twice_gives_one_job_and_one_set_of_summaries() {
     assert_eq!(queue_depth(&conn, "recap.dead").await, 0);
 }
 
+// Jobs published straight onto a tier queue (no router) on the extractive
+// baseline: each row is written whole in the worker's one commit, as a start
+// then a completion would leave it, and a second copy changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_published_straight_onto_a_tier_are_recorded_whole_once() {
+    let mut env = TestEnv::new("straight").await;
+    env.migrate();
+    env.spawn(
+        &["worker", "--tier", "compact"],
+        &[
+            ("RECAP_AMQP_PREFETCH", "64"),
+            ("RECAP_COMPACT_BATCH_SIZE", "16"),
+        ],
+    );
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let jobs: Vec<(Uuid, Vec<u8>)> = (0..50)
+        .map(|i| {
+            let id = Uuid::new_v4();
+            (id, job_json(id, "acme", &ALL_KINDS[..1 + i % 4]))
+        })
+        .collect();
+    publish_jobs(&ch, "compact", &jobs).await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            50,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done, 50, "logs:\n{}", env.logs());
+    // The copies arrive after every job has ended.
+    publish_jobs(&ch, "compact", &jobs[..10]).await;
+    for _ in 0..50 {
+        if queue_depth(&conn, "recap.compact").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND attempts = 1
+               AND tier = 'compact' AND model = 'extractive-lead' AND chunks >= 1
+               AND queued_at IS NOT NULL AND started_at IS NOT NULL AND finished_at IS NOT NULL"
+        )
+        .await,
+        50
+    );
+    let kinds: i64 = (0..50).map(|i| 1 + i % 4).sum();
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, kinds);
+    assert_eq!(
+        env.count("SELECT count(*) FROM usage_ledger WHERE entry = 'actual'")
+            .await,
+        50
+    );
+    assert_eq!(env.count("SELECT count(*) FROM route_decisions").await, 0);
+    assert_eq!(queue_depth(&conn, "recap.dead").await, 0);
+}
+
 /// (case, body, routing key, expected reason, job id readable)
 fn bad_inputs() -> Vec<(&'static str, Vec<u8>, &'static str, Option<Uuid>)> {
     let id = |n: u8| Uuid::from_bytes([n; 16]);
