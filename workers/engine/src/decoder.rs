@@ -271,7 +271,10 @@ impl Layer {
     /// dim). Grouped-query attention without copying keys and values per
     /// query head: the query heads that share a KV head become extra rows.
     /// Also a decoding batch's path on devices whose caches the host cannot
-    /// read (`attend_one` on CPU).
+    /// read (`attend_one` on CPU). `mask`: the prompt's causal mask, used
+    /// off the CPU only; on CPU the fused softmax applies the same rule from
+    /// the positions (the queries follow `kv_len - seq_len` cached ones; one
+    /// token sees them all), so no mask is built there.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, seq_len, _) = q.dims4()?;
         let kv_len = k.dim(2)?;
@@ -280,8 +283,7 @@ impl Layer {
         let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
         let scores = q.matmul(&k.t()?)?;
-        let att = if mask.is_some() && scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            // The mask is the prompt's causal one: the fused kernel applies it.
+        let att = if scores.device().is_cpu() {
             scores.inplace_op1(&crate::attention::CausalSoftmax {
                 seq_len,
                 // As the tensor path's division by √d rounds it.
@@ -688,8 +690,9 @@ impl DenseDecoder {
     pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let (_b, seq_len) = x.dims2()?;
         // Built per call, not cached: forks at many prefix lengths would
-        // otherwise pile up masks of up to context² bytes.
-        let mask = if seq_len == 1 {
+        // otherwise pile up masks of up to context² bytes. Not on CPU, whose
+        // attention masks by position (`Layer::attend`).
+        let mask = if seq_len == 1 || x.device().is_cpu() {
             None
         } else {
             Some(build_causal_mask(seq_len, index_pos, x.device())?)

@@ -951,15 +951,15 @@ async fn start_and_complete_set(
             .filter(|(_, i)| seen.insert(i.0.job_id))
             .map(|(at, i)| (at, *i))
             .collect();
-        let inserted: HashSet<Uuid> = insert_ended(tx, tier, &firsts).await?;
-        let new: Vec<&(&Job, Completion<'_>)> = firsts
-            .iter()
-            .filter(|(_, i)| inserted.contains(&i.0.job_id))
-            .map(|(at, i)| {
-                out[*at] = Some(true);
-                *i
-            })
-            .collect();
+        let first_items: Vec<&(&Job, Completion<'_>)> = firsts.iter().map(|(_, i)| *i).collect();
+        let inserted: HashSet<Uuid> = insert_ended(tx, tier, &first_items).await?;
+        let mut new: Vec<&(&Job, Completion<'_>)> = Vec::with_capacity(inserted.len());
+        for (at, item) in firsts {
+            if inserted.contains(&item.0.job_id) {
+                out[at] = Some(true);
+                new.push(item);
+            }
+        }
         let written: Vec<(Uuid, &Completion<'_>)> =
             new.iter().map(|i| (i.0.job_id, &i.1)).collect();
         insert_summaries(tx, &written, false).await?;
@@ -999,12 +999,12 @@ async fn start_and_complete_set(
 async fn insert_ended(
     tx: &mut Tx,
     tier: &str,
-    items: &[(usize, &(&Job, Completion<'_>))],
+    items: &[&(&Job, Completion<'_>)],
 ) -> Result<HashSet<Uuid>, StoreError> {
-    let jobs: Vec<&Job> = items.iter().map(|(_, i)| i.0).collect();
-    let models: Vec<&str> = items.iter().map(|(_, i)| i.1.model).collect();
-    let chunks: Vec<i32> = items.iter().map(|(_, i)| i.1.chunks()).collect();
-    let costs: Vec<f64> = items.iter().map(|(_, i)| i.1.cost_usd).collect();
+    let jobs: Vec<&Job> = items.iter().map(|i| i.0).collect();
+    let models: Vec<&str> = items.iter().map(|i| i.1.model).collect();
+    let chunks: Vec<i32> = items.iter().map(|i| i.1.chunks()).collect();
+    let costs: Vec<f64> = items.iter().map(|i| i.1.cost_usd).collect();
     let inserted: HashSet<Uuid> = insert_jobs(
         tx,
         &jobs,
@@ -1020,8 +1020,8 @@ async fn insert_ended(
     .collect();
     let booked: Vec<&(&Job, Completion<'_>)> = items
         .iter()
-        .filter(|(_, i)| inserted.contains(&i.0.job_id))
-        .map(|(_, i)| *i)
+        .filter(|i| inserted.contains(&i.0.job_id))
+        .copied()
         .collect();
     if !booked.is_empty() {
         sqlx::query(
