@@ -46,6 +46,28 @@ pub struct ModelEntry {
     pub default: bool,
     #[serde(default)]
     pub parts: Vec<Part>,
+    /// The catalog id whose weights this entry serves, with `adapter` on
+    /// them; its file, size, sha256 and parts are the base's.
+    #[serde(default)]
+    pub base: Option<String>,
+    #[serde(default)]
+    pub adapter: Option<AdapterRef>,
+}
+
+/// A LoRA adapter in PEFT's layout (`adapter_config.json`,
+/// `adapter_model.safetensors`) served on the entry's base.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterRef {
+    /// The adapter's directory: absolute, or relative to the models
+    /// directory (then to the repository's `adapters/`).
+    pub path: String,
+    /// sha256 of `adapter_model.safetensors`.
+    pub sha256: String,
+    /// Fold the adapter into the weights at load (f32) instead of serving
+    /// it beside the quantized base.
+    #[serde(default)]
+    pub merge: bool,
 }
 
 /// One piece of a model's weights inside a PyPI package.
@@ -74,7 +96,9 @@ impl Catalog {
     }
 
     pub fn parse(text: &str) -> Result<Catalog, CatalogError> {
-        let c: Catalog = toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        let mut c: Catalog =
+            toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        c.inherit_bases()?;
         for m in &c.models {
             if m.price_per_1k_input < 0.0 || m.price_per_1k_output < 0.0 {
                 return Err(CatalogError::Parse(format!(
@@ -91,6 +115,20 @@ impl Catalog {
                     return Err(CatalogError::Parse(format!("model {}: bad sha256", m.id)));
                 }
             }
+            if let Some(a) = &m.adapter {
+                if !hex64(&a.sha256) {
+                    return Err(CatalogError::Parse(format!(
+                        "model {}: bad adapter sha256",
+                        m.id
+                    )));
+                }
+                if m.format != "gguf" {
+                    return Err(CatalogError::Parse(format!(
+                        "model {}: adapters are served on gguf bases",
+                        m.id
+                    )));
+                }
+            }
             if m.parts
                 .iter()
                 .any(|p| p.sha256.as_deref().is_some_and(|h| !hex64(h)))
@@ -102,6 +140,39 @@ impl Catalog {
             }
         }
         Ok(c)
+    }
+
+    /// Entries with a `base` take its weights: file, size, sha256, parts.
+    fn inherit_bases(&mut self) -> Result<(), CatalogError> {
+        let snapshot = self.models.clone();
+        for m in &mut self.models {
+            let Some(base_id) = m.base.clone() else {
+                continue;
+            };
+            let base = snapshot.iter().find(|b| b.id == base_id).ok_or_else(|| {
+                CatalogError::Parse(format!(
+                    "model {}: base `{base_id}` is not in the catalog",
+                    m.id
+                ))
+            })?;
+            if base.base.is_some() || base.format != m.format || base.family != m.family {
+                return Err(CatalogError::Parse(format!(
+                    "model {}: base `{base_id}` must be a plain {} {} model",
+                    m.id, m.family, m.format
+                )));
+            }
+            if m.file.is_some() || m.sha256.is_some() || !m.parts.is_empty() {
+                return Err(CatalogError::Parse(format!(
+                    "model {}: an entry with a base takes the base's file, sha256 and parts",
+                    m.id
+                )));
+            }
+            m.file = base.file.clone();
+            m.size = base.size;
+            m.sha256 = base.sha256.clone();
+            m.parts = base.parts.clone();
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Result<&ModelEntry, CatalogError> {

@@ -37,6 +37,8 @@ pub struct QLinear {
     weight: Arc<QTensor>,
     quantized: QMatMul,
     bias: Option<Tensor>,
+    /// An unmerged LoRA adapter's `scale · B A`, as (Aᵀ, scale · Bᵀ).
+    lora: Option<(Tensor, Tensor)>,
 }
 
 impl QLinear {
@@ -51,7 +53,44 @@ impl QLinear {
             weight,
             quantized,
             bias,
+            lora: None,
         })
+    }
+
+    /// Adds `scale · B A` beside the weight (unmerged): the base's
+    /// quantized kernels stay, and the adapter costs two thin products.
+    fn adapt(&mut self, pair: &crate::adapter::LoraPair, scale: f64) -> Result<()> {
+        let device = self.quantized_device();
+        let a_t = pair.a.t()?.contiguous()?.to_device(&device)?;
+        let b_t = (pair.b.t()?.contiguous()? * scale)?.to_device(&device)?;
+        self.lora = Some((a_t, b_t));
+        Ok(())
+    }
+
+    /// Folds `scale · B A` into the weight, kept as f32 (requantizing would
+    /// round most of a small update away).
+    fn merge(&mut self, pair: &crate::adapter::LoraPair, scale: f64) -> Result<()> {
+        let device = self.quantized_device();
+        let w = self.weight.dequantize(&device)?.to_device(&Device::Cpu)?;
+        let delta = (pair.b.matmul(&pair.a)? * scale)?;
+        let merged = Arc::new(QTensor::quantize_onto(
+            &(w + delta)?,
+            GgmlDType::F32,
+            &device,
+        )?);
+        self.quantized = QMatMul::from_arc(merged.clone())?;
+        self.weight = merged;
+        self.lora = None;
+        Ok(())
+    }
+
+    fn quantized_device(&self) -> Device {
+        self.weight.device()
+    }
+
+    /// (out, in) of the weight.
+    fn dims(&self) -> Result<(usize, usize)> {
+        self.weight.shape().dims2()
     }
 
     /// Whether candle multiplies a prompt-sized input by this weight as an
@@ -117,10 +156,18 @@ impl QLinear {
         } else {
             self.quantized.forward(x)?
         };
-        self.add_bias(y)
+        self.add_bias(x, y)
     }
 
-    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+    /// The bias and an unmerged adapter's product of `x`, added to `y`.
+    fn add_bias(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let y = match &self.lora {
+            Some((a_t, b_t)) => {
+                let x = x.to_dtype(a_t.dtype())?;
+                (y + x.broadcast_matmul(a_t)?.broadcast_matmul(b_t)?)?
+            }
+            None => y,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -132,11 +179,11 @@ impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         if rows >= GEMM_MIN_ROWS && x.device().is_cpu() && self.has_int8_gemm() {
-            return self.add_bias(self.quantized.forward(x)?);
+            return self.add_bias(x, self.quantized.forward(x)?);
         }
         if rows >= GEMM_MIN_ROWS && self.is_quantized() && x.device().is_cpu() {
             let w = self.weight.dequantize(x.device())?;
-            return self.add_bias(x.broadcast_matmul(&w.t()?)?);
+            return self.add_bias(x, x.broadcast_matmul(&w.t()?)?);
         }
         self.forward_quantized(x)
     }
@@ -589,6 +636,61 @@ impl DenseDecoder {
             norm,
             output,
         })
+    }
+
+    /// The shapes an adapter must fit.
+    pub fn layout(&self) -> Result<crate::adapter::BaseLayout> {
+        let Some(l) = self.layers.first() else {
+            candle_core::bail!("a decoder without layers");
+        };
+        Ok(crate::adapter::BaseLayout {
+            n_layer: self.layers.len(),
+            n_embd: l.wq.dims()?.1,
+            n_head: l.n_head,
+            n_kv_head: l.n_kv_head,
+            n_ff: l.gate.dims()?.0,
+            permuted_qk: !l.rope_neox,
+        })
+    }
+
+    /// Puts a LoRA adapter on the projections it names, unmerged (beside
+    /// the quantized weights) or merged into f32 weights. The adapter was
+    /// checked against [`DenseDecoder::layout`] when it was loaded.
+    pub fn apply_adapter(&mut self, adapter: &crate::adapter::Adapter, merge: bool) -> Result<()> {
+        use crate::adapter::Target;
+        let scale = adapter.scale();
+        for (&(i, target), pair) in &adapter.pairs {
+            let Some(layer) = self.layers.get_mut(i) else {
+                candle_core::bail!(
+                    "adapter layer {i}: the base has {} layers",
+                    self.layers.len()
+                );
+            };
+            let linear = match target {
+                Target::Q => &mut layer.wq,
+                Target::K => &mut layer.wk,
+                Target::V => &mut layer.wv,
+                Target::O => &mut layer.wo,
+                Target::Gate => &mut layer.gate,
+                Target::Up => &mut layer.up,
+                Target::Down => &mut layer.down,
+            };
+            let (out, inp) = linear.dims()?;
+            if pair.a.dims() != [pair.a.dim(0)?, inp] || pair.b.dims() != [out, pair.a.dim(0)?] {
+                candle_core::bail!(
+                    "adapter layer {i} {}: A {:?}, B {:?} do not fit the weight ({out}, {inp})",
+                    target.peft_name(),
+                    pair.a.dims(),
+                    pair.b.dims()
+                );
+            }
+            if merge {
+                linear.merge(pair, scale)?;
+            } else {
+                linear.adapt(pair, scale)?;
+            }
+        }
+        Ok(())
     }
 
     /// A copy sharing the weights with its own, empty KV cache: a sequence

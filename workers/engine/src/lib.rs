@@ -13,6 +13,7 @@
 //! - [`t5`]: T5 / FLAN-T5 seq2seq models (Hugging Face safetensors layout).
 //! - [`mapreduce`]: one summary over a transcript of any length.
 
+pub mod adapter;
 pub mod attention;
 pub mod catalog;
 pub mod chunking;

@@ -63,6 +63,19 @@ pub struct GgufOptions {
     /// The catalog's prompt order: transcript first (kinds share a prefill)
     /// or task first (see `ModelEntry::prompt_order`).
     pub transcript_first: bool,
+    /// A LoRA adapter to serve on the base.
+    pub adapter: Option<AdapterOptions>,
+}
+
+/// A LoRA adapter directory (PEFT layout) and how to serve it.
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    pub dir: std::path::PathBuf,
+    /// sha256 of `adapter_model.safetensors`, checked before loading.
+    pub sha256: Option<String>,
+    /// Fold the adapter into the weights at load (f32) instead of running
+    /// it beside the quantized ones.
+    pub merge: bool,
 }
 
 impl GgufOptions {
@@ -78,6 +91,7 @@ impl GgufOptions {
             device,
             max_context,
             transcript_first: entry.prompt_order.as_deref() != Some("task_first"),
+            adapter: None,
         }
     }
 }
@@ -121,6 +135,59 @@ pub(crate) fn max_new_tokens(kind: SummaryKind) -> usize {
         SummaryKind::ActionItems | SummaryKind::Decisions => 160,
         SummaryKind::Short => 60,
     }
+}
+
+/// Checks an adapter against the base (its recorded base sha256, its
+/// file's sha256, every shape) and puts it on the decoder.
+fn apply_adapter(
+    dense: &mut crate::decoder::DenseDecoder,
+    base_path: &Path,
+    opts: &GgufOptions,
+    a: &AdapterOptions,
+) -> Result<(), EngineError> {
+    use crate::adapter::{Adapter, WEIGHTS_FILE};
+    let weights_file = a.dir.join(WEIGHTS_FILE);
+    if let Some(want) = &a.sha256 {
+        let got = sha256_file(&weights_file).map_err(|e| bad_model(&weights_file, e))?;
+        if &got != want {
+            return Err(bad_model(
+                &weights_file,
+                format!("sha256 is {got}, expected {want}: not the adapter the catalog names"),
+            ));
+        }
+    }
+    let layout = dense.layout().map_err(|e| bad_model(base_path, e))?;
+    let adapter =
+        Adapter::load(&a.dir, &layout).map_err(|e| EngineError::BadModel(e.to_string()))?;
+    if let Some(info) = &adapter.info {
+        let base_sha = match &opts.sha256 {
+            Some(s) => s.clone(),
+            None => sha256_file(base_path).map_err(|e| bad_model(base_path, e))?,
+        };
+        let order = if opts.transcript_first {
+            "transcript_first"
+        } else {
+            "task_first"
+        };
+        if info.prompt_order.as_deref().is_some_and(|o| o != order) {
+            return Err(EngineError::BadModel(format!(
+                "adapter {} was trained with prompt order {}, but this entry serves {order}",
+                a.dir.display(),
+                info.prompt_order.as_deref().unwrap_or_default()
+            )));
+        }
+        if info.base_sha256 != base_sha {
+            return Err(EngineError::BadModel(format!(
+                "adapter {} was trained on the base with sha256 {}, but {} has sha256 {base_sha}",
+                a.dir.display(),
+                info.base_sha256,
+                base_path.display()
+            )));
+        }
+    }
+    dense
+        .apply_adapter(&adapter, a.merge)
+        .map_err(|e| bad_model(&a.dir, e))
 }
 
 impl GgufModel {
@@ -190,6 +257,19 @@ impl GgufModel {
                     path,
                     format!("architecture `{other}` is not supported (llama, qwen2, gemma3 are)"),
                 ))
+            }
+        };
+        let weights = match &opts.adapter {
+            None => weights,
+            Some(a) => {
+                let Weights::Dense(mut dense) = weights else {
+                    return Err(bad_model(
+                        path,
+                        format!("LoRA adapters are served on llama and qwen2 bases, not {arch}"),
+                    ));
+                };
+                apply_adapter(&mut dense, path, opts, a)?;
+                Weights::Dense(dense)
             }
         };
         Ok(GgufModel {
@@ -444,6 +524,52 @@ impl GgufModel {
                 self.complete_parts(&prefix, &rest, &params, req)
             },
         )
+    }
+
+    /// The prompt ids a worker prefills for `kind` (or `query`) over this
+    /// transcript when it fits one call, exactly as `summarize` builds them
+    /// (template, prompt order, language line); None when the transcript
+    /// needs map-reduce. Fine-tuning renders its examples with this.
+    pub fn single_call_prompt(
+        &self,
+        transcript: &[recap_job::Utterance],
+        kind: SummaryKind,
+        query: Option<&str>,
+        language: Option<&str>,
+    ) -> Result<Option<Vec<u32>>, EngineError> {
+        let count = |s: &str| self.count(s);
+        let Some(text) =
+            mapreduce::single_call_text(transcript, self.transcript_budget(kind), &count)
+        else {
+            return Ok(None);
+        };
+        let task = prompts::task(kind, query);
+        let (prefix, rest) =
+            self.user_parts(Step::Map(&text), &task, &language_suffix(language))?;
+        let (mut head, tail) = self.head_and_tail(&prefix, &rest)?;
+        head.extend(tail);
+        Ok(Some(head))
+    }
+
+    /// Tokens of a summary as the model is to write it: the text, then the
+    /// end of its turn.
+    pub fn target_ids(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let mut ids = self.tokenizer.encode(text.trim(), false)?;
+        // The token that closes a user turn in this template closes the
+        // model's too (ChatML's `<|im_end|>`); a plain layout ends on EOS.
+        let (_, after) = self.around_user()?;
+        let closing = self.tokenizer.encode(&after, true)?.first().copied();
+        let end = closing
+            .filter(|t| self.tokenizer.stop_ids.contains(t))
+            .or(self.tokenizer.eos_id)
+            .ok_or_else(|| EngineError::Model("the tokenizer has no end-of-turn token".into()))?;
+        ids.push(end);
+        Ok(ids)
+    }
+
+    /// The context this model's calls are cut to.
+    pub fn context(&self) -> usize {
+        self.context
     }
 
     /// A call's user message in the two parts `complete_parts` takes, in

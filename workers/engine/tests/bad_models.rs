@@ -17,6 +17,7 @@ fn opts(sha: Option<&str>) -> GgufOptions {
         device: Device::Cpu,
         max_context: 1024,
         transcript_first: true,
+        adapter: None,
     }
 }
 

@@ -249,3 +249,58 @@ fn gemma3_base_model_loads_and_generates() {
     assert!(out[0].input_tokens > 200);
     assert!(out[0].output_tokens > 0, "the model generated nothing");
 }
+
+// Fine-tuning renders each example with `single_call_prompt`: the ids are
+// the ones a worker prefills for the same kind or query (as many as the
+// summary reports as its input, and the same text: template, system
+// prompt, task and transcript in the model's prompt order).
+#[test]
+fn training_prompts_are_the_tokens_a_worker_prefills() {
+    let transcript = utterances_from_text(MEETING);
+    for id in [
+        "smollm2-135m-instruct-q4_1",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m",
+    ] {
+        let model = load(id, 4096);
+        for (kind, query) in [
+            (SummaryKind::Short, None),
+            (
+                SummaryKind::Overview,
+                Some("What did they decide about the launch?"),
+            ),
+        ] {
+            let ids = model
+                .single_call_prompt(&transcript, kind, query, Some("fr"))
+                .unwrap()
+                .expect("fits one call");
+            let mut req = request(&transcript, std::slice::from_ref(&kind));
+            req.query = query;
+            req.language = Some("fr");
+            let served = model.summarize(&req).unwrap().remove(0);
+            assert_eq!(served.input_tokens as usize, ids.len(), "{id} {kind:?}");
+            let text = model.tokenizer().decode(&ids).unwrap();
+            let task = recap_engine::prompts::task(kind, query);
+            assert!(text.contains(&task), "{id}: {text}");
+            assert!(text.contains("Answer in French."), "{id}: {text}");
+            assert!(
+                text.contains(recap_engine::prompts::system()),
+                "{id}: {text}"
+            );
+            let first_line = recap_engine::mapreduce::lines(&transcript[..1]);
+            let (t, q) = (text.find(&first_line).unwrap(), text.find(&task).unwrap());
+            assert_eq!(t < q, id.starts_with("qwen"), "{id}: prompt order");
+            let target = model.target_ids("The launch moves.").unwrap();
+            assert!(model.tokenizer().stop_ids.contains(target.last().unwrap()));
+        }
+        let long: Vec<Utterance> = (0..400)
+            .map(|i| transcript[i % transcript.len()].clone())
+            .collect();
+        assert!(
+            model
+                .single_call_prompt(&long, SummaryKind::Short, None, None)
+                .unwrap()
+                .is_none(),
+            "{id}: a transcript that needs map-reduce has no single prompt"
+        );
+    }
+}

@@ -21,6 +21,10 @@ pub struct Row {
     pub total_cost_usd: f64,
     /// e.g. "compact 15 / large 5"; empty for single models.
     pub route_split: String,
+    /// Mean share of output sentences copied from the transcript
+    /// (`copying::copy_rate`).
+    #[serde(default)]
+    pub copy_rate: f64,
 }
 
 fn ci(i: &Interval) -> String {
@@ -29,16 +33,17 @@ fn ci(i: &Interval) -> String {
 
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| system | cases | ROUGE-1 F1 [95% CI] | ROUGE-2 F1 [95% CI] | ROUGE-L F1 [95% CI] | in tok | out tok | p50 s | p95 s | cost USD | route split |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | cases | ROUGE-1 F1 [95% CI] | ROUGE-2 F1 [95% CI] | ROUGE-L F1 [95% CI] | copied | in tok | out tok | p50 s | p95 s | cost USD | route split |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.6} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.2} | {:.6} | {} |\n",
             r.name,
             r.cases,
             ci(&r.rouge1),
             ci(&r.rouge2),
             ci(&r.rouge_l),
+            100.0 * r.copy_rate,
             r.mean_input_tokens,
             r.mean_output_tokens,
             r.p50_latency_s,
@@ -148,6 +153,7 @@ mod tests {
             p95_latency_s: 2.0,
             total_cost_usd: c,
             route_split: String::new(),
+            copy_rate: 0.25,
         }
     }
 
@@ -157,6 +163,7 @@ mod tests {
         let md = markdown(&rows);
         assert_eq!(md.lines().count(), 4);
         assert!(md.contains("| lead-60 | 3 | 0.150 [0.140, 0.160]"));
+        assert!(md.contains("| 25% |"), "{md}");
         let svg = svg_plot(&rows, "QMSum");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<circle").count(), 2);

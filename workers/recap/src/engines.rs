@@ -4,7 +4,7 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use recap_engine::catalog::{Catalog, ModelEntry};
-use recap_engine::llm::{GgufModel, GgufOptions};
+use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
 use recap_engine::{Extractive, Summarizer};
 use std::sync::Arc;
 
@@ -24,6 +24,34 @@ pub fn device(config: &Config) -> Result<Device> {
     }
 }
 
+/// The repository's adapters, for catalog entries that name them by a
+/// relative path (the shipped compact tier's).
+const REPO_ADAPTERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../adapters");
+
+/// An adapter's directory: absolute as given; relative, in the models
+/// directory or else the repository's `adapters/`.
+pub fn adapter_dir(path: &str, config: &Config) -> Result<std::path::PathBuf> {
+    let p = std::path::Path::new(path);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    let candidates = [
+        config.models_dir().join(p),
+        std::path::Path::new(REPO_ADAPTERS).join(p),
+    ];
+    candidates
+        .iter()
+        .find(|c| c.join(recap_engine::adapter::CONFIG_FILE).exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "adapter `{path}` is in neither {} nor {}",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+}
+
 /// The catalog entry and the loaded model.
 pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, ModelEntry)> {
     let catalog = Catalog::builtin()?;
@@ -36,10 +64,16 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
                 .as_deref()
                 .context("catalog entry without a file")?;
             let path = config.models_dir().join(file);
-            Arc::new(GgufModel::load(
-                &path,
-                &GgufOptions::for_entry(&entry, device(config)?, config.models.max_context),
-            )?)
+            let mut opts =
+                GgufOptions::for_entry(&entry, device(config)?, config.models.max_context);
+            if let Some(a) = &entry.adapter {
+                opts.adapter = Some(AdapterOptions {
+                    dir: adapter_dir(&a.path, config)?,
+                    sha256: Some(a.sha256.clone()),
+                    merge: a.merge,
+                });
+            }
+            Arc::new(GgufModel::load(&path, &opts)?)
         }
         other => bail!("model {model_id}: format `{other}` cannot be served by this build"),
     };

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::{engines, policy, router};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use recap_engine::{Cancel, SummarizeRequest};
+use recap_engine::{Cancel, SummarizeRequest, SummaryOutput};
 use recap_eval::frontier::{self, Outcome};
 use recap_eval::qmsum::{self, Case, Setting};
 use recap_eval::report::{self, Row};
@@ -107,6 +107,23 @@ fn load_cache(path: &PathBuf) -> HashMap<String, CaseRun> {
         .collect()
 }
 
+/// One case's answer as `recap eval` asks for it (the query-focused
+/// prompt); fine-tuning's validation pass asks the same way.
+pub fn answer(engine: &dyn recap_engine::Summarizer, case: &Case) -> Result<SummaryOutput> {
+    engine
+        .summarize(&SummarizeRequest {
+            transcript: &case.transcript,
+            kinds: &[SummaryKind::Overview],
+            language: Some("en"),
+            query: Some(&case.query),
+            deadline: None,
+            cancel: Cancel::default(),
+        })?
+        .into_iter()
+        .next()
+        .context("engine returned no summary")
+}
+
 fn run_model(
     config: &Config,
     model_id: &str,
@@ -137,18 +154,7 @@ fn run_model(
             .collect();
         for case in pending {
             let started = Instant::now();
-            let outs = engine.summarize(&SummarizeRequest {
-                transcript: &case.transcript,
-                kinds: &[SummaryKind::Overview],
-                language: Some("en"),
-                query: Some(&case.query),
-                deadline: None,
-                cancel: Cancel::default(),
-            })?;
-            let o = outs
-                .into_iter()
-                .next()
-                .context("engine returned no summary")?;
+            let o = answer(engine.as_ref(), case)?;
             let run = CaseRun {
                 id: case.id.clone(),
                 cost_usd: price.cost(o.input_tokens as u64, o.output_tokens as u64),
@@ -179,6 +185,7 @@ struct Scored {
     r1: Vec<f64>,
     r2: Vec<f64>,
     rl: Vec<f64>,
+    copied: Vec<f64>,
 }
 
 fn score(rouge: &Rouge, cases: &[Case], texts: &[&str]) -> Scored {
@@ -186,9 +193,14 @@ fn score(rouge: &Rouge, cases: &[Case], texts: &[&str]) -> Scored {
         r1: vec![],
         r2: vec![],
         rl: vec![],
+        copied: vec![],
     };
     for (c, t) in cases.iter().zip(texts) {
         let r = rouge.score(&c.reference, t);
+        s.copied.push(recap_eval::copying::copy_rate(
+            t,
+            &recap_engine::mapreduce::lines(&c.transcript),
+        ));
         s.r1.push(r.rouge1.fmeasure);
         s.r2.push(r.rouge2.fmeasure);
         s.rl.push(r.rouge_l.fmeasure);
@@ -220,6 +232,7 @@ fn row(name: &str, s: &Scored, runs: &[&CaseRun], seed: u64, split: String) -> R
         p95_latency_s: percentile(&lat, 95.0),
         total_cost_usd: runs.iter().map(|r| r.cost_usd).sum(),
         route_split: split,
+        copy_rate: mean(&s.copied),
     }
 }
 

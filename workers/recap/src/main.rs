@@ -19,6 +19,7 @@ mod store;
 mod submit;
 mod summarize;
 mod tenants;
+mod train;
 mod webhooks;
 mod worker;
 
@@ -75,6 +76,8 @@ enum Command {
     Rouge(eval::RougeArgs),
     /// Evaluate models, baselines and the policy on QMSum: quality, cost, latency.
     Eval(eval::EvalArgs),
+    /// Fine-tune a LoRA adapter for a GGUF model on QMSum or your own summaries.
+    Train(train::TrainArgs),
     /// The HTTP gateway: /v1/jobs, /openapi.json, probes and metrics.
     Gateway {
         /// Address to listen on (default: gateway.listen).
@@ -168,6 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rouge(args) => eval::rouge(args),
         Command::Eval(args) => eval::eval(&config, args),
+        Command::Train(args) => train::run(&config, args),
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
         Command::Bench { cmd } => bench::run(&config, cmd).await,

@@ -1,0 +1,417 @@
+//! `recap train`: LoRA fine-tuning of a catalog GGUF decoder on QMSum, a
+//! company's JSONL of summaries, or both (`recap-train` does the work;
+//! this is the IO around it: files, the catalog, the validation pass).
+
+use crate::config::Config;
+use crate::engines;
+use anyhow::{bail, Context, Result};
+use recap_engine::adapter::Target;
+use recap_engine::catalog::Catalog;
+use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
+use recap_eval::copying::copy_rate;
+use recap_eval::qmsum::{self, Setting};
+use recap_eval::rouge::Rouge;
+use recap_eval::stats::mean;
+use recap_train::data::{self, Example};
+use recap_train::model::{LoraSpec, TrainModel};
+use recap_train::optim::Decay;
+use recap_train::trainer::{self, DataSource, RunPaths, Tokenized, TrainConfig, ValScores};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Catalog id of the base GGUF (llama or qwen2 family; default: the
+    /// compact tier's model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data, repeatable: `qmsum:PATH` (QMSum's train split) or
+    /// `jsonl:PATH` (README: transcript, kind or query, target).
+    #[arg(long, required = true)]
+    pub data: Vec<String>,
+    /// Output directory: adapter/, checkpoints/, epoch-N/, train.json, loss.svg.
+    #[arg(long, default_value = "out/train")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f64,
+    /// Projections to adapt: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: Vec<String>,
+    /// Layers to adapt (PEFT's layers_to_transform), e.g. 20-29 or 0,5,9; all by default.
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    #[arg(long, default_value_t = 10)]
+    pub warmup_steps: usize,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub schedule: ScheduleArg,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Longest example (prompt + summary) in tokens; longer ones are
+    /// skipped and counted.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    /// A seeded subset of this many examples.
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Optimizer steps between checkpoints (each epoch's end writes one too).
+    #[arg(long, default_value_t = 20)]
+    pub checkpoint_every: usize,
+    /// Continue from the latest checkpoint in --out (same config only).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (checkpointed) after this many optimizer steps; --resume goes on.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// QMSum file for the validation pass after each epoch (span setting).
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Seeded val cases scored after each epoch.
+    #[arg(long, default_value_t = 8)]
+    pub val_cases: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+}
+
+fn parse_layers(spec: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (
+                    a.trim()
+                        .parse()
+                        .with_context(|| format!("--layers: `{part}`"))?,
+                    b.trim()
+                        .parse()
+                        .with_context(|| format!("--layers: `{part}`"))?,
+                );
+                if a > b {
+                    bail!("--layers: `{part}` runs backwards");
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(
+                part.parse()
+                    .with_context(|| format!("--layers: `{part}`"))?,
+            ),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        bail!("--layers: no layer in `{spec}`");
+    }
+    Ok(out)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Reads every `--data` source: its examples, and its record (sha256).
+fn read_data(specs: &[String]) -> Result<(Vec<Example>, Vec<DataSource>)> {
+    let mut all = Vec::new();
+    let mut sources = Vec::new();
+    for spec in specs {
+        let (kind, path) = spec
+            .split_once(':')
+            .with_context(|| format!("--data `{spec}`: expected qmsum:PATH or jsonl:PATH"))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--data: reading {path}"))?;
+        let examples = match kind {
+            "qmsum" => data::parse_qmsum(&text, path)?,
+            "jsonl" => data::parse_jsonl(&text, path)?,
+            other => bail!("--data `{spec}`: unknown source `{other}` (qmsum, jsonl)"),
+        };
+        sources.push(DataSource {
+            spec: spec.clone(),
+            sha256: sha256_hex(text.as_bytes()),
+            examples: examples.len(),
+        });
+        all.extend(examples);
+    }
+    Ok((all, sources))
+}
+
+/// Each example as the worker would see it, or the reason it is skipped.
+pub fn tokenize(
+    model: &GgufModel,
+    examples: &[Example],
+    max_seq_len: usize,
+) -> Result<(Vec<Tokenized>, BTreeMap<String, usize>)> {
+    let mut items = Vec::new();
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    for ex in examples {
+        let prompt = model.single_call_prompt(
+            &ex.transcript,
+            ex.kind,
+            ex.query.as_deref(),
+            ex.language.as_deref(),
+        )?;
+        let Some(mut ids) = prompt else {
+            *skipped
+                .entry("needs map-reduce (longer than models.max_context)".into())
+                .or_default() += 1;
+            continue;
+        };
+        let target = model.target_ids(&ex.target)?;
+        if ids.len() + target.len() > max_seq_len {
+            *skipped
+                .entry(format!("longer than --max-seq-len {max_seq_len}"))
+                .or_default() += 1;
+            continue;
+        }
+        let target_start = ids.len();
+        ids.extend(target);
+        items.push(Tokenized {
+            id: ex.id.clone(),
+            ids,
+            target_start,
+        });
+    }
+    Ok((items, skipped))
+}
+
+/// A training step allocates and frees gigabytes of activations and
+/// gradients; with trimming the heap goes back to the kernel after each
+/// example and the next one faults it in again (a third of the run's time
+/// was the kernel zeroing pages). -1 turns trimming off (mallopt(3)).
+fn keep_the_heap() {
+    // SAFETY: mallopt only changes allocator tunables.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+pub fn run(config: &Config, args: TrainArgs) -> Result<()> {
+    keep_the_heap();
+    let catalog = Catalog::builtin()?;
+    let model_id = match &args.model {
+        Some(m) => m.clone(),
+        None => config
+            .tier_model("compact")
+            .context("no compact tier model configured")?
+            .to_string(),
+    };
+    let entry = catalog.get(&model_id)?.clone();
+    if entry.format != "gguf" || !matches!(entry.family.as_str(), "llama" | "qwen2") {
+        bail!("{model_id}: fine-tuning takes llama- and qwen2-family GGUF models");
+    }
+    if entry.adapter.is_some() {
+        bail!(
+            "{model_id} already carries an adapter: train on its base `{}`",
+            entry.base.as_deref().unwrap_or("?")
+        );
+    }
+    let file = entry
+        .file
+        .as_deref()
+        .context("catalog entry without a file")?;
+    let path = config.models_dir().join(file);
+    let base_sha256 = match &entry.sha256 {
+        Some(s) => s.clone(),
+        None => recap_engine::llm::sha256_file(&path)
+            .with_context(|| format!("{}: run `recap models fetch {model_id}`", path.display()))?,
+    };
+    let device = engines::device(config)?;
+    let opts = GgufOptions::for_entry(&entry, device.clone(), config.models.max_context);
+    let serving = GgufModel::load(&path, &opts)?;
+
+    let (mut examples, sources) = read_data(&args.data)?;
+    if let Some(n) = args.max_examples {
+        let order = trainer::epoch_order(examples.len(), args.seed, usize::MAX);
+        let mut keep: Vec<usize> = order.into_iter().take(n).collect();
+        keep.sort_unstable();
+        examples = keep.into_iter().map(|i| examples[i].clone()).collect();
+    }
+    let (items, skipped) = tokenize(&serving, &examples, args.max_seq_len)?;
+    let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
+    eprintln!(
+        "{} examples read, {} kept ({tokens} tokens), skipped: {skipped:?}",
+        examples.len(),
+        items.len()
+    );
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| {
+            Target::parse(t.trim()).with_context(|| {
+                format!("--targets: `{t}` is none of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let spec = LoraSpec {
+        r: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        targets,
+        layers: args.layers.as_deref().map(parse_layers).transpose()?,
+    };
+    if !(0.0..1.0).contains(&args.dropout) {
+        bail!("--dropout must be in [0, 1)");
+    }
+    let train_config = TrainConfig {
+        base_model: model_id.clone(),
+        base_sha256: base_sha256.clone(),
+        prompt_order: if opts.transcript_first {
+            "transcript_first".into()
+        } else {
+            "task_first".into()
+        },
+        lora: spec.clone(),
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup_steps: args.warmup_steps,
+        decay: match args.schedule {
+            ScheduleArg::Cosine => Decay::Cosine,
+            ScheduleArg::Linear => Decay::Linear,
+        },
+        epochs: args.epochs,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        weight_decay: args.weight_decay,
+        max_seq_len: args.max_seq_len,
+        seed: args.seed,
+        data: sources,
+        max_examples: args.max_examples,
+    };
+    let mut f = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+    let model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, args.seed)
+        .with_context(|| format!("loading {} for training", path.display()))?;
+
+    let val_cases = match &args.val {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+            qmsum::sample(
+                qmsum::parse(&text, Setting::Span)?,
+                Some(args.val_cases),
+                args.seed,
+            )
+        }
+        None => Vec::new(),
+    };
+    let rouge = Rouge::new(true);
+    let mut validate = |dir: &Path, epoch: usize| -> std::result::Result<ValScores, String> {
+        if val_cases.is_empty() {
+            return Ok(ValScores {
+                epoch,
+                cases: 0,
+                rouge1: 0.0,
+                rouge2: 0.0,
+                rouge_l: 0.0,
+                copy_rate: 0.0,
+            });
+        }
+        let mut o = opts.clone();
+        o.adapter = Some(AdapterOptions {
+            dir: dir.to_path_buf(),
+            sha256: None,
+            merge: false,
+        });
+        let tuned = GgufModel::load(&path, &o).map_err(|e| e.to_string())?;
+        let (mut r1, mut r2, mut rl, mut cp) = (vec![], vec![], vec![], vec![]);
+        for case in &val_cases {
+            let out = crate::eval::answer(&tuned, case).map_err(|e| e.to_string())?;
+            let s = rouge.score(&case.reference, &out.text);
+            r1.push(s.rouge1.fmeasure);
+            r2.push(s.rouge2.fmeasure);
+            rl.push(s.rouge_l.fmeasure);
+            cp.push(copy_rate(
+                &out.text,
+                &recap_engine::mapreduce::lines(&case.transcript),
+            ));
+        }
+        let scores = ValScores {
+            epoch,
+            cases: val_cases.len(),
+            rouge1: mean(&r1),
+            rouge2: mean(&r2),
+            rouge_l: mean(&rl),
+            copy_rate: mean(&cp),
+        };
+        eprintln!(
+            "epoch {epoch}: val ROUGE-1/2/L {:.3}/{:.3}/{:.3} over {} cases, copy rate {:.2}",
+            scores.rouge1, scores.rouge2, scores.rouge_l, scores.cases, scores.copy_rate
+        );
+        Ok(scores)
+    };
+    let paths = RunPaths {
+        out: args.out.clone(),
+    };
+    let report = trainer::train(
+        &model,
+        &items,
+        skipped,
+        &train_config,
+        &paths,
+        trainer::RunOptions {
+            checkpoint_every: args.checkpoint_every,
+            resume: args.resume,
+            stop_after: args.stop_after,
+        },
+        &mut validate,
+    )?;
+    let Some(report) = report else {
+        eprintln!(
+            "stopped after {} steps as asked; `--resume` continues from {}",
+            args.stop_after.unwrap_or(0),
+            paths.checkpoints().display()
+        );
+        return Ok(());
+    };
+    eprintln!(
+        "trained {} steps at {:.0} tokens/s ({:.0} s, peak RSS {:.0} MiB); adapter in {}, record in {}",
+        report.steps.len(),
+        report.tokens_per_s,
+        report.wall_s,
+        report.peak_rss_mib,
+        report.adapter,
+        args.out.join("train.json").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_lists_and_ranges_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_layers("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert_eq!(parse_layers("7, 3,3").unwrap(), vec![3, 7]);
+        assert!(parse_layers("3-1")
+            .unwrap_err()
+            .to_string()
+            .contains("backwards"));
+        assert!(parse_layers("x").unwrap_err().to_string().contains("`x`"));
+        assert!(parse_layers(",").is_err());
+    }
+}

@@ -1,0 +1,398 @@
+//! The model being fine-tuned: a llama- or qwen2-family GGUF decoder whose
+//! weights are frozen (dequantized once to f32) and whose projections carry
+//! trainable low-rank adapters (candle `Var`s). The forward pass is the
+//! serving decoder's arithmetic written with differentiable operations
+//! (`crate::ops`); only the adapters get gradients.
+
+use crate::ops::{causal_softmax, frozen_linear, rope};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use recap_engine::adapter::{Adapter, BaseLayout, LoraConfig, LoraPair, Target};
+use std::collections::BTreeMap;
+
+/// Where adapters go and how large they are.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// Layers that get adapters (PEFT's `layers_to_transform`); all if None.
+    pub layers: Option<Vec<usize>>,
+}
+
+struct FrozenLayer {
+    w: BTreeMap<Target, Tensor>,
+    bias: BTreeMap<Target, Tensor>,
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+}
+
+/// A frozen base with trainable adapters.
+pub struct TrainModel {
+    embed: Tensor,
+    layers: Vec<FrozenLayer>,
+    norm: Tensor,
+    output: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: f64,
+    rope_neox: bool,
+    pub layout: BaseLayout,
+    pub spec: LoraSpec,
+    /// (A: rank × in, B: out × rank) per adapted projection.
+    pub lora: BTreeMap<(usize, Target), (Var, Var)>,
+    device: Device,
+}
+
+fn rope_tables(dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx = Tensor::arange(0, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx.cos()?, idx.sin()?))
+}
+
+fn gguf_name(t: Target) -> &'static str {
+    match t {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+/// Dropout masks for one micro-step, drawn from its own seed so that a
+/// resumed run draws the same ones.
+pub struct Dropout {
+    p: f64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Dropout {
+    pub fn new(p: f64, seed: u64) -> Dropout {
+        Dropout {
+            p,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if self.rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
+}
+
+impl TrainModel {
+    /// Loads the frozen base from a GGUF and puts fresh adapters on it (A
+    /// as PEFT initializes it, Kaiming-uniform; B zero, so training starts
+    /// from the base model exactly).
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        spec: &LoraSpec,
+        seed: u64,
+    ) -> Result<TrainModel> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" && arch != "qwen2" {
+            candle_core::bail!("fine-tuning takes llama and qwen2 GGUFs, not `{arch}`");
+        }
+        let md = |key: &str| match ct.metadata.get(&format!("{arch}.{key}")) {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("cannot find {arch}.{key} in the GGUF metadata"),
+        };
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
+        let n_layer = md("block_count")?.to_u32()? as usize;
+        let n_embd = md("embedding_length")?.to_u32()? as usize;
+        let n_ff = md("feed_forward_length")?.to_u32()? as usize;
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let rope_base = md("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
+        let context = md("context_length")
+            .and_then(|v| v.to_u32())
+            .map(|v| v as usize)
+            .unwrap_or(4096);
+        let head_dim = n_embd / n_head;
+        let rope_neox = arch == "qwen2";
+        let (cos, sin) = rope_tables(head_dim, rope_base, context, device)?;
+        let mut get = |name: &str| -> Result<Tensor> {
+            ct.tensor(reader, name, device)?
+                .dequantize(device)?
+                .to_dtype(DType::F32)
+        };
+        let embed = get("token_embd.weight")?;
+        let output = match get("output.weight") {
+            Ok(w) => w,
+            Err(_) => embed.clone(),
+        };
+        let norm = get("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let mut w = BTreeMap::new();
+            let mut bias = BTreeMap::new();
+            for t in Target::ALL {
+                w.insert(t, get(&format!("blk.{i}.{}.weight", gguf_name(t)))?);
+                if rope_neox && matches!(t, Target::Q | Target::K | Target::V) {
+                    bias.insert(t, get(&format!("blk.{i}.{}.bias", gguf_name(t)))?);
+                }
+            }
+            layers.push(FrozenLayer {
+                w,
+                bias,
+                attn_norm: get(&format!("blk.{i}.attn_norm.weight"))?,
+                ffn_norm: get(&format!("blk.{i}.ffn_norm.weight"))?,
+            });
+        }
+        let layout = BaseLayout {
+            n_layer,
+            n_embd,
+            n_head,
+            n_kv_head,
+            n_ff,
+            permuted_qk: !rope_neox,
+        };
+        let mut model = TrainModel {
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            eps,
+            rope_neox,
+            layout,
+            spec: spec.clone(),
+            lora: BTreeMap::new(),
+            device: device.clone(),
+        };
+        model.init_adapters(seed)?;
+        Ok(model)
+    }
+
+    fn adapted_layers(&self) -> Vec<usize> {
+        match &self.spec.layers {
+            Some(l) => l.clone(),
+            None => (0..self.layout.n_layer).collect(),
+        }
+    }
+
+    fn init_adapters(&mut self, seed: u64) -> Result<()> {
+        if self.spec.r == 0 || self.spec.targets.is_empty() {
+            candle_core::bail!("LoRA needs a rank above 0 and at least one target module");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for layer in self.adapted_layers() {
+            if layer >= self.layout.n_layer {
+                candle_core::bail!(
+                    "layer {layer} to adapt: the base has {} layers",
+                    self.layout.n_layer
+                );
+            }
+            for &t in &self.spec.targets {
+                let (out, inp) = self.layout.shape(t);
+                // PEFT: kaiming_uniform_(A, a=√5), i.e. U(-1/√in, 1/√in).
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..self.spec.r * inp)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (self.spec.r, inp), &self.device)?)?;
+                let b = Var::zeros((out, self.spec.r), DType::F32, &self.device)?;
+                self.lora.insert((layer, t), (a, b));
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainable tensors, in a fixed order (the optimizer's and the
+    /// checkpoint's).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (&(layer, t), (a, b)) in &self.lora {
+            out.push((t.tensor_name(layer, 'A'), a.clone()));
+            out.push((t.tensor_name(layer, 'B'), b.clone()));
+        }
+        out
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.spec.alpha / self.spec.r as f64
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        t: Target,
+        dropped: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let l = &self.layers[layer];
+        let mut y = frozen_linear(x, &l.w[&t])?;
+        if let Some(b) = l.bias.get(&t) {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some((a, b)) = self.lora.get(&(layer, t)) {
+            let x = dropped.unwrap_or(x);
+            let delta = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+            y = (y + (delta * self.scale())?)?;
+        }
+        Ok(y)
+    }
+
+    /// Mean cross-entropy of `ids[target_start..]`, each predicted from the
+    /// ids before it: the loss on the summary's tokens only, the prompt
+    /// read but not scored.
+    pub fn loss(&self, ids: &[u32], target_start: usize, dropout: &mut Dropout) -> Result<Tensor> {
+        let t = ids.len();
+        if target_start == 0 || target_start >= t {
+            candle_core::bail!("an example needs prompt and target tokens ({target_start} of {t})");
+        }
+        let logits = self.logits(ids, target_start - 1, dropout)?;
+        let logits = logits.narrow(0, 0, t - target_start)?;
+        let targets = Tensor::new(&ids[target_start..], &self.device)?;
+        candle_nn::loss::cross_entropy(&logits, &targets)
+    }
+
+    /// Next-token logits of positions `from..` of `ids`, (positions, vocab):
+    /// the lm head runs on those rows only.
+    pub fn logits(&self, ids: &[u32], from: usize, dropout: &mut Dropout) -> Result<Tensor> {
+        let t = ids.len();
+        if from >= t {
+            candle_core::bail!("logits from position {from} of {t}");
+        }
+        let l = self.layout;
+        let d = l.head_dim();
+        let n_rep = l.n_head / l.n_kv_head;
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let adapted = self.lora.keys().any(|&(li, _)| li == i);
+            let h = rms_norm(&x, &layer.attn_norm, self.eps)?;
+            let hd = if adapted {
+                Some(dropout.apply(&h)?)
+            } else {
+                None
+            };
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                y.reshape((t, n, d))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)
+            };
+            let q = heads(self.linear(&h, i, Target::Q, hd.as_ref())?, l.n_head)?;
+            let k = heads(self.linear(&h, i, Target::K, hd.as_ref())?, l.n_kv_head)?;
+            let v = heads(self.linear(&h, i, Target::V, hd.as_ref())?, l.n_kv_head)?;
+            let q = rope(&q, &cos, &sin, self.rope_neox)?;
+            let k = rope(&k, &cos, &sin, self.rope_neox)?;
+            // Query heads that share a KV head become extra rows (no copies
+            // of keys and values), as in the serving decoder.
+            let q = q.reshape((1, l.n_kv_head, n_rep * t, d))?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let p = causal_softmax(&scores, t, scale)?;
+            let y = p
+                .matmul(&v)?
+                .reshape((1, l.n_head, t, d))?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((t, l.n_embd))?;
+            let yd = if adapted {
+                Some(dropout.apply(&y)?)
+            } else {
+                None
+            };
+            x = (x + self.linear(&y, i, Target::O, yd.as_ref())?)?;
+            let h = rms_norm(&x, &layer.ffn_norm, self.eps)?;
+            let hd = if adapted {
+                Some(dropout.apply(&h)?)
+            } else {
+                None
+            };
+            let gate = self.linear(&h, i, Target::Gate, hd.as_ref())?.silu()?;
+            let up = self.linear(&h, i, Target::Up, hd.as_ref())?;
+            let m = (gate * up)?;
+            let md = if adapted {
+                Some(dropout.apply(&m)?)
+            } else {
+                None
+            };
+            x = (x + self.linear(&m, i, Target::Down, md.as_ref())?)?;
+        }
+        let h = rms_norm(&x.narrow(0, from, t - from)?, &self.norm, self.eps)?;
+        frozen_linear(&h, &self.output)
+    }
+
+    /// The adapters as they stand, in recap's (GGUF row) order.
+    pub fn adapter(&self) -> Result<Adapter> {
+        let mut config = LoraConfig::new(
+            self.spec.r,
+            self.spec.alpha,
+            self.spec.dropout,
+            &self.spec.targets,
+        );
+        config.layers_to_transform = self.spec.layers.clone();
+        let mut pairs = BTreeMap::new();
+        for (&k, (a, b)) in &self.lora {
+            pairs.insert(
+                k,
+                LoraPair {
+                    a: a.as_tensor().to_device(&Device::Cpu)?,
+                    b: b.as_tensor().to_device(&Device::Cpu)?,
+                },
+            );
+        }
+        Ok(Adapter {
+            config,
+            info: None,
+            pairs,
+        })
+    }
+
+    /// Sets the adapters' values (a resumed checkpoint).
+    pub fn set(&self, values: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.vars() {
+            let v = values
+                .get(&name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks {name}")))?;
+            var.set(&v.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+}
