@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rouge(args) => eval::rouge(args),
         Command::Eval(args) => eval::eval(&config, args),
-        Command::Train(args) => train::run(&config, args),
+        Command::Train(args) => train::run(&config, args).await,
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
         Command::Bench { cmd } => bench::run(&config, cmd).await,

@@ -664,6 +664,18 @@ pub async fn record_shadow(
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     insert_summaries(&mut tx, &[(job.job_id, done)], true).await?;
+    // The transcript stays beside its shadow summaries: the pair is a
+    // training example for the compact tier (`recap train --data shadow`).
+    sqlx::query(
+        "INSERT INTO shadow_transcripts (job_id, tenant, language, transcript)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(job.job_id)
+    .bind(&job.tenant)
+    .bind(job.language.as_deref())
+    .bind(sqlx::types::Json(&job.transcript))
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
          VALUES ($1, $2, $3, $4, 'shadow', $5::float8::numeric)
@@ -678,6 +690,33 @@ pub async fn record_shadow(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// One shadow summary with its job's transcript: a training example.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ShadowExample {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub text: String,
+    pub language: Option<String>,
+    pub transcript: sqlx::types::Json<Vec<recap_job::Utterance>>,
+}
+
+/// Every shadow summary whose job kept its transcript, oldest first (of
+/// one tenant where given).
+pub async fn shadow_examples(
+    pool: &PgPool,
+    tenant: Option<&str>,
+) -> Result<Vec<ShadowExample>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT s.job_id, s.kind, s.text, t.language, t.transcript
+         FROM summaries s JOIN shadow_transcripts t ON t.job_id = s.job_id
+         WHERE s.shadow AND ($1::text IS NULL OR t.tenant = $1)
+         ORDER BY s.created_at, s.job_id, s.kind",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Sets a tenant's budgets (None clears one).

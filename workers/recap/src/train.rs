@@ -26,8 +26,10 @@ pub struct TrainArgs {
     /// compact tier's model).
     #[arg(long)]
     pub model: Option<String>,
-    /// Training data, repeatable: `qmsum:PATH` (QMSum's train split) or
-    /// `jsonl:PATH` (README: transcript, kind or query, target).
+    /// Training data, repeatable: `qmsum:PATH` (QMSum's train split),
+    /// `jsonl:PATH` (README: transcript, kind or query, target), or
+    /// `shadow` / `shadow:TENANT` (the large tier's shadow summaries in
+    /// PostgreSQL, each with its job's transcript).
     #[arg(long, required = true)]
     pub data: Vec<String>,
     /// Output directory: adapter/, checkpoints/, epoch-N/, train.json, loss.svg.
@@ -135,28 +137,71 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Reads every `--data` source: its examples, and its record (sha256).
-fn read_data(specs: &[String]) -> Result<(Vec<Example>, Vec<DataSource>)> {
+async fn read_data(config: &Config, specs: &[String]) -> Result<(Vec<Example>, Vec<DataSource>)> {
     let mut all = Vec::new();
     let mut sources = Vec::new();
     for spec in specs {
-        let (kind, path) = spec
-            .split_once(':')
-            .with_context(|| format!("--data `{spec}`: expected qmsum:PATH or jsonl:PATH"))?;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("--data: reading {path}"))?;
-        let examples = match kind {
-            "qmsum" => data::parse_qmsum(&text, path)?,
-            "jsonl" => data::parse_jsonl(&text, path)?,
-            other => bail!("--data `{spec}`: unknown source `{other}` (qmsum, jsonl)"),
+        let (kind, arg) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+        let (examples, sha256) = match kind {
+            "shadow" => {
+                let tenant = (!arg.is_empty()).then_some(arg);
+                let pool = crate::store::connect(config).await?;
+                let rows = crate::store::shadow_examples(&pool, tenant).await?;
+                let examples = shadow_to_examples(rows)?;
+                if examples.is_empty() {
+                    bail!("--data {spec}: no shadow summaries with transcripts in the database; run jobs with shadow sampling on (policy.toml [shadow] rate)");
+                }
+                let mut h = Sha256::new();
+                for e in &examples {
+                    h.update(e.id.as_bytes());
+                    h.update(e.target.as_bytes());
+                }
+                (examples, hex::encode(h.finalize()))
+            }
+            "qmsum" | "jsonl" if !arg.is_empty() => {
+                let text = std::fs::read_to_string(arg)
+                    .with_context(|| format!("--data: reading {arg}"))?;
+                let examples = if kind == "qmsum" {
+                    data::parse_qmsum(&text, arg)?
+                } else {
+                    data::parse_jsonl(&text, arg)?
+                };
+                (examples, sha256_hex(text.as_bytes()))
+            }
+            _ => bail!("--data `{spec}`: expected qmsum:PATH, jsonl:PATH or shadow[:TENANT]"),
         };
         sources.push(DataSource {
             spec: spec.clone(),
-            sha256: sha256_hex(text.as_bytes()),
+            sha256,
             examples: examples.len(),
         });
         all.extend(examples);
     }
     Ok((all, sources))
+}
+
+/// Shadow summaries as examples: the job's transcript, the summary's kind,
+/// the large tier's text as the target.
+fn shadow_to_examples(rows: Vec<crate::store::ShadowExample>) -> Result<Vec<Example>> {
+    rows.into_iter()
+        .map(|r| {
+            let kind = recap_job::SummaryKind::parse(&r.kind).with_context(|| {
+                format!(
+                    "shadow summary of job {}: unknown kind `{}`",
+                    r.job_id, r.kind
+                )
+            })?;
+            Ok(Example {
+                id: format!("shadow-{}-{}", r.job_id, r.kind),
+                transcript: r.transcript.0,
+                kind,
+                query: None,
+                language: r.language,
+                target: r.text,
+            })
+        })
+        .filter(|e: &Result<Example>| e.as_ref().map_or(true, |e| !e.target.trim().is_empty()))
+        .collect()
 }
 
 /// Each example as the worker would see it, or the reason it is skipped.
@@ -209,8 +254,19 @@ fn keep_the_heap() {
     }
 }
 
-pub fn run(config: &Config, args: TrainArgs) -> Result<()> {
+pub async fn run(config: &Config, args: TrainArgs) -> Result<()> {
     keep_the_heap();
+    let (examples, sources) = read_data(config, &args.data).await?;
+    // Training holds the cores for minutes to hours: off the async workers.
+    tokio::task::block_in_place(|| train_on(config, args, examples, sources))
+}
+
+fn train_on(
+    config: &Config,
+    args: TrainArgs,
+    mut examples: Vec<Example>,
+    sources: Vec<DataSource>,
+) -> Result<()> {
     let catalog = Catalog::builtin()?;
     let model_id = match &args.model {
         Some(m) => m.clone(),
@@ -243,7 +299,6 @@ pub fn run(config: &Config, args: TrainArgs) -> Result<()> {
     let opts = GgufOptions::for_entry(&entry, device.clone(), config.models.max_context);
     let serving = GgufModel::load(&path, &opts)?;
 
-    let (mut examples, sources) = read_data(&args.data)?;
     if let Some(n) = args.max_examples {
         let order = trainer::epoch_order(examples.len(), args.seed, usize::MAX);
         let mut keep: Vec<usize> = order.into_iter().take(n).collect();
