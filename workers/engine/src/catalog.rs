@@ -220,6 +220,47 @@ mod tests {
     }
 
     #[test]
+    fn an_adapter_entry_takes_its_bases_weights() {
+        let c = Catalog::builtin().unwrap();
+        let tuned = c.get("smollm2-135m-qmsum-lora").unwrap();
+        let base = c.get("smollm2-135m-instruct-q4_1").unwrap();
+        assert_eq!(tuned.file, base.file);
+        assert_eq!(tuned.sha256, base.sha256);
+        assert_eq!(tuned.parts.len(), base.parts.len());
+        assert_eq!(tuned.prompt_order, base.prompt_order);
+        let a = tuned.adapter.as_ref().unwrap();
+        assert_eq!(a.sha256.len(), 64);
+        let entry = |extra: &str| {
+            format!("[[model]]\nid='b'\nfamily='llama'\nformat='gguf'\nfile='f'\ncontext_length=1\nprice_per_1k_input=0.0\nprice_per_1k_output=0.0\nlicence='l'\n[[model]]\nid='t'\nfamily='llama'\nformat='gguf'\ncontext_length=1\nprice_per_1k_input=0.0\nprice_per_1k_output=0.0\nlicence='l'\n{extra}")
+        };
+        let ok = entry(&format!(
+            "base='b'\nadapter={{ path='a', sha256='{}' }}\n",
+            "0".repeat(64)
+        ));
+        assert_eq!(
+            Catalog::parse(&ok)
+                .unwrap()
+                .get("t")
+                .unwrap()
+                .file
+                .as_deref(),
+            Some("f")
+        );
+        let e = Catalog::parse(&entry("base='nope'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        let e = Catalog::parse(&entry("base='b'\nfile='g'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("takes the base's file"), "{e}");
+        let e = Catalog::parse(&entry("base='b'\nadapter={ path='a', sha256='xyz' }\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adapter sha256"), "{e}");
+    }
+
+    #[test]
     fn bad_entries_are_refused() {
         let bad = "[[model]]\nid='x'\nfamily='llama'\nformat='gguf'\nfile='f'\ncontext_length=1\nprice_per_1k_input=-1.0\nprice_per_1k_output=0.0\nlicence='l'\n";
         assert!(Catalog::parse(bad)

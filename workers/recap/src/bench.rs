@@ -33,6 +33,10 @@ pub struct ModelArg {
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Training speed: LoRA forward + backward on QMSum train examples,
+    /// recap's ops against a plain candle autograd loop on the same
+    /// model, shapes and data, interleaved; prints one JSON line.
+    Train(crate::train::BenchTrainArgs),
     /// Write the benchmark prompt's token ids (JSON array) for a model.
     Prompt {
         #[command(flatten)]
@@ -373,6 +377,9 @@ fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<
 
 pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Train(args) => {
+            tokio::task::block_in_place(|| crate::train::bench(config, args))?
+        }
         BenchCommand::Kinds {
             model,
             qmsum,

@@ -29,26 +29,25 @@ pub fn device(config: &Config) -> Result<Device> {
 const REPO_ADAPTERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../adapters");
 
 /// An adapter's directory: absolute as given; relative, in the models
-/// directory or else the repository's `adapters/`.
+/// directory, `RECAP_ADAPTERS_DIR` (the images' copy of `adapters/`), or
+/// the repository's `adapters/`.
 pub fn adapter_dir(path: &str, config: &Config) -> Result<std::path::PathBuf> {
     let p = std::path::Path::new(path);
     if p.is_absolute() {
         return Ok(p.to_path_buf());
     }
-    let candidates = [
-        config.models_dir().join(p),
-        std::path::Path::new(REPO_ADAPTERS).join(p),
-    ];
+    let mut candidates = vec![config.models_dir().join(p)];
+    if let Some(d) = std::env::var_os("RECAP_ADAPTERS_DIR") {
+        candidates.push(std::path::PathBuf::from(d).join(p));
+    }
+    candidates.push(std::path::Path::new(REPO_ADAPTERS).join(p));
     candidates
         .iter()
         .find(|c| c.join(recap_engine::adapter::CONFIG_FILE).exists())
         .cloned()
         .with_context(|| {
-            format!(
-                "adapter `{path}` is in neither {} nor {}",
-                candidates[0].display(),
-                candidates[1].display()
-            )
+            let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+            format!("adapter `{path}` is in none of {}", tried.join(", "))
         })
 }
 

@@ -121,6 +121,8 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
         cancel: Cancel::default(),
     })?;
     let rss = resident_memory();
+    let source = recap_engine::mapreduce::lines(&input.transcript);
+    let copied = |text: &str| recap_eval::copying::copy_rate(text, &source);
     if args.json {
         let out: Vec<_> = outputs
             .iter()
@@ -129,7 +131,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
                     "kind": o.kind, "text": o.text, "model": model_id, "engine": engine.engine(),
                     "input_tokens": o.input_tokens, "output_tokens": o.output_tokens,
                     "prefill_ms": o.prefill_ms, "decode_ms": o.decode_ms, "total_ms": o.total_ms,
-                    "chunks": o.chunks,
+                    "chunks": o.chunks, "copy_rate": copied(&o.text),
                 })
             })
             .collect();
@@ -145,8 +147,9 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
             println!("== {} ({} via {}) ==", o.kind, model_id, engine.engine());
             println!("{}", o.text);
             println!(
-                "-- {} input tokens, {} output tokens, prefill {:.0} ms, decode {:.0} ms, total {:.0} ms, {} chunk(s)\n",
-                o.input_tokens, o.output_tokens, o.prefill_ms, o.decode_ms, o.total_ms, o.chunks
+                "-- {} input tokens, {} output tokens, prefill {:.0} ms, decode {:.0} ms, total {:.0} ms, {} chunk(s), {:.0}% of sentences copied\n",
+                o.input_tokens, o.output_tokens, o.prefill_ms, o.decode_ms, o.total_ms, o.chunks,
+                100.0 * copied(&o.text)
             );
         }
         if let Some((now, peak)) = rss {

@@ -454,6 +454,100 @@ fn train_on(
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, default_value = "smollm2-135m-instruct-q4_1")]
+    pub model: String,
+    /// QMSum train split (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Examples per round (seeded), each cut to --seq-len tokens.
+    #[arg(long, default_value_t = 6)]
+    pub examples: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Interleaved rounds of both loops.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+}
+
+/// `recap bench train`: tokens/s of forward + backward (loss on the last
+/// quarter of each sequence) for recap's ops and for plain candle ops, on
+/// one model with LoRA of `--rank` on all seven projections.
+pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
+    keep_the_heap();
+    let catalog = Catalog::builtin()?;
+    let entry = catalog.get(&args.model)?.clone();
+    let file = entry
+        .file
+        .as_deref()
+        .context("catalog entry without a file")?;
+    let path = config.models_dir().join(file);
+    let device = engines::device(config)?;
+    let serving = GgufModel::load(
+        &path,
+        &GgufOptions::for_entry(&entry, device.clone(), config.models.max_context),
+    )?;
+    let text =
+        std::fs::read_to_string(&args.data).with_context(|| args.data.display().to_string())?;
+    let mut items = Vec::new();
+    for ex in data::parse_qmsum(&text, &args.data.display().to_string())? {
+        if items.len() == args.examples {
+            break;
+        }
+        let Some(mut ids) =
+            serving.single_call_prompt(&ex.transcript, ex.kind, ex.query.as_deref(), None)?
+        else {
+            continue;
+        };
+        ids.extend(serving.target_ids(&ex.target)?);
+        if ids.len() >= args.seq_len {
+            ids.truncate(args.seq_len);
+            items.push(ids);
+        }
+    }
+    let spec = LoraSpec {
+        r: args.rank,
+        alpha: 2.0 * args.rank as f64,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        layers: None,
+    };
+    let mut f = std::fs::File::open(&path)?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+    let mut model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, 1)?;
+    let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..args.rounds {
+        for (name, plain) in [("recap", false), ("plain_candle", true)] {
+            model.plain_ops = plain;
+            let started = std::time::Instant::now();
+            let mut tokens = 0;
+            for ids in &items {
+                let mut dropout = recap_train::model::Dropout::new(0.0, 0);
+                let loss = model.loss(ids, ids.len() * 3 / 4, &mut dropout)?;
+                loss.backward()?;
+                tokens += ids.len();
+            }
+            results
+                .entry(name)
+                .or_default()
+                .push(tokens as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let best = |k: &str| results[k].iter().cloned().fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": args.model, "examples": items.len(), "seq_len": args.seq_len, "rank": args.rank,
+            "tokens_per_s": results, "ratio_recap_over_plain": best("recap") / best("plain_candle"),
+            "peak_rss_mib": trainer::peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,9 @@ pub struct TrainModel {
     pub spec: LoraSpec,
     /// (A: rank × in, B: out × rank) per adapted projection.
     pub lora: BTreeMap<(usize, Target), (Var, Var)>,
+    /// Plain candle ops instead of `crate::ops` (the speed benchmark's
+    /// anchor: a plain candle autograd loop on the same shapes).
+    pub plain_ops: bool,
     device: Device,
 }
 
@@ -198,6 +201,7 @@ impl TrainModel {
             layout,
             spec: spec.clone(),
             lora: BTreeMap::new(),
+            plain_ops: false,
             device: device.clone(),
         };
         model.init_adapters(seed)?;
@@ -261,7 +265,7 @@ impl TrainModel {
         dropped: Option<&Tensor>,
     ) -> Result<Tensor> {
         let l = &self.layers[layer];
-        let mut y = frozen_linear(x, &l.w[&t])?;
+        let mut y = self.frozen(x, &l.w[&t])?;
         if let Some(b) = l.bias.get(&t) {
             y = y.broadcast_add(b)?;
         }
@@ -285,6 +289,14 @@ impl TrainModel {
         let logits = logits.narrow(0, 0, t - target_start)?;
         let targets = Tensor::new(&ids[target_start..], &self.device)?;
         candle_nn::loss::cross_entropy(&logits, &targets)
+    }
+
+    fn frozen(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.plain_ops {
+            x.matmul(&w.t()?)
+        } else {
+            frozen_linear(x, w)
+        }
     }
 
     /// Next-token logits of positions `from..` of `ids`, (positions, vocab):
@@ -319,13 +331,30 @@ impl TrainModel {
             let q = heads(self.linear(&h, i, Target::Q, hd.as_ref())?, l.n_head)?;
             let k = heads(self.linear(&h, i, Target::K, hd.as_ref())?, l.n_kv_head)?;
             let v = heads(self.linear(&h, i, Target::V, hd.as_ref())?, l.n_kv_head)?;
-            let q = rope(&q, &cos, &sin, self.rope_neox)?;
-            let k = rope(&k, &cos, &sin, self.rope_neox)?;
+            let rotate = |x: &Tensor| {
+                if self.plain_ops {
+                    crate::ops::rope_by_tensor_ops(x, &cos, &sin, self.rope_neox)
+                } else {
+                    rope(x, &cos, &sin, self.rope_neox)
+                }
+            };
+            let (q, k) = (rotate(&q)?, rotate(&k)?);
             // Query heads that share a KV head become extra rows (no copies
             // of keys and values), as in the serving decoder.
             let q = q.reshape((1, l.n_kv_head, n_rep * t, d))?;
             let scores = q.matmul(&k.t()?.contiguous()?)?;
-            let p = causal_softmax(&scores, t, scale)?;
+            let p = if self.plain_ops {
+                let mask = crate::ops::causal_mask(t, t, &self.device)?;
+                let s = (scores.reshape((l.n_kv_head * n_rep, t, t))? * scale as f64)?;
+                candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?.reshape((
+                    1,
+                    l.n_kv_head,
+                    n_rep * t,
+                    t,
+                ))?
+            } else {
+                causal_softmax(&scores, t, scale)?
+            };
             let y = p
                 .matmul(&v)?
                 .reshape((1, l.n_head, t, d))?
@@ -356,7 +385,7 @@ impl TrainModel {
             x = (x + self.linear(&m, i, Target::Down, md.as_ref())?)?;
         }
         let h = rms_norm(&x.narrow(0, from, t - from)?, &self.norm, self.eps)?;
-        frozen_linear(&h, &self.output)
+        self.frozen(&h, &self.output)
     }
 
     /// The adapters as they stand, in recap's (GGUF row) order.

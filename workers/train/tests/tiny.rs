@@ -448,3 +448,36 @@ fn an_adapter_for_another_base_is_refused() {
     let e = err(&base, opts(&"0".repeat(64), false));
     assert!(e.contains(&file_sha) && e.contains(&"0".repeat(64)), "{e}");
 }
+
+// recap's fused ops and plain candle ops give the same loss and adapter
+// gradients (the speed benchmark compares the two on equal terms).
+#[test]
+fn fused_and_plain_ops_give_the_same_loss_and_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["llama", "qwen2"] {
+        let path = tiny(dir.path(), arch);
+        let mut model = train_model(&path, &spec(4), 3);
+        perturb(&model, 5);
+        let ids = ids();
+        let mut run = |plain: bool| {
+            model.plain_ops = plain;
+            let loss = model.loss(&ids, 30, &mut Dropout::new(0.0, 0)).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Vec<f32>> = model
+                .vars()
+                .iter()
+                .map(|(_, v)| values(grads.get(v).unwrap()))
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (a, ga) = run(false);
+        let (b, gb) = run(true);
+        assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{arch}: {a} vs {b}");
+        for (x, y) in ga.iter().flatten().zip(gb.iter().flatten()) {
+            assert!(
+                (x - y).abs() < 1e-4 * (1.0 + y.abs()),
+                "{arch}: gradient {x} vs {y}"
+            );
+        }
+    }
+}
