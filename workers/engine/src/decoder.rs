@@ -525,7 +525,8 @@ pub struct DenseDecoder {
     output: QLinear,
 }
 
-fn rope_tables(dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// RoPE angle tables (positions × dim/2): cos and sin of position × θᵢ.
+pub fn rope_tables(dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let theta: Vec<f32> = (0..dim)
         .step_by(2)
         .map(|i| 1f32 / base.powf(i as f32 / dim as f32))

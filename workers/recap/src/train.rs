@@ -376,14 +376,7 @@ fn train_on(
     let rouge = Rouge::new(true);
     let mut validate = |dir: &Path, epoch: usize| -> std::result::Result<ValScores, String> {
         if val_cases.is_empty() {
-            return Ok(ValScores {
-                epoch,
-                cases: 0,
-                rouge1: 0.0,
-                rouge2: 0.0,
-                rouge_l: 0.0,
-                copy_rate: 0.0,
-            });
+            return Ok(ValScores::none(epoch));
         }
         let mut o = opts.clone();
         o.adapter = Some(AdapterOptions {

@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use recap_engine::adapter::{Adapter, BaseLayout, LoraConfig, LoraPair, Target};
+use recap_engine::decoder::rope_tables;
 use std::collections::BTreeMap;
 
 /// Where adapters go and how large they are.
@@ -47,19 +48,6 @@ pub struct TrainModel {
     /// anchor: a plain candle autograd loop on the same shapes).
     pub plain_ops: bool,
     device: Device,
-}
-
-fn rope_tables(dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let theta: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1f32 / base.powf(i as f32 / dim as f32))
-        .collect();
-    let theta = Tensor::new(theta.as_slice(), device)?;
-    let idx = Tensor::arange(0, len as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((len, 1))?
-        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    Ok((idx.cos()?, idx.sin()?))
 }
 
 fn gguf_name(t: Target) -> &'static str {

@@ -7,6 +7,20 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 
+/// Where `recap models fetch` put the weights: `RECAP_MODELS_DIR`, or
+/// `~/.cache/recap/models`.
+pub fn models_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(d) = std::env::var_os("RECAP_MODELS_DIR") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("recap/models")
+}
+
 /// The tiny model's shapes.
 pub const N_EMBD: usize = 32;
 pub const N_HEAD: usize = 4;

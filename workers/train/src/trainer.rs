@@ -100,6 +100,20 @@ pub struct ValScores {
     pub copy_rate: f64,
 }
 
+impl ValScores {
+    /// An epoch without a validation set.
+    pub fn none(epoch: usize) -> ValScores {
+        ValScores {
+            epoch,
+            cases: 0,
+            rouge1: 0.0,
+            rouge2: 0.0,
+            rouge_l: 0.0,
+            copy_rate: 0.0,
+        }
+    }
+}
+
 /// What a checkpoint carries beside the tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunState {

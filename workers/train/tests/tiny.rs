@@ -17,15 +17,7 @@ use recap_train::trainer::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("RECAP_MODELS_DIR") {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-    cache.join("recap/models")
-}
+use recap_train::testing::models_dir;
 
 /// A tiny model of `arch` with the tokenizer of the fetched real model.
 fn tiny(dir: &Path, arch: &str) -> PathBuf {
@@ -253,14 +245,7 @@ fn config(seed: u64, lr: f64) -> TrainConfig {
 }
 
 fn no_val(_: &Path, epoch: usize) -> Result<ValScores, String> {
-    Ok(ValScores {
-        epoch,
-        cases: 0,
-        rouge1: 0.0,
-        rouge2: 0.0,
-        rouge_l: 0.0,
-        copy_rate: 0.0,
-    })
+    Ok(ValScores::none(epoch))
 }
 
 fn run(
