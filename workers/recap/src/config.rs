@@ -612,7 +612,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/recap.toml");
         let c = Config::from_file(&path).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-instruct-q4_1"));
+        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-qmsum-lora"));
     }
 
     #[test]

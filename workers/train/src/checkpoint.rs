@@ -79,11 +79,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     f.sync_all().map_err(|e| io(path, e))
 }
 
+/// A checkpoint read back: its directory, state and tensors.
+pub type Loaded<S> = (PathBuf, S, HashMap<String, Tensor>);
+
 /// The latest checkpoint under `root`: its state and tensors; None where
 /// there is none.
 pub fn load<S: for<'de> Deserialize<'de>>(
     root: &Path,
-) -> Result<Option<(PathBuf, S, HashMap<String, Tensor>)>, CheckpointError> {
+) -> Result<Option<Loaded<S>>, CheckpointError> {
     let latest = root.join(LATEST);
     let name = match std::fs::read_to_string(&latest) {
         Ok(n) => n.trim().to_string(),

@@ -389,7 +389,7 @@ pub fn train(
             "loss {loss:.3} lr {lr:.2e} {:.0} tok/s",
             run_tokens as f64 / run_seconds.max(1e-9)
         ));
-        let epoch_done = state.step % steps_per_epoch == 0;
+        let epoch_done = state.step.is_multiple_of(steps_per_epoch);
         if epoch_done {
             let dir = paths.out.join(format!("epoch-{}", epoch + 1));
             let mut adapter = model.adapter()?;
@@ -401,7 +401,7 @@ pub fn train(
                 Ok(())
             })?;
         }
-        if epoch_done || (checkpoint_every > 0 && state.step % checkpoint_every == 0) {
+        if epoch_done || (checkpoint_every > 0 && state.step.is_multiple_of(checkpoint_every)) {
             let dir = save_checkpoint(&state, &opt)?;
             last_good = format!("{} (step {})", dir.display(), state.step);
         }

@@ -333,8 +333,7 @@ fn a_resume_continues_the_curve_and_refuses_another_config() {
         ..cfg.clone()
     };
     let e = run(&path, &cut, &other, true, None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("epochs, lr") && !e.contains("seed"), "{e}");
     let resumed = run(&path, &cut, &cfg, true, None).unwrap().unwrap();
@@ -363,8 +362,7 @@ fn a_diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
     };
     let out = dir.path().join("run");
     let e = run(&path, &out, &cfg, false, None)
-        .err()
-        .expect("diverged")
+        .expect_err("diverged")
         .to_string();
     assert!(
         e.contains("the loss is") && e.contains("checkpoints"),
