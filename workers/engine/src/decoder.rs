@@ -516,6 +516,59 @@ impl TokenEmbedding {
     }
 }
 
+/// The shapes and constants of a dense llama- or qwen2-family GGUF, as
+/// its metadata gives them (the serving decoder and fine-tuning read the
+/// same).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hparams {
+    pub arch: String,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub eps: f64,
+    pub rope_base: f32,
+    /// Dimensions of a head that RoPE rotates (all of it by default).
+    pub rope_dim: usize,
+    pub context: usize,
+}
+
+impl Hparams {
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Hparams> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let md = |key: &str| match ct.metadata.get(&format!("{arch}.{key}")) {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("cannot find {arch}.{key} in the GGUF metadata"),
+        };
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_embd = md("embedding_length")?.to_u32()? as usize;
+        Ok(Hparams {
+            n_head,
+            n_kv_head: md("attention.head_count_kv")?.to_u32()? as usize,
+            n_layer: md("block_count")?.to_u32()? as usize,
+            n_embd,
+            eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_base: md("rope.freq_base")
+                .and_then(|v| v.to_f32())
+                .unwrap_or(10_000.0),
+            rope_dim: md("rope.dimension_count")
+                .and_then(|v| v.to_u32())
+                .map(|v| v as usize)
+                .unwrap_or(n_embd / n_head.max(1)),
+            context: md("context_length")
+                .and_then(|v| v.to_u32())
+                .map(|v| v as usize)
+                .unwrap_or(4096),
+            arch,
+        })
+    }
+}
+
 /// A dense llama- or qwen2-family decoder loaded from GGUF.
 #[derive(Debug, Clone)]
 pub struct DenseDecoder {
@@ -546,33 +599,18 @@ impl DenseDecoder {
         reader: &mut R,
         device: &Device,
     ) -> Result<DenseDecoder> {
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let md = |key: &str| match ct.metadata.get(&format!("{arch}.{key}")) {
-            Some(v) => Ok(v),
-            None => candle_core::bail!("cannot find {arch}.{key} in the GGUF metadata"),
-        };
-        let n_head = md("attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
-        let n_layer = md("block_count")?.to_u32()? as usize;
-        let n_embd = md("embedding_length")?.to_u32()? as usize;
-        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
-        let rope_base = md("rope.freq_base")
-            .and_then(|v| v.to_f32())
-            .unwrap_or(10_000.0);
+        let Hparams {
+            arch,
+            n_head,
+            n_kv_head,
+            n_layer,
+            n_embd,
+            eps,
+            rope_base,
+            rope_dim,
+            context,
+        } = Hparams::from_gguf(ct)?;
         let head_dim = n_embd / n_head;
-        let rope_dim = md("rope.dimension_count")
-            .and_then(|v| v.to_u32())
-            .map(|v| v as usize)
-            .unwrap_or(head_dim);
-        let context = md("context_length")
-            .and_then(|v| v.to_u32())
-            .map(|v| v as usize)
-            .unwrap_or(4096);
         let qwen2 = arch == "qwen2";
         let (cos, sin) = rope_tables(rope_dim, rope_base, context, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;

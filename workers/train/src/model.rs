@@ -112,35 +112,23 @@ impl TrainModel {
         spec: &LoraSpec,
         seed: u64,
     ) -> Result<TrainModel> {
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let recap_engine::decoder::Hparams {
+            arch,
+            n_head,
+            n_kv_head,
+            n_layer,
+            n_embd,
+            eps,
+            rope_base,
+            rope_dim,
+            context,
+        } = recap_engine::decoder::Hparams::from_gguf(ct)?;
         if arch != "llama" && arch != "qwen2" {
             candle_core::bail!("fine-tuning takes llama and qwen2 GGUFs, not `{arch}`");
         }
-        let md = |key: &str| match ct.metadata.get(&format!("{arch}.{key}")) {
-            Some(v) => Ok(v),
-            None => candle_core::bail!("cannot find {arch}.{key} in the GGUF metadata"),
-        };
-        let n_head = md("attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
-        let n_layer = md("block_count")?.to_u32()? as usize;
-        let n_embd = md("embedding_length")?.to_u32()? as usize;
-        let n_ff = md("feed_forward_length")?.to_u32()? as usize;
-        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
-        let rope_base = md("rope.freq_base")
-            .and_then(|v| v.to_f32())
-            .unwrap_or(10_000.0);
-        let context = md("context_length")
-            .and_then(|v| v.to_u32())
-            .map(|v| v as usize)
-            .unwrap_or(4096);
-        let head_dim = n_embd / n_head;
         let rope_neox = arch == "qwen2";
-        let (cos, sin) = rope_tables(head_dim, rope_base, context, device)?;
+        // As the serving decoder: RoPE over `rope_dim` of each head.
+        let (cos, sin) = rope_tables(rope_dim, rope_base, context, device)?;
         let mut get = |name: &str| -> Result<Tensor> {
             ct.tensor(reader, name, device)?
                 .dequantize(device)?
@@ -152,6 +140,7 @@ impl TrainModel {
             Err(_) => embed.clone(),
         };
         let norm = get("output_norm.weight")?;
+        let n_ff = get("blk.0.ffn_gate.weight")?.dim(0)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let mut w = BTreeMap::new();
