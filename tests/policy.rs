@@ -1,6 +1,7 @@
 //! The cost policy in the running router and workers, on the real broker,
 //! database and models: routes and reasons, budgets under two concurrent
-//! routers, the cascade, and a policy change by SIGHUP.
+//! routers, the cascade, a policy change by SIGHUP, and the calibrated
+//! score: fitted from shadow pairs, applied in the cascade, explained.
 
 mod common;
 
@@ -338,4 +339,206 @@ async fn a_sighup_policy_change_applies_to_the_next_job_and_a_bad_one_is_refused
         "the refusal names the bad rule:\n{}",
         env.logs()
     );
+}
+
+/// A job over a window of the sample meetings, so that jobs differ.
+fn sample_job(tenant: &str, at: usize) -> (Uuid, Vec<u8>) {
+    let lines: Vec<(String, String)> = [
+        "../../samples/product-sync.txt",
+        "../../samples/budget-review.txt",
+    ]
+    .iter()
+    .flat_map(|p| {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p))
+            .expect("sample")
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+            .collect::<Vec<_>>()
+    })
+    .collect();
+    let take = 3 + at % 4;
+    let transcript: Vec<serde_json::Value> = (0..take)
+        .map(|k| {
+            let (s, t) = &lines[(at * 2 + k) % lines.len()];
+            serde_json::json!({"speaker": s, "text": t})
+        })
+        .collect();
+    let id = Uuid::new_v4();
+    let body = serde_json::json!({
+        "version": 1, "job_id": id, "tenant": tenant, "transcript": transcript,
+        "summaries": ["short"], "quality": "balanced",
+    });
+    (id, serde_json::to_vec(&body).unwrap())
+}
+
+// Jobs run with shadow sampling on every job; `recap policy calibrate
+// --shadow` fits a score from those pairs alone and writes a policy that
+// loads. A score that judges every compact output not enough then sends a
+// job on to large, and the decision row and `recap policy explain --job`
+// show the signals, the score and the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_pairs_calibrate_the_score_and_the_cascade_applies_it() {
+    let mut env = TestEnv::new("calibrate").await;
+    env.migrate();
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = \"shadow-all\"\nrules = [\"shadow\"]\n[shadow]\nrate = 1.0\nseed = 1\n",
+    )
+    .unwrap();
+    let vars = models(&policy);
+    let router = spawn_with(&mut env, &["router"], &vars, &[]);
+    let compact = spawn_with(&mut env, &["worker", "--tier", "compact"], &vars, &[]);
+    let large = spawn_with(&mut env, &["worker", "--tier", "large"], &vars, &[]);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let calibrate = |env: &TestEnv, out: &std::path::Path| {
+        env.command(&[
+            "policy",
+            "calibrate",
+            "--shadow",
+            "--tenant",
+            "acme",
+            "--max-cost-share",
+            "0.6",
+            "--features",
+            "mean_logprob,mean_entropy,log_output_tokens,copy_rate",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("RECAP_COMPACT_MODEL", COMPACT)
+        .env("RECAP_LARGE_MODEL", LARGE)
+        .env("RECAP_POLICY", &policy)
+        .output()
+        .unwrap()
+    };
+    let shadows = |n: i64| {
+        env.wait_count(
+            "SELECT count(*) FROM summaries WHERE shadow",
+            n,
+            Duration::from_secs(600),
+        )
+    };
+    let (id, body) = sample_job("acme", 0);
+    publish(&ch, "ingest", &body, Some(&id.to_string())).await;
+    assert_eq!(shadows(1).await, 1, "logs:\n{}", env.logs());
+    let answered = |n: i64| {
+        env.wait_count(
+            "SELECT count(*) FROM summaries WHERE NOT shadow",
+            n,
+            Duration::from_secs(300),
+        )
+    };
+    assert_eq!(answered(1).await, 1, "logs:\n{}", env.logs());
+    // One pair is too few: refused with the count, nothing written.
+    let out = env.dir.path().join("calibrated.toml");
+    let few = calibrate(&env, &out);
+    let err = String::from_utf8_lossy(&few.stderr).to_string();
+    assert!(
+        !few.status.success() && err.contains("at least 20") && err.contains("got 1"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // The compact row carries its signals.
+    let (lp, copy): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT mean_logprob, copy_rate FROM summaries WHERE job_id = $1 AND NOT shadow",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(lp.is_some_and(|v| v < 0.0) && copy.is_some_and(|c| (0.0..=1.0).contains(&c)));
+
+    for at in 1..24 {
+        let (id, body) = sample_job("acme", at);
+        publish(&ch, "ingest", &body, Some(&id.to_string())).await;
+    }
+    assert_eq!(shadows(24).await, 24, "logs:\n{}", env.logs());
+    assert_eq!(answered(24).await, 24, "logs:\n{}", env.logs());
+    let fitted = calibrate(&env, &out);
+    let said = String::from_utf8_lossy(&fitted.stdout).to_string();
+    assert!(
+        fitted.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&fitted.stderr)
+    );
+    assert!(
+        said.contains("24 cases from shadow pairs of tenant acme") && said.contains("chosen"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("[score]") && text.contains("\"score\""),
+        "{text}"
+    );
+
+    // A score under which no compact output is enough: every job cascades.
+    std::fs::write(
+        &policy,
+        r#"
+version = "score-all"
+rules = ["cascade", "score"]
+[cascade]
+min_words = 0
+max_words = 10000
+require_speaker = false
+check_language = false
+max_copy_rate = 1.0
+[score]
+features = ["mean_logprob"]
+mean = [-1.0]
+scale = [1.0]
+weights = [0.0]
+bias = -10.0
+threshold = 0.5
+"#,
+    )
+    .unwrap();
+    for i in [router, compact, large] {
+        env.signal(i, libc::SIGHUP);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (id, body) = sample_job("acme", 5);
+    publish(&ch, "ingest", &body, Some(&id.to_string())).await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            25,
+            Duration::from_secs(300),
+        )
+        .await;
+    assert_eq!(done, 25, "logs:\n{}", env.logs());
+    assert_eq!(
+        reasons(&env, id).await,
+        vec![
+            ("compact".to_string(), "default".to_string()),
+            ("large".to_string(), "cascade".to_string())
+        ]
+    );
+    let explained = env
+        .command(&["policy", "explain", "--job", &id.to_string()])
+        .env("RECAP_COMPACT_MODEL", COMPACT)
+        .env("RECAP_LARGE_MODEL", LARGE)
+        .env("RECAP_POLICY", &policy)
+        .output()
+        .unwrap();
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
+    let cascade = &v["decisions"][1];
+    assert_eq!(cascade["reason"], "cascade", "{v:#}");
+    assert_eq!(cascade["policy_version"], "score-all");
+    assert_eq!(cascade["features"]["failed_checks"][0], "short:score");
+    assert_eq!(cascade["features"]["threshold"], 0.5);
+    let out0 = &cascade["features"]["outputs"][0];
+    assert!(out0["score"].as_f64().is_some_and(|p| p < 0.5), "{v:#}");
+    assert!(out0["signals"]["mean_logprob"]
+        .as_f64()
+        .is_some_and(|p| p < 0.0));
+    assert_eq!(v["policy_now"]["score"]["threshold"], 0.5);
+    assert_eq!(v["summaries"][0]["model"], LARGE);
 }

@@ -125,6 +125,7 @@ impl Summarizer for Extractive {
                     decode_ms: 0.0,
                     total_ms: start.elapsed().as_secs_f64() * 1e3,
                     chunks: 1,
+                    confidence: Default::default(),
                 })
             })
             .collect()

@@ -4,7 +4,7 @@
 //! penalty, stop tokens and strings, a token cap, a deadline and
 //! cancellation. Per-call counts and timings come back with the text.
 
-use crate::summarizer::{Cancel, EngineError};
+use crate::summarizer::{Cancel, Confidence, EngineError};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
@@ -66,6 +66,8 @@ pub struct Generation {
     pub decode_ms: f64,
     /// Why it stopped: `eos`, `stop_string`, `max_tokens`.
     pub finish: &'static str,
+    /// Over every sampled token, the stop token included.
+    pub confidence: Confidence,
 }
 
 impl Generation {
@@ -165,6 +167,7 @@ pub struct Stream<'p> {
     next_pos: usize,
     finish: Option<&'static str>,
     started: Instant,
+    confidence: Confidence,
 }
 
 impl<'p> Stream<'p> {
@@ -178,6 +181,7 @@ impl<'p> Stream<'p> {
             next_pos,
             finish: (params.max_new_tokens == 0).then_some("max_tokens"),
             started: Instant::now(),
+            confidence: Confidence::default(),
         }
     }
 
@@ -208,6 +212,7 @@ impl<'p> Stream<'p> {
         let l = logits
             .to_dtype(candle_core::DType::F32)
             .map_err(model_err)?;
+        let raw = l.clone();
         let l = if params.repeat_penalty != 1.0 && !self.tokens.is_empty() {
             let from = self.tokens.len().saturating_sub(params.repeat_last_n);
             candle_transformers::utils::apply_repeat_penalty(
@@ -220,6 +225,8 @@ impl<'p> Stream<'p> {
             l
         };
         let next = self.sampler.sample(&l).map_err(model_err)?;
+        self.confidence
+            .observe(&raw.to_vec1::<f32>().map_err(model_err)?, next);
         if self.stop_ids.contains(&next) {
             self.finish = Some("eos");
             return Ok(None);
@@ -255,6 +262,7 @@ impl<'p> Stream<'p> {
             prefill_ms,
             decode_ms: self.started.elapsed().as_secs_f64() * 1e3,
             finish: self.finish.unwrap_or("max_tokens"),
+            confidence: self.confidence,
         }
     }
 }
@@ -420,6 +428,10 @@ mod tests {
         let g = run(&p, &[], &Cancel::default()).unwrap();
         assert_eq!(g.tokens, vec![4, 5, 6, 7, 8]);
         assert_eq!(g.finish, "max_tokens");
+        // One confidence step per sampled token, each the argmax.
+        assert_eq!(g.confidence.tokens, 5);
+        let mean = g.confidence.mean_logprob().unwrap();
+        assert!(mean < 0.0 && mean > -1.0, "{mean}");
         assert_eq!(g.prompt_tokens, 3);
     }
 

@@ -34,4 +34,6 @@ pub mod t5;
 pub mod tokenizer;
 
 pub use extractive::Extractive;
-pub use summarizer::{Cancel, EngineError, SummarizeRequest, Summarizer, SummaryOutput};
+pub use summarizer::{
+    Cancel, Confidence, EngineError, SummarizeRequest, Summarizer, SummaryOutput,
+};

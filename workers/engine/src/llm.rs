@@ -642,6 +642,7 @@ impl GgufModel {
                 decode_ms: g.decode_ms,
                 total_ms: kind_started.elapsed().as_secs_f64() * 1e3 + (prefill_ms - g.prefill_ms),
                 chunks: 1,
+                confidence: g.confidence,
             });
         }
         Ok(Some(outputs))

@@ -71,6 +71,7 @@ pub fn summarize_kind(
         decode_ms: 0.0,
         total_ms: 0.0,
         chunks: 0,
+        confidence: Default::default(),
     };
     let mut run = |step: Step<'_>, out: &mut SummaryOutput| -> Result<String, EngineError> {
         let (text, g) = call(step)?;
@@ -78,6 +79,7 @@ pub fn summarize_kind(
         out.output_tokens += g.tokens.len() as u32;
         out.prefill_ms += g.prefill_ms;
         out.decode_ms += g.decode_ms;
+        out.confidence.add(&g.confidence);
         Ok(text)
     };
     let (pieces, chunks) = chunk(transcript, budget, count);
@@ -128,6 +130,7 @@ mod tests {
             prefill_ms: 1.0,
             decode_ms: 1.0,
             finish: "eos",
+            confidence: Default::default(),
         }
     }
 

@@ -32,6 +32,60 @@ pub struct SummaryOutput {
     pub total_ms: f64,
     /// How many transcript chunks went into it (1 when it fit whole).
     pub chunks: u32,
+    /// The model's confidence in what it wrote; the router's cascade reads it.
+    pub confidence: Confidence,
+}
+
+/// Sums over generated tokens of the model's own log-probability of the
+/// token it chose and of the entropy of its next-token distribution (both
+/// before any repeat penalty), in nats. Engines that do not sample from a
+/// distribution (the extractive baseline) leave it empty.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Confidence {
+    pub logprob_sum: f64,
+    pub entropy_sum: f64,
+    pub tokens: u32,
+}
+
+impl Confidence {
+    /// Adds one step: `logits` of the next-token distribution, `chosen` the
+    /// token taken.
+    pub fn observe(&mut self, logits: &[f32], chosen: u32) {
+        let Some(&chosen_logit) = logits.get(chosen as usize) else {
+            return;
+        };
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return;
+        }
+        // log-sum-exp and the expected logit, in one pass over the vocabulary.
+        let (mut z, mut weighted) = (0f64, 0f64);
+        for &l in logits {
+            let e = ((l - max) as f64).exp();
+            z += e;
+            weighted += e * (l - max) as f64;
+        }
+        let lse = z.ln();
+        self.logprob_sum += (chosen_logit - max) as f64 - lse;
+        self.entropy_sum += lse - weighted / z;
+        self.tokens += 1;
+    }
+
+    pub fn add(&mut self, other: &Confidence) {
+        self.logprob_sum += other.logprob_sum;
+        self.entropy_sum += other.entropy_sum;
+        self.tokens += other.tokens;
+    }
+
+    /// Mean log-probability per generated token; None without tokens.
+    pub fn mean_logprob(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| self.logprob_sum / self.tokens as f64)
+    }
+
+    /// Mean entropy per generated token; None without tokens.
+    pub fn mean_entropy(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| self.entropy_sum / self.tokens as f64)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,5 +161,34 @@ pub trait Summarizer: Send + Sync {
         reqs: &[SummarizeRequest<'_>],
     ) -> Vec<Result<Vec<SummaryOutput>, EngineError>> {
         reqs.iter().map(|r| self.summarize(r)).collect()
+    }
+}
+
+#[cfg(test)]
+mod confidence_tests {
+    use super::Confidence;
+
+    #[test]
+    fn uniform_and_peaked_distributions() {
+        let mut c = Confidence::default();
+        assert_eq!(c.mean_logprob(), None);
+        c.observe(&[0.0; 4], 2);
+        let ln4 = 4f64.ln();
+        assert!((c.mean_logprob().unwrap() + ln4).abs() < 1e-9);
+        assert!((c.mean_entropy().unwrap() - ln4).abs() < 1e-9);
+        let mut p = Confidence::default();
+        p.observe(&[30.0, 0.0, 0.0], 0);
+        assert!(p.mean_logprob().unwrap() > -1e-9 && p.mean_logprob().unwrap() <= 0.0);
+        assert!(p.mean_entropy().unwrap() < 1e-9);
+        // Choosing an unlikely token is a low log-probability.
+        let mut q = Confidence::default();
+        q.observe(&[30.0, 0.0, 0.0], 1);
+        assert!(q.mean_logprob().unwrap() < -29.0);
+        c.add(&q);
+        assert_eq!(c.tokens, 2);
+        // A token outside the vocabulary, or logits without a finite value, add nothing.
+        c.observe(&[0.0; 2], 7);
+        c.observe(&[f32::NEG_INFINITY; 2], 0);
+        assert_eq!(c.tokens, 2);
     }
 }

@@ -2,7 +2,6 @@
 //! intervals, the quality-cost frontier and the reports. The `recap eval`
 //! command runs the engines and does the IO around these.
 
-pub mod copying;
 pub mod frontier;
 pub mod qmsum;
 pub mod report;

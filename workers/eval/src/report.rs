@@ -22,7 +22,7 @@ pub struct Row {
     /// e.g. "compact 15 / large 5"; empty for single models.
     pub route_split: String,
     /// Mean share of output sentences copied from the transcript
-    /// (`copying::copy_rate`).
+    /// (`recap_policy::copying::copy_rate`).
     #[serde(default)]
     pub copy_rate: f64,
 }
@@ -66,18 +66,31 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// ROUGE-L F1 against total cost, one labelled point per row.
-pub fn svg_plot(rows: &[Row], title: &str) -> String {
+/// A router's quality-cost curve: (total cost, mean ROUGE-L) points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const CURVE_COLOURS: [&str; 4] = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"];
+
+/// ROUGE-L F1 against total cost, one labelled point per row, and each
+/// curve as a line with its name in the legend.
+pub fn svg_plot(rows: &[Row], curves: &[Curve], title: &str) -> String {
     let (w, h, m) = (720.0, 480.0, 70.0);
+    let curve_points = || curves.iter().flat_map(|c| c.points.iter());
     let max_cost = rows
         .iter()
         .map(|r| r.total_cost_usd)
+        .chain(curve_points().map(|p| p.0))
         .fold(0.0, f64::max)
         .max(1e-9)
         * 1.1;
     let max_q = rows
         .iter()
         .map(|r| r.rouge_l.high.max(r.rouge_l.mean))
+        .chain(curve_points().map(|p| p.1))
         .fold(0.0, f64::max)
         .max(0.05)
         * 1.15;
@@ -127,6 +140,24 @@ pub fn svg_plot(rows: &[Row], title: &str) -> String {
             escape(&r.name)
         ));
     }
+    for (i, c) in curves.iter().enumerate() {
+        let colour = CURVE_COLOURS[i % CURVE_COLOURS.len()];
+        let pts: Vec<String> = c
+            .points
+            .iter()
+            .map(|&(cost, q)| format!("{:.1},{:.1}", x(cost), y(q)))
+            .collect();
+        let ly = m + 16.0 * i as f64;
+        s.push_str(&format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\"/>\n<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{colour}\" stroke-width=\"2\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            pts.join(" "),
+            w - m - 210.0,
+            w - m - 190.0,
+            w - m - 184.0,
+            ly + 4.0,
+            escape(&c.name)
+        ));
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -164,9 +195,14 @@ mod tests {
         assert_eq!(md.lines().count(), 4);
         assert!(md.contains("| lead-60 | 3 | 0.150 [0.140, 0.160]"));
         assert!(md.contains("| 25% |"), "{md}");
-        let svg = svg_plot(&rows, "QMSum");
+        let curve = Curve {
+            name: "score".into(),
+            points: vec![(0.0005, 0.18), (0.002, 0.21)],
+        };
+        let svg = svg_plot(&rows, &[curve], "QMSum");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<circle").count(), 2);
-        assert!(svg.contains("a &lt;b&gt;"));
+        assert_eq!(svg.matches("<polyline").count(), 1);
+        assert!(svg.contains("a &lt;b&gt;") && svg.contains(">score</text>"));
     }
 }

@@ -14,6 +14,10 @@ pub enum Failure {
     TooLong,
     MissingSpeakers,
     WrongLanguage,
+    /// Too many output sentences copied verbatim from the transcript.
+    Copying,
+    /// The calibrated score says compact is not enough.
+    Score,
 }
 
 impl Failure {
@@ -25,6 +29,8 @@ impl Failure {
             Failure::TooLong => "too_long",
             Failure::MissingSpeakers => "missing_speakers",
             Failure::WrongLanguage => "wrong_language",
+            Failure::Copying => "copying",
+            Failure::Score => "score",
         }
     }
 }
@@ -44,12 +50,14 @@ pub fn repeat_ratio(text: &str) -> f64 {
 
 /// The checks one summary fails; empty means it passes. `speakers` are the
 /// transcript's named speakers; `kind` matters because a "no decisions"
-/// answer is legitimately short and names nobody.
+/// answer is legitimately short and names nobody. `copy_rate` is the
+/// output's (see [`crate::copying::copy_rate`]).
 pub fn check(
     text: &str,
     kind: &str,
     speakers: &[&str],
     language: Option<&str>,
+    copy_rate: f64,
     cfg: &Cascade,
 ) -> Vec<Failure> {
     let trimmed = text.trim();
@@ -86,6 +94,9 @@ pub fn check(
             failures.push(Failure::MissingSpeakers);
         }
     }
+    if copy_rate > cfg.max_copy_rate {
+        failures.push(Failure::Copying);
+    }
     if cfg.check_language {
         if let Some(lang) = language {
             if !crate::language::matches(trimmed, lang) {
@@ -107,25 +118,26 @@ mod tests {
     #[test]
     fn good_output_passes() {
         let t = "Maria and Tom agreed to launch on the 14th once the login fix lands.";
-        assert!(check(t, "overview", &["Maria", "Tom"], Some("en"), &cfg()).is_empty());
+        assert!(check(t, "overview", &["Maria", "Tom"], Some("en"), 0.0, &cfg()).is_empty());
     }
 
     #[test]
     fn each_failure() {
         assert_eq!(
-            check("  ", "overview", &[], None, &cfg()),
+            check("  ", "overview", &[], None, 0.0, &cfg()),
             vec![Failure::Empty]
         );
         let looped = "we will ship it soon ".repeat(20);
-        assert!(check(&looped, "short", &[], None, &cfg()).contains(&Failure::Repetition));
-        assert!(check("Fine.", "short", &[], None, &cfg()).contains(&Failure::TooShort));
+        assert!(check(&looped, "short", &[], None, 0.0, &cfg()).contains(&Failure::Repetition));
+        assert!(check("Fine.", "short", &[], None, 0.0, &cfg()).contains(&Failure::TooShort));
         let long = "word ".repeat(700);
-        assert!(check(&long, "short", &[], None, &cfg()).contains(&Failure::TooLong));
+        assert!(check(&long, "short", &[], None, 0.0, &cfg()).contains(&Failure::TooLong));
         assert!(check(
             "The team agreed to launch on Friday.",
             "overview",
             &["Maria"],
             None,
+            0.0,
             &cfg()
         )
         .contains(&Failure::MissingSpeakers));
@@ -134,19 +146,40 @@ mod tests {
             "overview",
             &["Maria"],
             Some("en"),
+            0.0,
             &cfg()
         )
         .contains(&Failure::WrongLanguage));
     }
 
     #[test]
+    fn copying_past_the_threshold_fails() {
+        let t = "Maria and Tom agreed to launch on the 14th once the login fix lands.";
+        let c = cfg();
+        assert!(check(t, "overview", &["Maria"], None, c.max_copy_rate, &c).is_empty());
+        assert_eq!(
+            check(t, "overview", &["Maria"], None, c.max_copy_rate + 0.01, &c),
+            vec![Failure::Copying]
+        );
+    }
+
+    #[test]
     fn saying_none_is_fine() {
-        assert!(check("No decisions.", "decisions", &["Maria"], Some("en"), &cfg()).is_empty());
+        assert!(check(
+            "No decisions.",
+            "decisions",
+            &["Maria"],
+            Some("en"),
+            0.0,
+            &cfg()
+        )
+        .is_empty());
         assert!(check(
             "No action items.",
             "action_items",
             &["Maria"],
             Some("en"),
+            0.0,
             &cfg()
         )
         .is_empty());

@@ -1,6 +1,7 @@
 //! The policy file (TOML) and its validation. A bad file is refused whole,
 //! naming the offending key; the router then keeps its last good policy.
 
+use crate::score::{Score, ScoreError};
 use crate::{Tier, Tiers};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub struct Rules {
     pub budget: bool,
     pub shadow: bool,
     pub cascade: bool,
+    /// The calibrated score judges compact output in the cascade.
+    pub score: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -112,6 +115,9 @@ pub struct Cascade {
     pub require_speaker: bool,
     /// The output is in the job's language (when the job gives one).
     pub check_language: bool,
+    /// Largest share of output sentences copied verbatim from the
+    /// transcript (8 or more words in a row).
+    pub max_copy_rate: f64,
 }
 
 fn tier_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Tier, D::Error> {
@@ -152,6 +158,7 @@ impl Default for Cascade {
             max_repeat_ratio: 0.35,
             require_speaker: true,
             check_language: true,
+            max_copy_rate: 0.5,
         }
     }
 }
@@ -174,6 +181,8 @@ struct PolicyFile {
     cascade: Cascade,
     #[serde(default)]
     prices: BTreeMap<String, Prices>,
+    #[serde(default)]
+    score: Option<Score>,
 }
 
 /// A validated policy.
@@ -187,9 +196,18 @@ pub struct PolicyConfig {
     pub shadow: Shadow,
     pub cascade: Cascade,
     pub prices: BTreeMap<String, Prices>,
+    /// The fitted routing score (`recap policy calibrate`).
+    pub score: Option<Score>,
 }
 
-const RULES: [&str; 5] = ["quality", "context_fit", "budget", "shadow", "cascade"];
+const RULES: [&str; 6] = [
+    "quality",
+    "context_fit",
+    "budget",
+    "shadow",
+    "cascade",
+    "score",
+];
 
 /// Parses and validates a policy against the deployment's tiers and the
 /// catalog's prices (`catalog_prices`, overridden by the file's `[prices]`).
@@ -217,6 +235,7 @@ pub fn load_policy(
         budget: on("budget"),
         shadow: on("shadow"),
         cascade: on("cascade"),
+        score: on("score"),
     };
     if tiers.compact.is_none() && tiers.large.is_none() {
         return Err(PolicyError::NoTier);
@@ -264,6 +283,38 @@ pub fn load_policy(
             "must be between 0 and 1",
         ));
     }
+    if !(0.0..=1.0).contains(&c.max_copy_rate) {
+        return Err(invalid("cascade.max_copy_rate", "must be between 0 and 1"));
+    }
+    if let Some(s) = &f.score {
+        s.validate().map_err(|e| match e {
+            ScoreError::UnknownFeatures(names) => invalid(
+                "score.features",
+                format!(
+                    "unknown to this build: {} (it knows {})",
+                    names.join(", "),
+                    crate::score::FEATURES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            other => invalid("score", other.to_string()),
+        })?;
+    }
+    if rules.score && f.score.is_none() {
+        return Err(invalid(
+            "rules",
+            "the `score` rule needs a [score] section (fit one with `recap policy calibrate`)",
+        ));
+    }
+    if rules.score && !rules.cascade {
+        return Err(invalid(
+            "rules",
+            "the `score` rule judges compact output in the cascade: add `cascade` too",
+        ));
+    }
     let mut prices = catalog_prices.clone();
     for (model, p) in &f.prices {
         for (name, v) in [
@@ -307,6 +358,7 @@ pub fn load_policy(
         shadow: f.shadow,
         cascade: f.cascade,
         prices,
+        score: f.score,
     })
 }
 

@@ -14,11 +14,14 @@
 //!    calibration (recorded, never returned).
 //!
 //! The cascade (compact output that fails checks goes once to large) is
-//! judged after inference by [`cascade::check`].
+//! judged after inference by [`cascade::check`] and, where the policy has
+//! one, by the calibrated [`score::Score`] over the output's signals.
 
 pub mod cascade;
 mod config;
+pub mod copying;
 pub mod language;
+pub mod score;
 
 pub use config::{load_policy, PolicyConfig, PolicyError, Prices};
 
@@ -158,6 +161,32 @@ impl PolicyConfig {
         // Each kind reads the whole transcript once.
         let input = f.input_tokens * f.kinds.len().max(1) as u64;
         p.cost(input, out)
+    }
+
+    /// The cascade's verdict on one compact output: the checks it fails,
+    /// and `score` where the calibrated score puts it under the threshold.
+    /// Empty means it stands. The caller applies the `cascade` rule.
+    pub fn judge(
+        &self,
+        text: &str,
+        speakers: &[&str],
+        language: Option<&str>,
+        signals: &score::Signals,
+    ) -> Vec<cascade::Failure> {
+        let mut failed = cascade::check(
+            text,
+            &signals.kind,
+            speakers,
+            language,
+            signals.copy_rate,
+            &self.cascade,
+        );
+        if let (true, Some(s)) = (self.rules.score, &self.score) {
+            if failed.is_empty() && s.escalates(signals) {
+                failed.push(cascade::Failure::Score);
+            }
+        }
+        failed
     }
 
     /// The decision for one job. `Err` only when no tier can take it.

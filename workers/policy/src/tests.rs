@@ -243,3 +243,101 @@ proptest! {
         }
     }
 }
+
+const SCORED: &str = r#"
+[score]
+features = ["mean_logprob", "copy_rate"]
+mean = [-1.0, 0.1]
+scale = [0.5, 0.2]
+weights = [2.0, -1.0]
+bias = 0.0
+threshold = 0.4
+fitted = "test"
+"#;
+
+fn with_score(rules: &str) -> String {
+    POLICY.replace(
+        r#"rules = ["quality", "context_fit", "budget", "shadow", "cascade"]"#,
+        rules,
+    ) + SCORED
+}
+
+#[test]
+fn the_score_rule_escalates_low_confidence_output() {
+    let p = load_policy(
+        &with_score(r#"rules = ["cascade", "score"]"#),
+        &tiers(),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let text = "Maria and Tom agreed to ship the release on Friday after the fix.";
+    let sig = |lp: f64| score::Signals {
+        kind: "overview".into(),
+        mean_logprob: Some(lp),
+        ..score::Signals::default()
+    };
+    assert!(p.judge(text, &["Maria"], Some("en"), &sig(-0.5)).is_empty());
+    assert_eq!(
+        p.judge(text, &["Maria"], Some("en"), &sig(-2.0)),
+        vec![cascade::Failure::Score]
+    );
+    // Without the rule the score is carried but not applied.
+    let off = load_policy(
+        &with_score(r#"rules = ["cascade"]"#),
+        &tiers(),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    assert!(off
+        .judge(text, &["Maria"], Some("en"), &sig(-2.0))
+        .is_empty());
+    // The copy-rate check is a cascade check with its own threshold.
+    let copied = score::Signals {
+        copy_rate: 0.9,
+        ..sig(-0.5)
+    };
+    assert_eq!(
+        p.judge(text, &["Maria"], Some("en"), &copied),
+        vec![cascade::Failure::Copying]
+    );
+}
+
+#[test]
+fn a_score_this_build_does_not_know_is_refused_naming_it() {
+    let text = with_score(r#"rules = ["cascade", "score"]"#).replace(
+        r#"["mean_logprob", "copy_rate"]"#,
+        r#"["mean_logprob", "gaze"]"#,
+    );
+    let e = load_policy(&text, &tiers(), &BTreeMap::new()).unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("score.features") && m.contains("gaze"), "{m}");
+    assert!(
+        !m.contains("mean_logprob,") || m.contains("it knows"),
+        "{m}"
+    );
+    // The score rule without a score, or without the cascade, is refused.
+    let e = load_policy(
+        &POLICY.replace(
+            r#"rules = ["quality", "context_fit", "budget", "shadow", "cascade"]"#,
+            r#"rules = ["cascade", "score"]"#,
+        ),
+        &tiers(),
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("[score]"), "{e}");
+    let e = load_policy(
+        &with_score(r#"rules = ["score"]"#),
+        &tiers(),
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cascade"), "{e}");
+    let e = load_policy(
+        &(POLICY.to_string() + "\n[cascade]\nmax_copy_rate = 1.5\n"),
+        &tiers(),
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cascade.max_copy_rate"), "{e}");
+}

@@ -5,10 +5,13 @@
 //! and adds the baselines: Lead-60, compact only, large only, the policy,
 //! and an oracle. It writes results.md, results.json and frontier.svg.
 
+use crate::calibrate::{self, CaseLine, Labels};
 use crate::config::Config;
 use crate::{engines, policy, router};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use recap_engine::{Cancel, SummarizeRequest, SummaryOutput};
 use recap_eval::frontier::{self, Outcome};
 use recap_eval::qmsum::{self, Case, Setting};
@@ -16,6 +19,7 @@ use recap_eval::report::{self, Row};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::{bootstrap_ci, mean, percentile};
 use recap_job::SummaryKind;
+use recap_policy::score::{self as rscore, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -79,6 +83,26 @@ pub struct EvalArgs {
     pub seed: u64,
     #[arg(long, default_value = "out/eval")]
     pub out: PathBuf,
+    /// The calibrated score's target: the best quality at no more than
+    /// this share of large-only cost...
+    #[arg(long, default_value_t = 0.4)]
+    pub max_cost_share: f64,
+    /// ...or the cheapest threshold reaching this share of large-only quality.
+    #[arg(long)]
+    pub target_quality: Option<f64>,
+    /// Score features, comma-separated (default: all this build knows).
+    #[arg(long, value_delimiter = ',')]
+    pub features: Vec<String>,
+    /// L2 penalty on the score's standardized weights.
+    #[arg(long, default_value_t = 1.0)]
+    pub l2: f64,
+    /// Folds: each case is judged by a score fitted on the others.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Reference labels: compact is enough where its ROUGE-L reaches this
+    /// share of large's.
+    #[arg(long, default_value_t = 1.0)]
+    pub label_share: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -96,6 +120,15 @@ struct CaseRun {
     output_tokens: u32,
     latency_s: f64,
     cost_usd: f64,
+    /// The model's confidence (absent in caches written before it was kept).
+    #[serde(default)]
+    mean_logprob: Option<f64>,
+    #[serde(default)]
+    mean_entropy: Option<f64>,
+    /// Written by a build that records confidence (None above then means
+    /// the engine has none).
+    #[serde(default)]
+    has_confidence: bool,
 }
 
 fn load_cache(path: &PathBuf) -> HashMap<String, CaseRun> {
@@ -129,9 +162,15 @@ fn run_model(
     model_id: &str,
     cases: &[Case],
     out: &std::path::Path,
+    need_confidence: bool,
 ) -> Result<Vec<CaseRun>> {
     let cache_path = out.join(format!("cache-{model_id}.jsonl"));
     let mut cache = load_cache(&cache_path);
+    // The compact model's confidence feeds the cascade: older cache lines
+    // without it run again (the texts come out the same, greedy).
+    if need_confidence {
+        cache.retain(|_, r| r.has_confidence);
+    }
     let todo = cases.iter().filter(|c| !cache.contains_key(&c.id)).count();
     eprintln!("{model_id}: {} cached, {todo} to run", cases.len() - todo);
     if todo > 0 {
@@ -162,6 +201,9 @@ fn run_model(
                 input_tokens: o.input_tokens,
                 output_tokens: o.output_tokens,
                 latency_s: started.elapsed().as_secs_f64(),
+                mean_logprob: o.confidence.mean_logprob(),
+                mean_entropy: o.confidence.mean_entropy(),
+                has_confidence: true,
             };
             writeln!(file, "{}", serde_json::to_string(&run)?)?;
             file.flush()?;
@@ -197,7 +239,7 @@ fn score(rouge: &Rouge, cases: &[Case], texts: &[&str]) -> Scored {
     };
     for (c, t) in cases.iter().zip(texts) {
         let r = rouge.score(&c.reference, t);
-        s.copied.push(recap_eval::copying::copy_rate(
+        s.copied.push(recap_policy::copying::copy_rate(
             t,
             &recap_engine::mapreduce::lines(&c.transcript),
         ));
@@ -271,6 +313,9 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
                 text,
                 latency_s: 0.0,
                 cost_usd: 0.0,
+                mean_logprob: None,
+                mean_entropy: None,
+                has_confidence: true,
             }
         })
         .collect();
@@ -284,8 +329,8 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     ));
 
     let mut runs: Vec<Vec<CaseRun>> = Vec::new();
-    for m in &models {
-        let r = run_model(config, m, &cases, &args.out)?;
+    for (i, m) in models.iter().enumerate() {
+        let r = run_model(config, m, &cases, &args.out, i == 0)?;
         let texts: Vec<&str> = r.iter().map(|x| x.text.as_str()).collect();
         rows.push(row(
             m,
@@ -298,121 +343,14 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     }
 
     let mut frontier_json = serde_json::Value::Null;
+    let mut curves = Vec::new();
+    let mut extra_md = String::new();
     if runs.len() >= 2 {
-        let (compact, large) = (&runs[0], &runs[1]);
-        let q = |r: &[CaseRun]| -> Vec<Outcome> {
-            r.iter()
-                .zip(&cases)
-                .map(|(x, c)| Outcome {
-                    quality: rouge.score(&c.reference, &x.text).rouge_l.fmeasure,
-                    cost_usd: x.cost_usd,
-                })
-                .collect()
-        };
-        let (qc, ql) = (q(compact), q(large));
-        // The policy, as the router would apply it (no budgets), with the
-        // cascade judged on the compact output.
-        let mut cfg = config.clone();
-        cfg.tiers.insert(
-            "compact".into(),
-            crate::config::TierConfig {
-                model: models[0].clone(),
-                batch_size: 1,
-            },
-        );
-        cfg.tiers.insert(
-            "large".into(),
-            crate::config::TierConfig {
-                model: models[1].clone(),
-                batch_size: 1,
-            },
-        );
-        if let Some(p) = &args.policy {
-            cfg.policy.file = Some(p.clone());
-        }
-        let pol = policy::load(&cfg)?;
-        let counter = engines::token_counter(&models[0], &cfg)?;
-        let tiers = policy::tiers(&cfg);
-        let mut picked: Vec<CaseRun> = Vec::new();
-        let (mut n_compact, mut n_large, mut n_cascade) = (0, 0, 0);
-        let mut signal = Vec::new();
-        for (i, c) in cases.iter().enumerate() {
-            let mut job = recap_job::Job::from_text("eval", "x", vec![SummaryKind::Overview]);
-            job.transcript = c.transcript.clone();
-            job.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, c.id.as_bytes());
-            let f = router::features(&job, &counter);
-            signal.push(f.input_tokens as f64);
-            let d = pol.decide(&f, &tiers, &recap_policy::BudgetState::default())?;
-            let mut run = if d.tier == recap_policy::Tier::Large {
-                n_large += 1;
-                large[i].clone()
-            } else {
-                compact[i].clone()
-            };
-            if d.tier == recap_policy::Tier::Compact && pol.rules.cascade {
-                let speakers = job.speakers();
-                if !recap_policy::cascade::check(
-                    &run.text,
-                    "overview",
-                    &speakers,
-                    Some("en"),
-                    &pol.cascade,
-                )
-                .is_empty()
-                {
-                    n_cascade += 1;
-                    let mut l = large[i].clone();
-                    l.cost_usd += run.cost_usd;
-                    l.latency_s += run.latency_s;
-                    run = l;
-                } else {
-                    n_compact += 1;
-                }
-            }
-            picked.push(run);
-        }
-        let texts: Vec<&str> = picked.iter().map(|x| x.text.as_str()).collect();
-        rows.push(row(
-            &format!("policy {}", pol.version),
-            &score(&rouge, &cases, &texts),
-            &picked.iter().collect::<Vec<_>>(),
-            args.seed,
-            format!("compact {n_compact} / large {n_large} / cascade {n_cascade}"),
-        ));
-        let (_, picks) = frontier::oracle(&qc, &ql);
-        let oracle_runs: Vec<&CaseRun> = picks
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| if l { &large[i] } else { &compact[i] })
-            .collect();
-        let texts: Vec<&str> = oracle_runs.iter().map(|x| x.text.as_str()).collect();
-        let n_large_oracle = picks.iter().filter(|&&p| p).count();
-        rows.push(row(
-            "oracle (better of the two per case)",
-            &score(&rouge, &cases, &texts),
-            &oracle_runs,
-            args.seed,
-            format!(
-                "compact {} / large {n_large_oracle}",
-                picks.len() - n_large_oracle
-            ),
-        ));
-        let curve = frontier::threshold_curve(&qc, &ql, &signal);
-        let large_q = mean(&ql.iter().map(|o| o.quality).collect::<Vec<_>>());
-        let large_cost: f64 = ql.iter().map(|o| o.cost_usd).sum();
-        let targets: Vec<serde_json::Value> = [0.8, 0.9, 0.95]
-            .iter()
-            .map(|&share| {
-                let p = frontier::cost_to_reach(&curve, share * large_q);
-                serde_json::json!({
-                    "share_of_large_quality": share,
-                    "cost_usd": p.map(|p| p.total_cost_usd),
-                    "share_of_large_cost": p.map(|p| p.total_cost_usd / large_cost.max(1e-12)),
-                    "large_calls": p.map(|p| p.large_calls),
-                })
-            })
-            .collect();
-        frontier_json = serde_json::json!({"signal": "input_tokens", "large_only_rouge_l": large_q, "large_only_cost_usd": large_cost, "targets": targets, "curve": curve});
+        let routed = route(config, &args, &models, &cases, &runs[0], &runs[1], &rouge)?;
+        rows.extend(routed.rows);
+        frontier_json = routed.json;
+        curves = routed.curves;
+        extra_md = routed.markdown;
     }
 
     let md = format!(
@@ -423,23 +361,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         report::markdown(&rows)
     );
     let mut md = md;
-    if let Some(t) = frontier_json.get("targets").and_then(|t| t.as_array()) {
-        md.push_str("\nCost to reach a share of large-only ROUGE-L (threshold router on input length):\n\n| share | cost USD | share of large-only cost | large calls |\n|---|---|---|---|\n");
-        for x in t {
-            let f = |k: &str| {
-                x[k].as_f64()
-                    .map(|v| format!("{v:.6}"))
-                    .unwrap_or_else(|| "not reached".into())
-            };
-            md.push_str(&format!(
-                "| {:.0}% | {} | {} | {} |\n",
-                x["share_of_large_quality"].as_f64().unwrap_or(0.0) * 100.0,
-                f("cost_usd"),
-                f("share_of_large_cost"),
-                x["large_calls"]
-            ));
-        }
-    }
+    md.push_str(&extra_md);
     std::fs::write(args.out.join("results.md"), &md)?;
     std::fs::write(
         args.out.join("results.json"),
@@ -449,7 +371,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     )?;
     std::fs::write(
         args.out.join("frontier.svg"),
-        report::svg_plot(&rows, "QMSum: ROUGE-L F1 against cost"),
+        report::svg_plot(&rows, &curves, "QMSum: ROUGE-L F1 against cost"),
     )?;
     println!("{md}");
     println!(
@@ -457,4 +379,419 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The routers side by side, and what they add to the report.
+struct Routed {
+    rows: Vec<Row>,
+    curves: Vec<report::Curve>,
+    json: serde_json::Value,
+    markdown: String,
+}
+
+/// A cascade's runs: compact's, or where it escalated, large's on top of
+/// it (compact's cost and time included, since compact ran first).
+fn cascade_runs(compact: &[CaseRun], large: &[CaseRun], escalate: &[bool]) -> Vec<CaseRun> {
+    compact
+        .iter()
+        .zip(large)
+        .zip(escalate)
+        .map(|((c, l), &e)| {
+            if e {
+                let mut l = l.clone();
+                l.cost_usd += c.cost_usd;
+                l.latency_s += c.latency_s;
+                l
+            } else {
+                c.clone()
+            }
+        })
+        .collect()
+}
+
+/// Runs routed before inference: large's where `to_large`, else compact's.
+fn routed_runs(compact: &[CaseRun], large: &[CaseRun], to_large: &[bool]) -> Vec<CaseRun> {
+    compact
+        .iter()
+        .zip(large)
+        .zip(to_large)
+        .map(|((c, l), &t)| if t { l.clone() } else { c.clone() })
+        .collect()
+}
+
+/// The most cases, taken in `order`, that a pre-routing router can send to
+/// large without its total cost passing `budget`.
+fn large_within(compact: &[CaseRun], large: &[CaseRun], order: &[usize], budget: f64) -> Vec<bool> {
+    let mut to_large = vec![false; compact.len()];
+    let mut cost: f64 = compact.iter().map(|r| r.cost_usd).sum();
+    for &i in order {
+        let next = cost - compact[i].cost_usd + large[i].cost_usd;
+        if next > budget + 1e-15 {
+            break;
+        }
+        cost = next;
+        to_large[i] = true;
+    }
+    to_large
+}
+
+fn split(to_large: &[bool], cascade: bool) -> String {
+    let n = to_large.iter().filter(|&&l| l).count();
+    format!(
+        "compact {} / {} {n}",
+        to_large.len() - n,
+        if cascade { "cascade" } else { "large" }
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route(
+    config: &Config,
+    args: &EvalArgs,
+    models: &[String],
+    cases: &[Case],
+    compact: &[CaseRun],
+    large: &[CaseRun],
+    rouge: &Rouge,
+) -> Result<Routed> {
+    let mut rows = Vec::new();
+    let row_of = |name: &str, runs: &[CaseRun], split: String| {
+        let texts: Vec<&str> = runs.iter().map(|x| x.text.as_str()).collect();
+        row(
+            name,
+            &score(rouge, cases, &texts),
+            &runs.iter().collect::<Vec<_>>(),
+            args.seed,
+            split,
+        )
+    };
+    let quality = |r: &[CaseRun]| -> Vec<Outcome> {
+        r.iter()
+            .zip(cases)
+            .map(|(x, c)| Outcome {
+                quality: rouge.score(&c.reference, &x.text).rouge_l.fmeasure,
+                cost_usd: x.cost_usd,
+            })
+            .collect()
+    };
+    let (qc, ql) = (quality(compact), quality(large));
+    // The policy, as the router would apply it (no budgets), with the
+    // cascade judging compact output as the worker does.
+    let mut cfg = config.clone();
+    for (tier, model) in [("compact", &models[0]), ("large", &models[1])] {
+        cfg.tiers.insert(
+            tier.into(),
+            crate::config::TierConfig {
+                model: model.clone(),
+                batch_size: 1,
+            },
+        );
+    }
+    if let Some(p) = &args.policy {
+        cfg.policy.file = Some(p.clone());
+    }
+    let pol = policy::load(&cfg)?;
+    let counter = engines::token_counter(&models[0], &cfg)?;
+    let tiers = policy::tiers(&cfg);
+    let mut picked: Vec<CaseRun> = Vec::new();
+    let (mut n_compact, mut n_large, mut n_cascade) = (0, 0, 0);
+    let mut input_tokens = Vec::new();
+    let mut lines = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let mut job = recap_job::Job::from_text("eval", "x", vec![SummaryKind::Overview]);
+        job.transcript = c.transcript.clone();
+        job.language = Some("en".into());
+        job.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, c.id.as_bytes());
+        let f = router::features(&job, &counter);
+        input_tokens.push(f.input_tokens as f64);
+        let r = &compact[i];
+        let signals = policy::signals(
+            &job,
+            policy::Said {
+                kind: SummaryKind::Overview.as_str(),
+                text: &r.text,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                mean_logprob: r.mean_logprob,
+                mean_entropy: r.mean_entropy,
+            },
+            Some(&c.query),
+        );
+        let d = pol.decide(&f, &tiers, &recap_policy::BudgetState::default())?;
+        if d.tier == recap_policy::Tier::Large {
+            n_large += 1;
+            picked.push(large[i].clone());
+        } else if pol.rules.cascade
+            && !pol
+                .judge(&r.text, &job.speakers(), Some("en"), &signals)
+                .is_empty()
+        {
+            n_cascade += 1;
+            picked.extend(cascade_runs(&compact[i..=i], &large[i..=i], &[true]));
+        } else {
+            n_compact += 1;
+            picked.push(r.clone());
+        }
+        lines.push(CaseLine {
+            id: c.id.clone(),
+            signals,
+            compact_quality: qc[i].quality,
+            large_quality: ql[i].quality,
+            compact_cost: r.cost_usd,
+            large_cost: large[i].cost_usd,
+            agreement: rouge.score(&large[i].text, &r.text).rouge_l.fmeasure,
+        });
+    }
+    rows.push(row_of(
+        &format!("policy {}", pol.version),
+        &picked,
+        format!("compact {n_compact} / large {n_large} / cascade {n_cascade}"),
+    ));
+    let mut jsonl = String::new();
+    for l in &lines {
+        jsonl.push_str(&serde_json::to_string(l)?);
+        jsonl.push('\n');
+    }
+    std::fs::write(args.out.join("cases.jsonl"), jsonl)?;
+
+    // The calibrated score, each case judged by a fit that never saw it.
+    let target = match args.target_quality {
+        Some(q) => Target::Quality(q),
+        None => Target::Cost(args.max_cost_share),
+    };
+    let features = if args.features.is_empty() {
+        calibrate::all_features()
+    } else {
+        args.features.clone()
+    };
+    let folds = args.folds.max(2);
+    let mut calibrated_cost = None;
+    let mut escalated_by_reference = Vec::new();
+    let mut json_rows = Vec::new();
+    for (labels, name) in [
+        (Labels::Reference, "calibrated score, reference labels"),
+        (Labels::Agreement, "calibrated score, agreement labels"),
+    ] {
+        let (labelled, _) = calibrate::label(&lines, labels, args.label_share, None);
+        let escalate = rscore::cross_validate(&features, &labelled, folds, target, args.l2)
+            .with_context(|| format!("calibrating the {name}"))?;
+        let runs = cascade_runs(compact, large, &escalate);
+        let r = row_of(
+            &format!("{name} ({folds}-fold held out)"),
+            &runs,
+            split(&escalate, true),
+        );
+        json_rows.push(serde_json::json!({"labels": format!("{labels:?}"), "escalated": escalate}));
+        if labels == Labels::Reference {
+            calibrated_cost = Some(r.total_cost_usd);
+            escalated_by_reference = escalate;
+        }
+        rows.push(r);
+    }
+    let budget = calibrated_cost.unwrap_or(0.0);
+    // The length threshold used today and a random router, given the same money.
+    let mut longest: Vec<usize> = (0..cases.len()).collect();
+    longest.sort_by(|&a, &b| input_tokens[b].total_cmp(&input_tokens[a]));
+    let by_length = large_within(compact, large, &longest, budget);
+    rows.push(row_of(
+        "length threshold, same cost",
+        &routed_runs(compact, large, &by_length),
+        split(&by_length, false),
+    ));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut shuffled: Vec<usize> = (0..cases.len()).collect();
+    shuffled.shuffle(&mut rng);
+    let at_random = large_within(compact, large, &shuffled, budget);
+    rows.push(row_of(
+        "random router, same cost",
+        &routed_runs(compact, large, &at_random),
+        split(&at_random, false),
+    ));
+    // Its expectation over many draws, beside the one drawn above.
+    let random_mean = {
+        let draws = 1000;
+        let mut total = 0.0;
+        for _ in 0..draws {
+            shuffled.shuffle(&mut rng);
+            let to_large = large_within(compact, large, &shuffled, budget);
+            total += mean(
+                &to_large
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| if l { ql[i].quality } else { qc[i].quality })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        total / draws as f64
+    };
+    let (_, picks) = frontier::oracle(&qc, &ql);
+    rows.push(row_of(
+        "oracle (better of the two per case)",
+        &routed_runs(compact, large, &picks),
+        split(&picks, false),
+    ));
+
+    // Curves: the length threshold, and the held-out score's cascade.
+    let length_curve = frontier::threshold_curve(&qc, &ql, &input_tokens);
+    let (labelled, _) = calibrate::label(&lines, Labels::Reference, args.label_share, None);
+    let held_out_p = rscore::out_of_fold_probabilities(&features, &labelled, folds, args.l2)?;
+    let outcomes: Vec<rscore::Outcomes> = labelled.iter().map(|c| c.outcomes).collect();
+    let score_curve = rscore::frontier(&held_out_p, &outcomes);
+    let curves = vec![
+        report::Curve {
+            name: "calibrated score (held out)".into(),
+            points: score_curve
+                .iter()
+                .map(|p| (p.total_cost, p.mean_quality))
+                .collect(),
+        },
+        report::Curve {
+            name: "length threshold".into(),
+            points: length_curve
+                .iter()
+                .map(|p| (p.total_cost_usd, p.mean_quality))
+                .collect(),
+        },
+    ];
+    let large_q = mean(&ql.iter().map(|o| o.quality).collect::<Vec<_>>());
+    let large_cost: f64 = ql.iter().map(|o| o.cost_usd).sum();
+    let mut md = format!(
+        "\nThe random router's expected ROUGE-L at that cost, over 1,000 draws: {random_mean:.3}.\n\
+         Calibration target: {target:?}; reference labels at {:.2} of large's ROUGE-L; features: {}.\n\
+         \nCost to reach a share of large-only ROUGE-L (ROUGE-L {large_q:.3}, cost ${large_cost:.6}):\n\n\
+         | share | length threshold: cost share | large calls | calibrated score (held out): cost share | escalated |\n|---|---|---|---|---|\n",
+        args.label_share,
+        features.join(", ")
+    );
+    let mut targets = Vec::new();
+    for share in [0.8, 0.9, 0.95, 1.0, 1.05] {
+        let by_len = frontier::cost_to_reach(&length_curve, share * large_q);
+        let by_score = rscore::pick(&score_curve, Target::Quality(share))
+            .filter(|p| p.quality_share >= share - 1e-12);
+        let cell = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.3}"));
+        md.push_str(&format!(
+            "| {:.0}% | {} | {} | {} | {} |\n",
+            share * 100.0,
+            cell(by_len.map(|p| p.total_cost_usd / large_cost.max(1e-12))),
+            by_len.map_or("-".into(), |p| p.large_calls.to_string()),
+            cell(by_score.map(|p| p.cost_share)),
+            by_score.map_or("-".into(), |p| p.escalated.to_string()),
+        ));
+        targets.push(serde_json::json!({
+            "share_of_large_quality": share,
+            "length_threshold_cost_share": by_len.map(|p| p.total_cost_usd / large_cost.max(1e-12)),
+            "calibrated_score_cost_share": by_score.map(|p| p.cost_share),
+        }));
+    }
+    md.push_str(&where_large_wins(
+        &input_tokens,
+        &qc,
+        &ql,
+        &escalated_by_reference,
+    ));
+    Ok(Routed {
+        rows,
+        curves,
+        json: serde_json::json!({
+            "large_only_rouge_l": large_q,
+            "large_only_cost_usd": large_cost,
+            "random_router_expected_rouge_l": random_mean,
+            "targets": targets,
+            "length_curve": length_curve,
+            "score_curve": score_curve,
+            "calibrated": json_rows,
+        }),
+        markdown: md,
+    })
+}
+
+/// Where large still beats compact, by transcript length (thirds of the
+/// cases), and whether the calibrated cascade sends those cases there.
+fn where_large_wins(
+    input_tokens: &[f64],
+    qc: &[Outcome],
+    ql: &[Outcome],
+    escalated: &[bool],
+) -> String {
+    let n = input_tokens.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| input_tokens[a].total_cmp(&input_tokens[b]));
+    let mut md = String::from(
+        "\nWhere large still wins (thirds by transcript length; gain = large minus compact ROUGE-L):\n\n\
+         | transcript tokens | cases | compact | large | large better on | escalated | gain on escalated | gain on kept |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for third in 0..3 {
+        let part = &order[third * n / 3..(third + 1) * n / 3];
+        if part.is_empty() {
+            continue;
+        }
+        let avg = |f: &dyn Fn(usize) -> f64, ids: &[usize]| {
+            if ids.is_empty() {
+                f64::NAN
+            } else {
+                ids.iter().map(|&i| f(i)).sum::<f64>() / ids.len() as f64
+            }
+        };
+        let gain = |i: usize| ql[i].quality - qc[i].quality;
+        let (esc, kept): (Vec<usize>, Vec<usize>) =
+            part.iter().partition(|&&i| escalated.get(i) == Some(&true));
+        md.push_str(&format!(
+            "| {:.0}-{:.0} | {} | {:.3} | {:.3} | {} | {} | {:+.3} | {:+.3} |\n",
+            input_tokens[part[0]],
+            input_tokens[part[part.len() - 1]],
+            part.len(),
+            avg(&|i| qc[i].quality, part),
+            avg(&|i| ql[i].quality, part),
+            part.iter().filter(|&&i| gain(i) > 0.0).count(),
+            esc.len(),
+            avg(&gain, &esc),
+            avg(&gain, &kept),
+        ));
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: usize, cost: f64) -> CaseRun {
+        CaseRun {
+            id: id.to_string(),
+            text: format!("text {id}"),
+            input_tokens: 10,
+            output_tokens: 5,
+            latency_s: 1.0,
+            cost_usd: cost,
+            mean_logprob: None,
+            mean_entropy: None,
+            has_confidence: true,
+        }
+    }
+
+    #[test]
+    fn a_budget_buys_large_calls_in_order_and_a_cascade_pays_both() {
+        let compact: Vec<CaseRun> = (0..4).map(|i| run(i, 1.0)).collect();
+        let large: Vec<CaseRun> = (0..4).map(|i| run(i, 4.0)).collect();
+        // 4 compact = 4.0; each large call adds 3.0.
+        assert_eq!(
+            large_within(&compact, &large, &[2, 0, 1, 3], 10.0),
+            [true, false, true, false]
+        );
+        assert_eq!(
+            large_within(&compact, &large, &[2, 0, 1, 3], 3.9),
+            [false; 4]
+        );
+        assert_eq!(
+            large_within(&compact, &large, &[3, 2, 1, 0], 16.0),
+            [true; 4]
+        );
+        let c = cascade_runs(&compact, &large, &[false, true, false, false]);
+        assert_eq!(c[1].cost_usd, 5.0);
+        assert_eq!(c[1].latency_s, 2.0);
+        assert_eq!(c[0].cost_usd, 1.0);
+        let r = routed_runs(&compact, &large, &[false, true, false, false]);
+        assert_eq!(r[1].cost_usd, 4.0);
+        assert_eq!(split(&[false, true, true], true), "compact 1 / cascade 2");
+    }
 }

@@ -1,6 +1,7 @@
 //! The `recap` binary: one executable, one subcommand per role.
 
 mod bench;
+mod calibrate;
 mod config;
 mod consume;
 mod engines;

@@ -7,6 +7,9 @@ use crate::config::Config;
 use crate::metrics::metrics;
 use anyhow::{Context, Result};
 use recap_engine::catalog::Catalog;
+use recap_engine::SummaryOutput;
+use recap_job::Job;
+use recap_policy::score::Signals;
 use recap_policy::{load_policy, PolicyConfig, Prices, Tiers};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -52,6 +55,51 @@ pub fn load(config: &Config) -> Result<PolicyConfig> {
     };
     load_policy(&text, &tiers(config), &catalog_prices()?)
         .with_context(|| format!("loading {source}"))
+}
+
+/// One output as the cascade sees it: from an engine's `SummaryOutput`,
+/// an eval cache line or a stored `summaries` row.
+pub struct Said<'a> {
+    pub kind: &'a str,
+    pub text: &'a str,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub mean_logprob: Option<f64>,
+    pub mean_entropy: Option<f64>,
+}
+
+impl<'a> From<&'a SummaryOutput> for Said<'a> {
+    fn from(o: &'a SummaryOutput) -> Said<'a> {
+        Said {
+            kind: o.kind.as_str(),
+            text: &o.text,
+            input_tokens: o.input_tokens,
+            output_tokens: o.output_tokens,
+            mean_logprob: o.confidence.mean_logprob(),
+            mean_entropy: o.confidence.mean_entropy(),
+        }
+    }
+}
+
+/// What the cascade and the calibrated score know of one output: the
+/// job's features and the output's own signals, all free to compute.
+pub fn signals(job: &Job, said: Said<'_>, query: Option<&str>) -> Signals {
+    let source = recap_engine::mapreduce::lines(&job.transcript);
+    Signals {
+        input_tokens: said.input_tokens as u64,
+        speakers: job.speakers().len() as u32,
+        kind: said.kind.to_string(),
+        query_words: query.map_or(0, |q| q.split_whitespace().count() as u32),
+        non_english: job
+            .language
+            .as_deref()
+            .is_some_and(|l| !l.to_ascii_lowercase().starts_with("en")),
+        output_tokens: said.output_tokens,
+        mean_logprob: said.mean_logprob,
+        mean_entropy: said.mean_entropy,
+        copy_rate: recap_policy::copying::copy_rate(said.text, &source),
+        repeat_ratio: recap_policy::cascade::repeat_ratio(said.text),
+    }
 }
 
 /// The policy in force, swapped whole on reload.

@@ -8,9 +8,15 @@ use std::path::PathBuf;
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Print the decision for a job (job JSON, QMSum JSON or text) and its reasons, without running it.
+    /// Print the decision for a job (job JSON, QMSum JSON or text) and its
+    /// reasons, without running it; or, with --job, what was decided for a
+    /// job that ran (its decisions, the cascade's signals and score).
     Explain {
-        file: PathBuf,
+        #[arg(required_unless_present = "job")]
+        file: Option<PathBuf>,
+        /// A job that ran: its routing decisions and recorded signals.
+        #[arg(long, conflicts_with = "file")]
+        job: Option<uuid::Uuid>,
         /// Tenant, for inputs that do not name one.
         #[arg(long, default_value = "default")]
         tenant: String,
@@ -18,6 +24,9 @@ pub enum PolicyCommand {
         #[arg(long)]
         no_budget: bool,
     },
+    /// Fit the routing score from labelled cases (an eval's cases.jsonl, or
+    /// shadow pairs), print the quality-cost frontier, write a new policy.
+    Calibrate(crate::calibrate::CalibrateArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -35,11 +44,17 @@ pub enum BudgetCommand {
 }
 
 pub async fn policy(config: &Config, cmd: PolicyCommand) -> Result<()> {
-    let PolicyCommand::Explain {
-        file,
-        tenant,
-        no_budget,
-    } = cmd;
+    let (file, tenant, no_budget) = match cmd {
+        PolicyCommand::Calibrate(args) => return crate::calibrate::run(config, args).await,
+        PolicyCommand::Explain { job: Some(id), .. } => return explain_job(config, id).await,
+        PolicyCommand::Explain {
+            file: Some(file),
+            tenant,
+            no_budget,
+            ..
+        } => (file, tenant, no_budget),
+        PolicyCommand::Explain { .. } => anyhow::bail!("name a job file, or --job ID"),
+    };
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let job = match recap_job::parse_job(&bytes, &config.limits) {
         Ok(job) => job,
@@ -70,6 +85,7 @@ pub async fn policy(config: &Config, cmd: PolicyCommand) -> Result<()> {
     let out = serde_json::json!({
         "policy_version": p.version,
         "features": features,
+        "score": score_view(&p),
         "budget": budget,
         "decision": match &decision {
             Ok(d) => serde_json::to_value(d)?,
@@ -77,6 +93,47 @@ pub async fn policy(config: &Config, cmd: PolicyCommand) -> Result<()> {
         },
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// The calibrated score as the cascade applies it, feature by feature.
+fn score_view(p: &recap_policy::PolicyConfig) -> serde_json::Value {
+    match &p.score {
+        None => serde_json::json!(null),
+        Some(s) => serde_json::json!({
+            "applied": p.rules.score && p.rules.cascade,
+            "when": "after the compact tier answers: compact output with P(compact is enough) under the threshold goes once to large",
+            "threshold": s.threshold,
+            "kinds": if s.kinds.is_empty() { serde_json::json!("all") } else { serde_json::json!(s.kinds) },
+            "bias": s.bias,
+            "features": s.features.iter().enumerate().map(|(i, f)| serde_json::json!({
+                "feature": f,
+                "meaning": recap_policy::score::FEATURES.iter().find(|(n, _)| n == f).map(|(_, m)| *m),
+                "mean": s.mean[i],
+                "scale": s.scale[i],
+                "weight": s.weights[i],
+            })).collect::<Vec<_>>(),
+            "fitted": s.fitted,
+        }),
+    }
+}
+
+async fn explain_job(config: &Config, id: uuid::Uuid) -> Result<()> {
+    let pool = store::connect(config).await?;
+    let (decisions, summaries) = store::explain_job(&pool, id).await?;
+    if decisions.is_empty() && summaries.is_empty() {
+        anyhow::bail!("job {id} has no routing decisions or summaries");
+    }
+    let p = policy::load(config)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "job_id": id,
+            "decisions": decisions,
+            "summaries": summaries,
+            "policy_now": {"version": p.version, "score": score_view(&p)},
+        }))?
+    );
     Ok(())
 }
 

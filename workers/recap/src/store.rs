@@ -719,6 +719,81 @@ pub async fn shadow_examples(
     .await?)
 }
 
+/// A shadow pair: the compact output a job returned and the large tier's
+/// shadow output of the same job and kind, with what the cascade knew.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ShadowPair {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub compact_model: String,
+    pub compact_text: String,
+    pub compact_input_tokens: i32,
+    pub compact_output_tokens: i32,
+    pub mean_logprob: Option<f64>,
+    pub mean_entropy: Option<f64>,
+    pub large_model: String,
+    pub large_text: String,
+    pub large_input_tokens: i32,
+    pub large_output_tokens: i32,
+    pub language: Option<String>,
+    pub transcript: sqlx::types::Json<Vec<recap_job::Utterance>>,
+}
+
+/// Every shadow pair (of one tenant where given), oldest first. A job whose
+/// compact output cascaded has no compact row and gives no pair.
+pub async fn shadow_pairs(
+    pool: &PgPool,
+    tenant: Option<&str>,
+) -> Result<Vec<ShadowPair>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT l.job_id, l.kind, c.model AS compact_model, c.text AS compact_text,
+                c.input_tokens AS compact_input_tokens, c.output_tokens AS compact_output_tokens,
+                c.mean_logprob, c.mean_entropy, l.model AS large_model, l.text AS large_text,
+                l.input_tokens AS large_input_tokens, l.output_tokens AS large_output_tokens,
+                t.language, t.transcript
+         FROM summaries l
+         JOIN summaries c ON c.job_id = l.job_id AND c.kind = l.kind AND NOT c.shadow
+                          AND c.model <> l.model
+         JOIN shadow_transcripts t ON t.job_id = l.job_id
+         WHERE l.shadow AND ($1::text IS NULL OR t.tenant = $1)
+         ORDER BY l.created_at, l.job_id, l.kind",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A job's routing decisions and its outputs' recorded signals, oldest
+/// first, for `recap policy explain --job`.
+pub async fn explain_job(
+    pool: &PgPool,
+    job_id: Uuid,
+) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>), StoreError> {
+    let decisions: Vec<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
+        "SELECT json_build_object('tier', tier, 'model', model, 'reason', reason,
+                'features', features, 'policy_version', policy_version,
+                'estimated_cost_usd', estimated_cost_usd::float8, 'decided_at', decided_at)
+         FROM route_decisions WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    let summaries: Vec<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
+        "SELECT json_build_object('kind', kind, 'model', model, 'shadow', shadow,
+                'input_tokens', input_tokens, 'output_tokens', output_tokens,
+                'mean_logprob', mean_logprob, 'mean_entropy', mean_entropy,
+                'copy_rate', copy_rate)
+         FROM summaries WHERE job_id = $1 ORDER BY created_at, kind",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok((
+        decisions.into_iter().map(|j| j.0).collect(),
+        summaries.into_iter().map(|j| j.0).collect(),
+    ))
+}
+
 /// Sets a tenant's budgets (None clears one).
 pub async fn set_budget(
     pool: &PgPool,
@@ -879,6 +954,8 @@ pub struct Completion<'a> {
     pub model: &'a str,
     pub engine: &'a str,
     pub outputs: &'a [SummaryOutput],
+    /// The outputs' signals, in the same order (recorded where given).
+    pub signals: &'a [recap_policy::score::Signals],
     pub cost_usd: f64,
 }
 
@@ -912,18 +989,31 @@ async fn insert_summaries(
     jobs: &[(Uuid, &Completion<'_>)],
     shadow: bool,
 ) -> Result<(), StoreError> {
-    let rows: Vec<(Uuid, &Completion<'_>, &SummaryOutput)> = jobs
+    type Row<'r> = (
+        Uuid,
+        &'r Completion<'r>,
+        &'r SummaryOutput,
+        Option<&'r recap_policy::score::Signals>,
+    );
+    let rows: Vec<Row<'_>> = jobs
         .iter()
-        .flat_map(|(id, done)| done.outputs.iter().map(move |o| (*id, *done, o)))
+        .flat_map(|(id, done)| {
+            done.outputs
+                .iter()
+                .enumerate()
+                .map(move |(i, o)| (*id, *done, o, done.signals.get(i)))
+        })
         .collect();
     if rows.is_empty() {
         return Ok(());
     }
     sqlx::query(
         "INSERT INTO summaries (job_id, kind, text, model, engine, input_tokens, output_tokens,
-                                prefill_ms, decode_ms, total_ms, shadow)
-         SELECT s.*, $11 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                     $6::int4[], $7::int4[], $8::float8[], $9::float8[], $10::float8[]) AS s
+                                prefill_ms, decode_ms, total_ms, mean_logprob, mean_entropy,
+                                copy_rate, shadow)
+         SELECT s.*, $14 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                     $6::int4[], $7::int4[], $8::float8[], $9::float8[], $10::float8[],
+                                     $11::float8[], $12::float8[], $13::float8[]) AS s
          ON CONFLICT (job_id, kind, shadow) DO NOTHING",
     )
     .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
@@ -936,6 +1026,17 @@ async fn insert_summaries(
     .bind(rows.iter().map(|r| r.2.prefill_ms).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.2.decode_ms).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.2.total_ms).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.3.and_then(|s| s.mean_logprob))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.3.and_then(|s| s.mean_entropy))
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.3.map(|s| s.copy_rate)).collect::<Vec<_>>())
     .bind(shadow)
     .execute(&mut **tx)
     .await?;
@@ -1372,6 +1473,7 @@ mod tests {
             decode_ms: 1.0,
             total_ms: 2.0,
             chunks: 1,
+            confidence: Default::default(),
         }
     }
 
@@ -1382,6 +1484,7 @@ mod tests {
             model: "m",
             engine: "extractive",
             outputs: std::slice::from_ref(o),
+            signals: &[],
             cost_usd: 0.5,
         }
     }
@@ -1479,6 +1582,7 @@ mod tests {
             model: "m",
             engine: "extractive",
             outputs: &only,
+            signals: &[],
             cost_usd: 0.0,
         };
         start_jobs(&db, "compact", &[(&ended, "m")]).await;
@@ -1689,6 +1793,7 @@ mod tests {
                         model: "m",
                         engine: "extractive",
                         outputs: std::slice::from_ref(o),
+                        signals: &[],
                         cost_usd: 0.0,
                     },
                 )

@@ -122,7 +122,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
     })?;
     let rss = resident_memory();
     let source = recap_engine::mapreduce::lines(&input.transcript);
-    let copied = |text: &str| recap_eval::copying::copy_rate(text, &source);
+    let copied = |text: &str| recap_policy::copying::copy_rate(text, &source);
     if args.json {
         let out: Vec<_> = outputs
             .iter()
@@ -132,6 +132,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
                     "input_tokens": o.input_tokens, "output_tokens": o.output_tokens,
                     "prefill_ms": o.prefill_ms, "decode_ms": o.decode_ms, "total_ms": o.total_ms,
                     "chunks": o.chunks, "copy_rate": copied(&o.text),
+                    "mean_logprob": o.confidence.mean_logprob(), "mean_entropy": o.confidence.mean_entropy(),
                 })
             })
             .collect();
@@ -147,9 +148,12 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
             println!("== {} ({} via {}) ==", o.kind, model_id, engine.engine());
             println!("{}", o.text);
             println!(
-                "-- {} input tokens, {} output tokens, prefill {:.0} ms, decode {:.0} ms, total {:.0} ms, {} chunk(s), {:.0}% of sentences copied\n",
+                "-- {} input tokens, {} output tokens, prefill {:.0} ms, decode {:.0} ms, total {:.0} ms, {} chunk(s), {:.0}% of sentences copied, mean log-probability {}\n",
                 o.input_tokens, o.output_tokens, o.prefill_ms, o.decode_ms, o.total_ms, o.chunks,
-                100.0 * copied(&o.text)
+                100.0 * copied(&o.text),
+                o.confidence
+                    .mean_logprob()
+                    .map_or("-".to_string(), |l| format!("{l:.3}"))
             );
         }
         if let Some((now, peak)) = rss {

@@ -30,7 +30,7 @@ pub struct Worker {
 
 impl Worker {
     /// The cascade's verdict on compact outputs: the failed checks, if any.
-    fn cascade_failures(&self, job: &Job, outputs: &[SummaryOutput]) -> Vec<String> {
+    fn cascade_failures(&self, ran: &Ran) -> Vec<String> {
         let policy = self.policy.current();
         if !policy.rules.cascade
             || self.tier != "compact"
@@ -38,33 +38,34 @@ impl Worker {
         {
             return Vec::new();
         }
+        let job = &ran.run.job;
         let speakers = job.speakers();
-        let mut failed: Vec<String> = outputs
+        let mut failed: Vec<String> = ran
+            .outputs
             .iter()
-            .flat_map(|o| {
-                recap_policy::cascade::check(
-                    &o.text,
-                    o.kind.as_str(),
-                    &speakers,
-                    job.language.as_deref(),
-                    &policy.cascade,
-                )
-                .into_iter()
-                .map(move |f| format!("{}:{}", o.kind, f.as_str()))
+            .zip(&ran.signals)
+            .flat_map(|(o, s)| {
+                policy
+                    .judge(&o.text, &speakers, job.language.as_deref(), s)
+                    .into_iter()
+                    .map(move |f| format!("{}:{}", o.kind, f.as_str()))
             })
             .collect();
         failed.dedup();
         failed
     }
 
-    /// Sends the job on to the large tier, once, with reason `cascade`.
+    /// Sends the job on to the large tier, once, with reason `cascade`. The
+    /// decision row keeps what the cascade saw: each output's signals and,
+    /// with a calibrated policy, its score and the threshold.
     async fn cascade(
         &self,
         ch: &lapin::Channel,
         delivery: &Delivery,
-        job: &Job,
+        ran: &Ran,
         failed: &[String],
     ) -> Verdict {
+        let job = &ran.run.job;
         let Some(large) = self.config.tier_model("large") else {
             return Verdict::Ack;
         };
@@ -73,7 +74,16 @@ impl Worker {
             tier: "large".into(),
             model: large.to_string(),
             reason: "cascade".into(),
-            features: serde_json::json!({ "failed_checks": failed, "compact_model": self.engine.model_id() }),
+            features: serde_json::json!({
+                "failed_checks": failed,
+                "compact_model": self.engine.model_id(),
+                "outputs": ran.outputs.iter().zip(&ran.signals).map(|(o, s)| serde_json::json!({
+                    "kind": o.kind,
+                    "signals": s,
+                    "score": policy.score.as_ref().map(|sc| sc.probability(s)),
+                })).collect::<Vec<_>>(),
+                "threshold": policy.score.as_ref().filter(|_| policy.rules.score).map(|sc| sc.threshold),
+            }),
             trail: serde_json::json!([format!(
                 "cascade: compact output failed {}",
                 failed.join(", ")
@@ -138,6 +148,8 @@ enum Start {
 struct Ran {
     run: Run,
     outputs: Vec<SummaryOutput>,
+    /// Each output's signals, for the cascade and the `summaries` row.
+    signals: Vec<recap_policy::score::Signals>,
     inference: Duration,
 }
 
@@ -251,6 +263,10 @@ impl Worker {
             for run in group {
                 match results.next() {
                     Some(Ok(outputs)) => ran.push(Ran {
+                        signals: outputs
+                            .iter()
+                            .map(|o| crate::policy::signals(&run.job, o.into(), None))
+                            .collect(),
                         run,
                         outputs,
                         inference,
@@ -294,6 +310,7 @@ impl Worker {
             model,
             engine: ran.run.engine.engine(),
             outputs: &ran.outputs,
+            signals: &ran.signals,
             cost_usd: if model == self.price.id {
                 self.price.cost(tin, tout)
             } else {
@@ -331,12 +348,10 @@ impl Worker {
             if !queue::header_bool(&delivery.properties, H_CASCADE)
                 && r.run.engine.engine() != "extractive"
             {
-                let failed = self.cascade_failures(&r.run.job, &r.outputs);
+                let failed = self.cascade_failures(r);
                 if !failed.is_empty() {
-                    verdicts[r.run.at] = Some(
-                        self.cascade(&ctx.publish, delivery, &r.run.job, &failed)
-                            .await,
-                    );
+                    verdicts[r.run.at] =
+                        Some(self.cascade(&ctx.publish, delivery, r, &failed).await);
                     continue;
                 }
             }

@@ -204,6 +204,7 @@ impl GgufModel {
             decode_ms: g.decode_ms,
             total_ms: s.started.elapsed().as_secs_f64() * 1e3,
             chunks: 1,
+            confidence: g.confidence,
         })
     }
 
