@@ -223,17 +223,26 @@ async fn shadow_lines(config: &Config, tenant: Option<&str>) -> Result<Vec<CaseL
         .collect())
 }
 
+const SCORE_COMMENT: &str =
+    "# The routing score, fitted by `recap policy calibrate`: compact output whose\n\
+     # P(compact is enough) is under `threshold` goes once to the large tier.\n";
+
 /// The policy text with `version`, the `score` and `cascade` rules, and
 /// a `[score]` table replacing any there was; comments elsewhere stay.
 pub fn policy_with_score(base: &str, version: &str, s: &score::Score) -> Result<String> {
     let mut out = String::new();
     let mut in_score = false;
-    for line in base.lines() {
+    let ours: Vec<&str> = SCORE_COMMENT.lines().collect();
+    let lines: Vec<&str> = base.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
         let t = line.trim_start();
         if t.starts_with('[') {
             in_score = t.starts_with("[score]");
         }
-        if in_score {
+        // The score table and the comment written above it are replaced.
+        let our_comment = ours.contains(line)
+            || (line.is_empty() && lines.get(i + 1).is_some_and(|n| ours.first() == Some(n)));
+        if in_score || our_comment {
             continue;
         }
         if t.starts_with("version") && t[7..].trim_start().starts_with('=') {
@@ -266,10 +275,8 @@ pub fn policy_with_score(base: &str, version: &str, s: &score::Score) -> Result<
     struct Wrapper<'a> {
         score: &'a score::Score,
     }
-    out.push_str(
-        "\n# The routing score, fitted by `recap policy calibrate`: compact output whose\n\
-         # P(compact is enough) is under `threshold` goes once to the large tier.\n",
-    );
+    out.push('\n');
+    out.push_str(SCORE_COMMENT);
     out.push_str(&toml::to_string(&Wrapper { score: s })?);
     Ok(out)
 }
@@ -414,6 +421,8 @@ mod tests {
         // Calibrating again replaces the score; it is not duplicated.
         let twice = policy_with_score(&once, "v-cal-2", &s).unwrap();
         assert_eq!(twice.matches("[score]").count(), 1);
+        assert_eq!(twice.matches("# The routing score").count(), 1);
+        assert_eq!(twice.len(), once.len() + 2, "only the version grew");
         assert_eq!(twice.matches("\"score\"").count(), 1);
     }
 

@@ -522,9 +522,8 @@ fn route(
             n_large += 1;
             picked.push(large[i].clone());
         } else if pol.rules.cascade
-            && !pol
-                .judge(&r.text, &job.speakers(), Some("en"), &signals)
-                .is_empty()
+            // A query's answer need not name a speaker, as an overview must.
+            && !pol.judge(&r.text, &[], Some("en"), &signals).is_empty()
         {
             n_cascade += 1;
             picked.extend(cascade_runs(&compact[i..=i], &large[i..=i], &[true]));
