@@ -85,3 +85,75 @@ fn rouge_scores_a_pair_of_files_as_json() {
         }
     }
 }
+
+// A company's own references (the JSONL `recap train` reads) go through the
+// same eval with two tiers: the routers' rows are written, the per-case
+// calibration lines too, and a set too small to calibrate says so instead
+// of failing the run.
+#[test]
+fn eval_reads_a_companys_references_and_routes_between_two_tiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("refs.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"id": "a", "transcript": "Maria: We launch on Friday.\nTom: I will tell marketing today.", "kind": "short", "target": "The launch is on Friday; Tom tells marketing."}"#,
+            "\n",
+            r#"{"id": "b", "transcript": "Chen: Cloud spend is eight percent over.\nSofia: Shut the cluster down at night.", "query": "What did Sofia suggest?", "target": "Sofia suggested shutting the analytics cluster down at night."}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run = Command::new(common::bin())
+        .args(["eval", "--dataset", &format!("jsonl:{}", data.display())])
+        .args([
+            "--models",
+            "smollm2-135m-instruct-q4_1,extractive-lead",
+            "--out",
+        ])
+        .arg(&out)
+        .env_remove("RECAP_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    for row in [
+        "| policy ",
+        "| length threshold, same cost | 2 |",
+        "| random router, same cost | 2 |",
+        "| oracle (better of the two per case) | 2 |",
+    ] {
+        assert!(md.contains(row), "{row} missing:\n{md}");
+    }
+    assert!(
+        md.contains("not fitted: calibration needs at least 20 labelled cases, got 2"),
+        "{md}"
+    );
+    let lines = std::fs::read_to_string(out.join("cases.jsonl")).unwrap();
+    let cases: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 2);
+    let short = cases.iter().find(|c| c["id"] == "a").unwrap();
+    assert_eq!(short["signals"]["kind"], "short");
+    assert_eq!(short["signals"]["query_words"], 0);
+    assert!(short["signals"]["mean_logprob"]
+        .as_f64()
+        .is_some_and(|l| l < 0.0));
+    let asked = cases.iter().find(|c| c["id"] == "b").unwrap();
+    assert_eq!(asked["signals"]["query_words"], 4);
+    // A line without a target is refused, naming the line.
+    std::fs::write(&data, "{\"transcript\": \"A: hi\", \"kind\": \"short\"}\n").unwrap();
+    let bad = Command::new(common::bin())
+        .args(["eval", "--dataset", &format!("jsonl:{}", data.display())])
+        .args(["--models", "smollm2-135m-instruct-q4_1", "--out"])
+        .arg(&out)
+        .env_remove("RECAP_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("line 1"), "{err}");
+}

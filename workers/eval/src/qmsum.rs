@@ -3,7 +3,7 @@
 //! only its gold relevant spans; in the `whole` setting a query sees the
 //! whole meeting.
 
-use recap_job::Utterance;
+use recap_job::{SummaryKind, Utterance};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,9 +19,18 @@ pub enum Setting {
 pub struct Case {
     /// `qmsum-<meeting>-<s|g><query>`: stable, for the results cache.
     pub id: String,
+    /// The question asked; empty where the case asks for its `kind` alone.
     pub query: String,
+    /// The summary kind asked for (QMSum's queries are asked as overviews).
+    pub kind: SummaryKind,
     pub transcript: Vec<Utterance>,
     pub reference: String,
+}
+
+impl Case {
+    pub fn query(&self) -> Option<&str> {
+        (!self.query.trim().is_empty()).then_some(self.query.as_str())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +105,7 @@ pub fn parse(text: &str, setting: Setting) -> Result<Vec<Case>, QmsumError> {
                     cases.push(Case {
                         id: format!("qmsum-{m}-g{q}"),
                         query: query.query.clone(),
+                        kind: SummaryKind::Overview,
                         transcript: turns
                             .iter()
                             .filter(|u| !u.text.is_empty())
@@ -135,6 +145,7 @@ pub fn parse(text: &str, setting: Setting) -> Result<Vec<Case>, QmsumError> {
                     cases.push(Case {
                         id: format!("qmsum-{m}-s{q}"),
                         query: query.query.clone(),
+                        kind: SummaryKind::Overview,
                         transcript,
                         reference: query.answer.clone(),
                     });

@@ -526,21 +526,19 @@ fn calibrate_at_least(
     })
 }
 
-/// Out-of-fold escalation decisions: each case is judged by a score fitted
-/// and thresholded on the other folds only, so the result says how the
-/// policy does on cases it never saw. Folds are `i % folds`.
-pub fn cross_validate(
-    features: &[String],
+/// Judges each case with a model built on the other folds (`i % folds`):
+/// `build` makes one from a fold's training cases, `judge` applies it.
+fn out_of_fold<M, T>(
     cases: &[Case],
     folds: usize,
-    target: Target,
-    l2: f64,
-) -> Result<Vec<bool>, ScoreError> {
+    build: impl Fn(&[Case]) -> Result<M, ScoreError>,
+    judge: impl Fn(&M, &Case) -> T,
+) -> Result<Vec<T>, ScoreError> {
     if cases.len() < MIN_CASES {
         return Err(ScoreError::TooFewCases(cases.len()));
     }
     let folds = folds.max(2);
-    let mut escalate = vec![false; cases.len()];
+    let mut out: Vec<Option<T>> = cases.iter().map(|_| None).collect();
     for f in 0..folds {
         let train: Vec<Case> = cases
             .iter()
@@ -548,14 +546,30 @@ pub fn cross_validate(
             .filter(|(i, _)| i % folds != f)
             .map(|(_, c)| c.clone())
             .collect();
-        let cal = calibrate_at_least(features, &train, target, l2, MIN_PER_CLASS * 2)?;
-        for (i, c) in cases.iter().enumerate() {
-            if i % folds == f {
-                escalate[i] = cal.score.escalates(&c.signals);
-            }
+        let model = build(&train)?;
+        for (i, c) in cases.iter().enumerate().filter(|(i, _)| i % folds == f) {
+            out[i] = Some(judge(&model, c));
         }
     }
-    Ok(escalate)
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Out-of-fold escalation decisions: each case is judged by a score fitted
+/// and thresholded on the other folds only, so the result says how the
+/// policy does on cases it never saw.
+pub fn cross_validate(
+    features: &[String],
+    cases: &[Case],
+    folds: usize,
+    target: Target,
+    l2: f64,
+) -> Result<Vec<bool>, ScoreError> {
+    out_of_fold(
+        cases,
+        folds,
+        |train| calibrate_at_least(features, train, target, l2, MIN_PER_CLASS * 2),
+        |cal, c| cal.score.escalates(&c.signals),
+    )
 }
 
 /// Each case's probability under a score fitted on the other folds: a
@@ -566,26 +580,18 @@ pub fn out_of_fold_probabilities(
     folds: usize,
     l2: f64,
 ) -> Result<Vec<f64>, ScoreError> {
-    if cases.len() < MIN_CASES {
-        return Err(ScoreError::TooFewCases(cases.len()));
-    }
-    let folds = folds.max(2);
-    let mut p = vec![0.0; cases.len()];
-    for f in 0..folds {
-        let train: Vec<(Signals, bool)> = cases
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % folds != f)
-            .map(|(_, c)| (c.signals.clone(), c.enough))
-            .collect();
-        let score = fit_at_least(features, &train, l2, MIN_PER_CLASS * 2)?;
-        for (i, c) in cases.iter().enumerate() {
-            if i % folds == f {
-                p[i] = score.probability(&c.signals);
-            }
-        }
-    }
-    Ok(p)
+    out_of_fold(
+        cases,
+        folds,
+        |train| {
+            let labelled: Vec<(Signals, bool)> = train
+                .iter()
+                .map(|c| (c.signals.clone(), c.enough))
+                .collect();
+            fit_at_least(features, &labelled, l2, MIN_PER_CLASS * 2)
+        },
+        |score, c| score.probability(&c.signals),
+    )
 }
 
 /// Mean quality and total cost of a cascade that escalates `escalate`.

@@ -69,21 +69,40 @@ pub struct CalibrateArgs {
     /// The best quality at no more than this share of large-only cost.
     #[arg(long)]
     pub max_cost_share: Option<f64>,
-    /// Score features, comma-separated (default: all this build knows).
-    #[arg(long, value_delimiter = ',')]
-    pub features: Vec<String>,
-    /// L2 penalty on the standardized weights.
-    #[arg(long, default_value_t = 1.0)]
-    pub l2: f64,
-    /// Folds for the held-out report.
-    #[arg(long, default_value_t = 5)]
-    pub folds: usize,
+    #[command(flatten)]
+    pub fit: FitArgs,
     /// The new policy version (default: the current one's, dated).
     #[arg(long)]
     pub version: Option<String>,
     /// Where to write the new policy file.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// How the score is fitted; shared by `recap policy calibrate` and `recap eval`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FitArgs {
+    /// Score features, comma-separated (default: all this build knows).
+    #[arg(long, value_delimiter = ',')]
+    pub features: Vec<String>,
+    /// L2 penalty on the score's standardized weights.
+    #[arg(long, default_value_t = 1.0)]
+    pub l2: f64,
+    /// Folds for the held-out result: each case is judged by a score fitted
+    /// on the others.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+}
+
+impl FitArgs {
+    /// The named features, or every feature this build knows.
+    pub fn features(&self) -> Vec<String> {
+        if self.features.is_empty() {
+            score::FEATURES.iter().map(|(n, _)| n.to_string()).collect()
+        } else {
+            self.features.clone()
+        }
+    }
 }
 
 impl CalibrateArgs {
@@ -95,11 +114,6 @@ impl CalibrateArgs {
             _ => bail!("--target-quality and --max-cost-share must be positive numbers"),
         }
     }
-}
-
-/// The default feature set: every feature this build knows.
-pub fn all_features() -> Vec<String> {
-    score::FEATURES.iter().map(|(n, _)| n.to_string()).collect()
 }
 
 /// Reads `cases.jsonl`, naming the line that does not parse.
@@ -304,11 +318,7 @@ fn frontier_table(points: &[FrontierPoint], chosen: &FrontierPoint) -> String {
 
 pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
     let target = args.target()?;
-    let features = if args.features.is_empty() {
-        all_features()
-    } else {
-        args.features.clone()
-    };
+    let features = args.fit.features();
     let (lines, labels, source) = match (&args.cases, args.shadow) {
         (Some(path), false) => (read_cases(path)?, args.labels, path.display().to_string()),
         (None, true) => (
@@ -327,7 +337,7 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         ),
     };
     let (cases, tau) = label(&lines, labels, args.label_share, args.agreement);
-    let cal = score::calibrate(&features, &cases, target, args.l2)
+    let cal = score::calibrate(&features, &cases, target, args.fit.l2)
         .with_context(|| format!("calibrating on {source}"))?;
     let enough = cases.iter().filter(|c| c.enough).count();
     println!(
@@ -341,14 +351,14 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         "\nFrontier of the fitted score on these cases (share of large-only quality and cost):\n\n{}",
         frontier_table(&cal.frontier, &cal.chosen)
     );
-    let held_out = score::cross_validate(&features, &cases, args.folds, target, args.l2)?;
+    let held_out = score::cross_validate(&features, &cases, args.fit.folds, target, args.fit.l2)?;
     let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
     let (q, c) = score::cascade_outcome(&outcomes, &held_out);
     let large_q: f64 = outcomes.iter().map(|o| o.large_quality).sum::<f64>() / cases.len() as f64;
     let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
     println!(
         "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",
-        args.folds.max(2),
+        args.fit.folds.max(2),
         q / large_q.max(1e-12),
         c / large_c.max(1e-12),
         held_out.iter().filter(|&&e| e).count(),

@@ -18,7 +18,6 @@ use recap_eval::qmsum::{self, Case, Setting};
 use recap_eval::report::{self, Row};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::{bootstrap_ci, mean, percentile};
-use recap_job::SummaryKind;
 use recap_policy::score::{self as rscore, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -64,7 +63,9 @@ pub fn rouge(args: RougeArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// QMSum file (JSON or JSONL).
+    /// QMSum file (JSON or JSONL), or `jsonl:PATH`: a company's own
+    /// references in the format `recap train --data jsonl:` reads
+    /// (transcript, kind or query, target).
     #[arg(long)]
     pub dataset: PathBuf,
     #[arg(long, value_enum, default_value = "span")]
@@ -90,15 +91,8 @@ pub struct EvalArgs {
     /// ...or the cheapest threshold reaching this share of large-only quality.
     #[arg(long)]
     pub target_quality: Option<f64>,
-    /// Score features, comma-separated (default: all this build knows).
-    #[arg(long, value_delimiter = ',')]
-    pub features: Vec<String>,
-    /// L2 penalty on the score's standardized weights.
-    #[arg(long, default_value_t = 1.0)]
-    pub l2: f64,
-    /// Folds: each case is judged by a score fitted on the others.
-    #[arg(long, default_value_t = 5)]
-    pub folds: usize,
+    #[command(flatten)]
+    pub fit: calibrate::FitArgs,
     /// Reference labels: compact is enough where its ROUGE-L reaches this
     /// share of large's.
     #[arg(long, default_value_t = 1.0)]
@@ -140,15 +134,30 @@ fn load_cache(path: &PathBuf) -> HashMap<String, CaseRun> {
         .collect()
 }
 
+/// A company's references (the JSONL of `recap train --data jsonl:`) as
+/// evaluation cases: the target is the reference.
+fn references(text: &str, source: &str) -> Result<Vec<Case>> {
+    Ok(recap_train::data::parse_jsonl(text, source)?
+        .into_iter()
+        .map(|ex| Case {
+            id: ex.id,
+            query: ex.query.unwrap_or_default(),
+            kind: ex.kind,
+            transcript: ex.transcript,
+            reference: ex.target,
+        })
+        .collect())
+}
+
 /// One case's answer as `recap eval` asks for it (the query-focused
 /// prompt); fine-tuning's validation pass asks the same way.
 pub fn answer(engine: &dyn recap_engine::Summarizer, case: &Case) -> Result<SummaryOutput> {
     engine
         .summarize(&SummarizeRequest {
             transcript: &case.transcript,
-            kinds: &[SummaryKind::Overview],
+            kinds: &[case.kind],
             language: Some("en"),
-            query: Some(&case.query),
+            query: case.query(),
             deadline: None,
             cancel: Cancel::default(),
         })?
@@ -283,9 +292,19 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         SettingArg::Span => Setting::Span,
         SettingArg::Whole => Setting::Whole,
     };
-    let text = std::fs::read_to_string(&args.dataset)
-        .with_context(|| format!("reading {}", args.dataset.display()))?;
-    let cases = qmsum::sample(qmsum::parse(&text, setting)?, args.limit, args.seed);
+    let spec = args.dataset.to_string_lossy().to_string();
+    let (path, own) = match spec.strip_prefix("jsonl:") {
+        Some(p) => (PathBuf::from(p), true),
+        None => (args.dataset.clone(), false),
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let all = if own {
+        references(&text, &path.display().to_string())?
+    } else {
+        qmsum::parse(&text, setting)?
+    };
+    let cases = qmsum::sample(all, args.limit, args.seed);
     if cases.is_empty() {
         bail!("{} has no cases for this setting", args.dataset.display());
     }
@@ -498,7 +517,7 @@ fn route(
     let mut input_tokens = Vec::new();
     let mut lines = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let mut job = recap_job::Job::from_text("eval", "x", vec![SummaryKind::Overview]);
+        let mut job = recap_job::Job::from_text("eval", "x", vec![c.kind]);
         job.transcript = c.transcript.clone();
         job.language = Some("en".into());
         job.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, c.id.as_bytes());
@@ -508,22 +527,29 @@ fn route(
         let signals = policy::signals(
             &job,
             policy::Said {
-                kind: SummaryKind::Overview.as_str(),
+                kind: c.kind.as_str(),
                 text: &r.text,
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,
                 mean_logprob: r.mean_logprob,
                 mean_entropy: r.mean_entropy,
             },
-            Some(&c.query),
+            c.query(),
         );
         let d = pol.decide(&f, &tiers, &recap_policy::BudgetState::default())?;
         if d.tier == recap_policy::Tier::Large {
             n_large += 1;
             picked.push(large[i].clone());
         } else if pol.rules.cascade
-            // A query's answer need not name a speaker, as an overview must.
-            && !pol.judge(&r.text, &[], Some("en"), &signals).is_empty()
+            // A query's answer need not name a speaker, as a summary must.
+            && !pol
+                .judge(
+                    &r.text,
+                    &if c.query().is_some() { vec![] } else { job.speakers() },
+                    Some("en"),
+                    &signals,
+                )
+                .is_empty()
         {
             n_cascade += 1;
             picked.extend(cascade_runs(&compact[i..=i], &large[i..=i], &[true]));
@@ -558,22 +584,26 @@ fn route(
         Some(q) => Target::Quality(q),
         None => Target::Cost(args.max_cost_share),
     };
-    let features = if args.features.is_empty() {
-        calibrate::all_features()
-    } else {
-        args.features.clone()
-    };
-    let folds = args.folds.max(2);
+    let features = args.fit.features();
+    let folds = args.fit.folds.max(2);
     let mut calibrated_cost = None;
     let mut escalated_by_reference = Vec::new();
     let mut json_rows = Vec::new();
+    // Too few cases, or one label only, leaves the other rows standing.
+    let mut not_fitted = Vec::new();
     for (labels, name) in [
         (Labels::Reference, "calibrated score, reference labels"),
         (Labels::Agreement, "calibrated score, agreement labels"),
     ] {
         let (labelled, _) = calibrate::label(&lines, labels, args.label_share, None);
-        let escalate = rscore::cross_validate(&features, &labelled, folds, target, args.l2)
-            .with_context(|| format!("calibrating the {name}"))?;
+        let escalate =
+            match rscore::cross_validate(&features, &labelled, folds, target, args.fit.l2) {
+                Ok(e) => e,
+                Err(e) => {
+                    not_fitted.push(format!("{name}: not fitted: {e}"));
+                    continue;
+                }
+            };
         let runs = cascade_runs(compact, large, &escalate);
         let r = row_of(
             &format!("{name} ({folds}-fold held out)"),
@@ -587,7 +617,9 @@ fn route(
         }
         rows.push(r);
     }
-    let budget = calibrated_cost.unwrap_or(0.0);
+    let large_cost: f64 = ql.iter().map(|o| o.cost_usd).sum();
+    // Without a fitted score the other routers get the target's money.
+    let budget = calibrated_cost.unwrap_or(args.max_cost_share * large_cost);
     // The length threshold used today and a random router, given the same money.
     let mut longest: Vec<usize> = (0..cases.len()).collect();
     longest.sort_by(|&a, &b| input_tokens[b].total_cmp(&input_tokens[a]));
@@ -633,28 +665,34 @@ fn route(
     // Curves: the length threshold, and the held-out score's cascade.
     let length_curve = frontier::threshold_curve(&qc, &ql, &input_tokens);
     let (labelled, _) = calibrate::label(&lines, Labels::Reference, args.label_share, None);
-    let held_out_p = rscore::out_of_fold_probabilities(&features, &labelled, folds, args.l2)?;
-    let outcomes: Vec<rscore::Outcomes> = labelled.iter().map(|c| c.outcomes).collect();
-    let score_curve = rscore::frontier(&held_out_p, &outcomes);
-    let curves = vec![
-        report::Curve {
+    let score_curve =
+        match rscore::out_of_fold_probabilities(&features, &labelled, folds, args.fit.l2) {
+            Ok(p) => {
+                let outcomes: Vec<rscore::Outcomes> = labelled.iter().map(|c| c.outcomes).collect();
+                rscore::frontier(&p, &outcomes)
+            }
+            Err(_) => Vec::new(),
+        };
+    let mut curves = Vec::new();
+    if !score_curve.is_empty() {
+        curves.push(report::Curve {
             name: "calibrated score (held out)".into(),
             points: score_curve
                 .iter()
                 .map(|p| (p.total_cost, p.mean_quality))
                 .collect(),
-        },
-        report::Curve {
-            name: "length threshold".into(),
-            points: length_curve
-                .iter()
-                .map(|p| (p.total_cost_usd, p.mean_quality))
-                .collect(),
-        },
-    ];
+        });
+    }
+    curves.push(report::Curve {
+        name: "length threshold".into(),
+        points: length_curve
+            .iter()
+            .map(|p| (p.total_cost_usd, p.mean_quality))
+            .collect(),
+    });
     let large_q = mean(&ql.iter().map(|o| o.quality).collect::<Vec<_>>());
-    let large_cost: f64 = ql.iter().map(|o| o.cost_usd).sum();
-    let mut md = format!(
+    let mut md: String = not_fitted.iter().map(|l| format!("\n{l}.\n")).collect();
+    md += &format!(
         "\nThe random router's expected ROUGE-L at that cost, over 1,000 draws: {random_mean:.3}.\n\
          Calibration target: {target:?}; reference labels at {:.2} of large's ROUGE-L; features: {}.\n\
          \nCost to reach a share of large-only ROUGE-L (ROUGE-L {large_q:.3}, cost ${large_cost:.6}):\n\n\
