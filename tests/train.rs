@@ -275,3 +275,90 @@ async fn bad_training_data_is_refused_naming_the_line() {
         );
     }
 }
+
+// A full disk while checkpointing: the write fails with a clear error, the
+// previous checkpoint stays whole and `latest` names it, nothing half
+// written is left, and a later --resume goes on from it. The full disk is
+// a file-size limit (RLIMIT_FSIZE) on the resumed run, with SIGXFSZ
+// ignored so that the write returns the error, as ENOSPC would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let env = TestEnv::new("train_full_disk").await;
+    let data = env.dir.path().join("data.jsonl");
+    write_data(&data);
+    let out = env.dir.path().join("run");
+    run_ok(
+        train_cmd(&env, &data, &out, &["--stop-after", "2"])
+            .output()
+            .unwrap(),
+        "the first two steps",
+    );
+    let ckpt = out.join("checkpoints");
+    let latest = || std::fs::read_to_string(ckpt.join("latest")).unwrap();
+    assert_eq!(latest().trim(), "step-0000002");
+    let files = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&ckpt.join("step-0000002"));
+    let tensors = before
+        .iter()
+        .map(|(_, b)| b.len())
+        .max()
+        .expect("checkpoint files");
+
+    let mut full = train_cmd(&env, &data, &out, &["--resume"]);
+    // Small files still fit; the checkpoint's tensors do not.
+    let limit = (tensors / 2) as libc::rlim_t;
+    unsafe {
+        full.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let failed = full.output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr).to_string();
+    assert!(!failed.status.success(), "the run went on:\n{err}");
+    assert!(
+        err.contains("checkpoint") && err.contains("File too large"),
+        "{err}"
+    );
+    assert_eq!(latest().trim(), "step-0000002", "{err}");
+    assert_eq!(files(&ckpt.join("step-0000002")), before);
+    let left: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, ["latest", "step-0000002"], "half-written files left");
+    assert!(!out.join("train.json").exists());
+
+    // With room again, the run goes on from the checkpoint it kept.
+    run_ok(
+        train_cmd(&env, &data, &out, &["--resume"])
+            .output()
+            .unwrap(),
+        "the resumed run",
+    );
+    assert_eq!(report(&out)["resumed_from_step"], 2);
+}
