@@ -339,6 +339,41 @@ async fn a_sighup_policy_change_applies_to_the_next_job_and_a_bad_one_is_refused
         "the refusal names the bad rule:\n{}",
         env.logs()
     );
+
+    // A score naming a feature this build does not know: refused, named,
+    // and policy b stays.
+    std::fs::write(
+        &policy,
+        r#"
+version = "d"
+rules = ["quality", "cascade", "score"]
+[score]
+features = ["gaze_direction"]
+mean = [0.0]
+scale = [1.0]
+weights = [1.0]
+bias = 0.0
+threshold = 0.5
+"#,
+    )
+    .unwrap();
+    env.signal(router, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (fourth, body) = job("acme", "best", &["short"], 1);
+    publish(&ch, "ingest", &body, Some(&fourth.to_string())).await;
+    wait_routed(&env, 4).await;
+    let version: String =
+        sqlx::query_scalar("SELECT policy_version FROM route_decisions WHERE job_id = $1")
+            .bind(fourth)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, "b");
+    assert!(
+        env.logs().contains("gaze_direction"),
+        "the refusal names the unknown feature:\n{}",
+        env.logs()
+    );
 }
 
 /// A job over a window of the sample meetings, so that jobs differ.
