@@ -158,7 +158,8 @@ impl Default for Cascade {
             max_repeat_ratio: 0.35,
             require_speaker: true,
             check_language: true,
-            max_copy_rate: 0.5,
+            // Off unless the policy sets it (config/policy.toml does).
+            max_copy_rate: 1.0,
         }
     }
 }
@@ -198,6 +199,9 @@ pub struct PolicyConfig {
     pub prices: BTreeMap<String, Prices>,
     /// The fitted routing score (`recap policy calibrate`).
     pub score: Option<Score>,
+    /// What loading noticed and the process should log: e.g. a score fitted
+    /// for another compact model, which is then not applied.
+    pub warnings: Vec<String>,
 }
 
 const RULES: [&str; 6] = [
@@ -349,6 +353,18 @@ pub fn load_policy(
             }
         }
     }
+    let mut warnings = Vec::new();
+    let mut rules = rules;
+    if let (true, Some(s), Some(compact)) = (rules.score, &f.score, &tiers.compact) {
+        if !s.model.is_empty() && &s.model != compact {
+            warnings.push(format!(
+                "the score was fitted for compact model {}, but the compact tier runs {compact}: \
+                 the score is not applied until `recap policy calibrate` fits one for it",
+                s.model
+            ));
+            rules.score = false;
+        }
+    }
     Ok(PolicyConfig {
         version: f.version,
         rules,
@@ -359,6 +375,7 @@ pub fn load_policy(
         cascade: f.cascade,
         prices,
         score: f.score,
+        warnings,
     })
 }
 

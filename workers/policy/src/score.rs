@@ -34,6 +34,9 @@ pub const FEATURES: [(&str, &str); 13] = [
     ),
 ];
 
+/// The summary kinds a score may be limited to.
+pub const KINDS: [&str; 4] = ["overview", "action_items", "decisions", "short"];
+
 /// Fewest labelled cases `fit` accepts, and fewest of each class.
 pub const MIN_CASES: usize = 20;
 pub const MIN_PER_CLASS: usize = 3;
@@ -123,6 +126,10 @@ pub struct Score {
     /// score learnt on one kind's outputs says nothing of another's.
     #[serde(default)]
     pub kinds: Vec<String>,
+    /// The compact model whose outputs it was fitted on; empty: any. A
+    /// policy whose compact tier runs another model does not apply it.
+    #[serde(default)]
+    pub model: String,
     /// Where the fit came from, for people reading the file.
     #[serde(default)]
     pub fitted: String,
@@ -182,6 +189,12 @@ impl Score {
                 "score.threshold must be between 0 and 1".into(),
             ));
         }
+        if let Some(k) = self.kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+            return Err(ScoreError::Invalid(format!(
+                "score.kinds: unknown kind `{k}` (known: {})",
+                KINDS.join(", ")
+            )));
+        }
         Ok(())
     }
 
@@ -203,9 +216,13 @@ impl Score {
         self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind)
     }
 
-    /// Whether the output goes on to the large tier.
+    /// Whether the output goes on to the large tier. A threshold of 1
+    /// escalates everything; an output lacking a signal the score needs is
+    /// not judged by it (the other cascade checks still apply).
     pub fn escalates(&self, s: &Signals) -> bool {
-        self.applies_to(&s.kind) && self.probability(s) < self.threshold
+        self.applies_to(&s.kind)
+            && self.features.iter().all(|f| value(f, s).is_some())
+            && (self.threshold >= 1.0 || self.probability(s) < self.threshold)
     }
 
     pub fn terms(&self, s: &Signals) -> Vec<Term> {
@@ -238,6 +255,11 @@ fn fit_at_least(
     let unknown: Vec<String> = features.iter().filter(|f| !is_known(f)).cloned().collect();
     if !unknown.is_empty() {
         return Err(ScoreError::UnknownFeatures(unknown));
+    }
+    if !(l2.is_finite() && l2 > 0.0) {
+        return Err(ScoreError::Invalid(format!(
+            "the L2 penalty must be a positive number, got {l2}"
+        )));
     }
     if cases.len() < min_cases {
         return Err(ScoreError::TooFewCases(cases.len()));
@@ -280,6 +302,19 @@ fn fit_at_least(
     let mut w = vec![0.0; d + 1];
     let prior = enough as f64 / cases.len() as f64;
     w[d] = (prior / (1.0 - prior)).ln();
+    // The penalized negative log-likelihood Newton's steps descend.
+    let loss = |w: &[f64]| -> f64 {
+        let data: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(xi, &yi)| {
+                let z: f64 = (0..d).map(|j| w[j] * xi[j]).sum::<f64>() + w[d];
+                // log(1 + e^z) - y z, computed without overflow.
+                z.max(0.0) + (-z.abs()).exp().ln_1p() - yi * z
+            })
+            .sum();
+        data + 0.5 * l2 * w[..d].iter().map(|v| v * v).sum::<f64>()
+    };
     for _ in 0..50 {
         let mut grad = vec![0.0; d + 1];
         let mut hess = vec![vec![0.0; d + 1]; d + 1];
@@ -305,13 +340,20 @@ fn fit_at_least(
             row[j] += 1e-9;
         }
         let Some(step) = solve(hess, grad) else {
-            break;
+            return Err(ScoreError::Invalid(
+                "the fit did not converge (a singular system)".into(),
+            ));
         };
-        let mut biggest = 0f64;
-        for (wj, sj) in w.iter_mut().zip(&step) {
-            *wj -= sj;
-            biggest = biggest.max(sj.abs());
+        // Backtracking: halve the step until the loss does not rise.
+        let before = loss(&w);
+        let mut t = 1.0;
+        let mut next: Vec<f64> = w.iter().zip(&step).map(|(wj, sj)| wj - sj).collect();
+        while loss(&next) > before + 1e-12 && t > 1e-6 {
+            t /= 2.0;
+            next = w.iter().zip(&step).map(|(wj, sj)| wj - t * sj).collect();
         }
+        let biggest = step.iter().fold(0f64, |m, s| m.max((t * s).abs()));
+        w = next;
         if biggest < 1e-10 {
             break;
         }
@@ -329,6 +371,7 @@ fn fit_at_least(
             k.dedup();
             k
         },
+        model: String::new(),
         fitted: String::new(),
     })
 }
@@ -417,7 +460,11 @@ pub fn frontier(probabilities: &[f64], outcomes: &[Outcomes]) -> Vec<FrontierPoi
         let threshold = match (k, k == n) {
             (0, _) => 0.0,
             (_, true) => 1.0,
-            _ => (below + above) / 2.0,
+            // Adjacent floats: the midpoint rounds to one of them.
+            _ => match (below + above) / 2.0 {
+                m if m > below => m,
+                _ => above,
+            },
         };
         points.push(FrontierPoint {
             threshold,
@@ -450,9 +497,11 @@ pub fn pick(points: &[FrontierPoint], target: Target) -> Option<FrontierPoint> {
             .filter(|p| p.quality_share >= share - 1e-12)
             .min_by(|a, b| a.total_cost.total_cmp(&b.total_cost))
             .or_else(|| {
-                points
-                    .iter()
-                    .max_by(|a, b| a.mean_quality.total_cmp(&b.mean_quality))
+                points.iter().max_by(|a, b| {
+                    a.mean_quality
+                        .total_cmp(&b.mean_quality)
+                        .then(b.total_cost.total_cmp(&a.total_cost))
+                })
             })
             .copied(),
         Target::Cost(share) => points
@@ -707,6 +756,8 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("40") && e.to_string().contains(" 0 "));
+        assert!(matches!(fit(&f, &labelled, 0.0), Err(ScoreError::Invalid(m)) if m.contains("L2")));
+        assert!(fit(&f, &labelled, -1.0).is_err());
         let e = fit(&names(&["mean_logprob", "vibes"]), &labelled, 1.0).unwrap_err();
         assert_eq!(e, ScoreError::UnknownFeatures(vec!["vibes".into()]));
         assert!(e.to_string().contains("vibes") && e.to_string().contains("copy_rate"));
@@ -731,9 +782,25 @@ mod tests {
         let mut s = good.clone();
         s.scale[0] = 0.0;
         assert!(s.validate().is_err());
-        let mut s = good;
+        let mut s = good.clone();
         s.threshold = 1.5;
         assert!(s.validate().unwrap_err().to_string().contains("threshold"));
+        let mut s = good.clone();
+        s.kinds = vec!["action-items".into()];
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("action-items"));
+        // A threshold of 1 escalates everything; a missing signal, nothing.
+        let mut s = good;
+        s.threshold = 1.0;
+        assert!(s.escalates(&sig(-0.1, 0.0)));
+        let lacking = Signals {
+            mean_logprob: None,
+            ..sig(-0.1, 0.0)
+        };
+        assert!(!s.escalates(&lacking));
     }
 
     #[test]
@@ -813,8 +880,12 @@ mod tests {
             }
             // A point's threshold escalates exactly its cases.
             for p in &pts {
-                let n = ps.iter().filter(|&&x| x < p.threshold).count();
-                prop_assert!(n == p.escalated || p.escalated == ps.len());
+                let n = if p.threshold >= 1.0 {
+                    ps.len()
+                } else {
+                    ps.iter().filter(|&&x| x < p.threshold).count()
+                };
+                prop_assert_eq!(n, p.escalated);
             }
         }
 

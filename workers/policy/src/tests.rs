@@ -265,7 +265,7 @@ fn with_score(rules: &str) -> String {
 #[test]
 fn the_score_rule_escalates_low_confidence_output() {
     let p = load_policy(
-        &with_score(r#"rules = ["cascade", "score"]"#),
+        &(with_score(r#"rules = ["cascade", "score"]"#) + "\n[cascade]\nmax_copy_rate = 0.5\n"),
         &tiers(),
         &BTreeMap::new(),
     )
@@ -340,4 +340,24 @@ fn a_score_this_build_does_not_know_is_refused_naming_it() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("cascade.max_copy_rate"), "{e}");
+}
+
+#[test]
+fn a_score_fitted_for_another_compact_model_is_not_applied_and_said() {
+    let text = with_score(r#"rules = ["cascade", "score"]"#).replace(
+        "fitted = \"test\"",
+        "fitted = \"test\"\nmodel = \"another-model\"",
+    );
+    let p = load_policy(&text, &tiers(), &BTreeMap::new()).unwrap();
+    assert!(!p.rules.score);
+    assert!(
+        p.warnings[0].contains("another-model") && p.warnings[0].contains("small"),
+        "{:?}",
+        p.warnings
+    );
+    let same = text.replace("another-model", "small");
+    let p = load_policy(&same, &tiers(), &BTreeMap::new()).unwrap();
+    assert!(p.rules.score && p.warnings.is_empty());
+    // Without a copy-rate threshold in the file, the check is off.
+    assert_eq!(p.cascade.max_copy_rate, 1.0);
 }

@@ -31,6 +31,9 @@ pub struct CaseLine {
     pub large_cost: f64,
     /// ROUGE-L F1 of the compact output against large's.
     pub agreement: f64,
+    /// The compact model that wrote the output.
+    #[serde(default)]
+    pub compact_model: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -95,10 +98,16 @@ pub struct FitArgs {
 }
 
 impl FitArgs {
-    /// The named features, or every feature this build knows.
+    /// The named features, or by default every feature this build knows
+    /// that jobs have: not `query_words`, which only an eval's query cases
+    /// carry (jobs have no query, so a weight on it would shift every job).
     pub fn features(&self) -> Vec<String> {
         if self.features.is_empty() {
-            score::FEATURES.iter().map(|(n, _)| n.to_string()).collect()
+            score::FEATURES
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .filter(|n| n != "query_words")
+                .collect()
         } else {
             self.features.clone()
         }
@@ -199,7 +208,11 @@ pub fn label(
 /// quality fields hold the agreement and 1.0).
 async fn shadow_lines(config: &Config, tenant: Option<&str>) -> Result<Vec<CaseLine>> {
     let pool = store::connect(config).await?;
-    let pairs = store::shadow_pairs(&pool, tenant).await?;
+    let mut pairs = store::shadow_pairs(&pool, tenant).await?;
+    // Only the compact model the tier runs now: a score speaks for one model.
+    if let Some(compact) = config.tier_model("compact") {
+        pairs.retain(|p| p.compact_model == compact);
+    }
     let prices = policy::load(config)?;
     let rouge = Rouge::new(true);
     Ok(pairs
@@ -232,67 +245,55 @@ async fn shadow_lines(config: &Config, tenant: Option<&str>) -> Result<Vec<CaseL
                 ),
                 large_cost: cost(&p.large_model, p.large_input_tokens, p.large_output_tokens),
                 agreement,
+                compact_model: p.compact_model.clone(),
             }
         })
         .collect())
 }
 
-const SCORE_COMMENT: &str =
-    "# The routing score, fitted by `recap policy calibrate`: compact output whose\n\
-     # P(compact is enough) is under `threshold` goes once to the large tier.\n";
-
-/// The policy text with `version`, the `score` and `cascade` rules, and
-/// a `[score]` table replacing any there was; comments elsewhere stay.
+/// The policy text with `version`, the `score` and `cascade` rules, and a
+/// `[score]` table replacing any there was; everything else, comments
+/// included, stays as written (toml_edit keeps the document's layout).
 pub fn policy_with_score(base: &str, version: &str, s: &score::Score) -> Result<String> {
-    let mut out = String::new();
-    let mut in_score = false;
-    let ours: Vec<&str> = SCORE_COMMENT.lines().collect();
-    let lines: Vec<&str> = base.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            in_score = t.starts_with("[score]");
+    let mut doc: toml_edit::DocumentMut = base.parse().context("reading the current policy")?;
+    doc["version"] = toml_edit::value(version);
+    let rules = doc
+        .entry("rules")
+        .or_insert_with(|| toml_edit::value(toml_edit::Array::new()))
+        .as_array_mut()
+        .context("the policy's `rules` is not an array")?;
+    for r in ["cascade", "score"] {
+        if !rules.iter().any(|v| v.as_str() == Some(r)) {
+            rules.push(r);
         }
-        // The score table and the comment written above it are replaced.
-        let our_comment = ours.contains(line)
-            || (line.is_empty() && lines.get(i + 1).is_some_and(|n| ours.first() == Some(n)));
-        if in_score || our_comment {
-            continue;
-        }
-        if t.starts_with("version") && t[7..].trim_start().starts_with('=') {
-            out.push_str(&format!("version = {}\n", toml::Value::from(version)));
-            continue;
-        }
-        if t.starts_with("rules") && t[5..].trim_start().starts_with('=') {
-            let value: toml::Table = toml::from_str(t).context("reading the policy's rules")?;
-            let mut rules: Vec<String> = value
-                .get("rules")
-                .and_then(|r| r.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            for r in ["cascade", "score"] {
-                if !rules.iter().any(|x| x == r) {
-                    rules.push(r.to_string());
-                }
-            }
-            out.push_str(&format!("rules = {}\n", toml::Value::from(rules)));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
     }
     #[derive(Serialize)]
     struct Wrapper<'a> {
         score: &'a score::Score,
     }
-    out.push('\n');
-    out.push_str(SCORE_COMMENT);
-    out.push_str(&toml::to_string(&Wrapper { score: s })?);
-    Ok(out)
+    const COMMENT: &str = "# The routing score, fitted by `recap policy calibrate`: compact output whose\n\
+                           # P(compact is enough) is under `threshold` goes once to the large tier.\n";
+    // Comments above an old score table (other than ours) stay above the new one.
+    let (kept, position) = match doc.get("score").and_then(|i| i.as_table()) {
+        Some(old) => (
+            old.decor()
+                .prefix()
+                .and_then(|p| p.as_str())
+                .unwrap_or("")
+                .replace(COMMENT, ""),
+            old.position(),
+        ),
+        None => ("\n".to_string(), None),
+    };
+    let fresh: toml_edit::DocumentMut = toml::to_string(&Wrapper { score: s })?.parse()?;
+    let mut table = fresh["score"].clone();
+    if let Some(t) = table.as_table_mut() {
+        t.decor_mut().set_prefix(format!("{kept}{COMMENT}"));
+        // In the old table's place, or after every other table.
+        t.set_position(position.or(Some(isize::MAX)));
+    }
+    doc["score"] = table;
+    Ok(doc.to_string())
 }
 
 fn frontier_table(points: &[FrontierPoint], chosen: &FrontierPoint) -> String {
@@ -336,9 +337,26 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
             "say where the labelled cases come from: --cases out/eval/cases.jsonl, or --shadow"
         ),
     };
+    let mut models: Vec<&str> = lines.iter().map(|l| l.compact_model.as_str()).collect();
+    models.sort();
+    models.dedup();
+    if models.len() > 1 {
+        bail!(
+            "{source} mixes outputs of compact models {}: calibrate one model's at a time",
+            models.join(", ")
+        );
+    }
     let (cases, tau) = label(&lines, labels, args.label_share, args.agreement);
     let cal = score::calibrate(&features, &cases, target, args.fit.l2)
         .with_context(|| format!("calibrating on {source}"))?;
+    if let Target::Quality(share) = target {
+        if cal.chosen.quality_share + 1e-12 < share {
+            println!(
+                "note: no threshold reaches {share} of large-only quality on these cases; the best one ({:.3}) is chosen",
+                cal.chosen.quality_share
+            );
+        }
+    }
     let enough = cases.iter().filter(|c| c.enough).count();
     println!(
         "{} cases from {source}: compact enough on {enough}, not on {}{}",
@@ -351,19 +369,26 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         "\nFrontier of the fitted score on these cases (share of large-only quality and cost):\n\n{}",
         frontier_table(&cal.frontier, &cal.chosen)
     );
-    let held_out = score::cross_validate(&features, &cases, args.fit.folds, target, args.fit.l2)?;
-    let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
-    let (q, c) = score::cascade_outcome(&outcomes, &held_out);
-    let large_q: f64 = outcomes.iter().map(|o| o.large_quality).sum::<f64>() / cases.len() as f64;
-    let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
-    println!(
-        "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",
-        args.fit.folds.max(2),
-        q / large_q.max(1e-12),
-        c / large_c.max(1e-12),
-        held_out.iter().filter(|&&e| e).count(),
-        cases.len()
-    );
+    // The held-out result is a report: a fold too small to fit does not
+    // stop the calibration the whole set allowed.
+    match score::cross_validate(&features, &cases, args.fit.folds, target, args.fit.l2) {
+        Ok(held_out) => {
+            let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
+            let (q, c) = score::cascade_outcome(&outcomes, &held_out);
+            let large_q: f64 =
+                outcomes.iter().map(|o| o.large_quality).sum::<f64>() / cases.len() as f64;
+            let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
+            println!(
+                "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",
+                args.fit.folds.max(2),
+                q / large_q.max(1e-12),
+                c / large_c.max(1e-12),
+                held_out.iter().filter(|&&e| e).count(),
+                cases.len()
+            );
+        }
+        Err(e) => println!("Held out: not computed ({e})"),
+    }
     let current = policy::load(config)?;
     let base = match &config.policy.file {
         Some(p) => {
@@ -379,6 +404,7 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         )
     });
     let mut fitted = cal.score.clone();
+    fitted.model = models.first().map(|m| m.to_string()).unwrap_or_default();
     fitted.fitted = format!(
         "{} cases from {source}, {:?} labels, target {target:?}; chosen: {} escalated, quality share {:.3}, cost share {:.3}",
         cases.len(),
@@ -415,6 +441,7 @@ mod tests {
             bias: 0.2,
             threshold: 0.3,
             kinds: vec![],
+            model: String::new(),
             fitted: "test".into(),
         };
         let once = policy_with_score(policy::DEFAULT_POLICY, "v-cal", &s).unwrap();
@@ -428,6 +455,13 @@ mod tests {
         assert_eq!(p.version, "v-cal");
         assert!(p.rules.score && p.rules.cascade);
         assert_eq!(p.score.as_ref().unwrap().threshold, 0.3);
+        // A rules array over several lines and a quoted key are edited too.
+        let spread = "\"version\" = \"old\"\nrules = [\n  \"quality\", # why\n]\n";
+        let edited = policy_with_score(spread, "new", &s).unwrap();
+        let t: toml::Table = toml::from_str(&edited).unwrap();
+        assert_eq!(t["version"].as_str(), Some("new"));
+        assert_eq!(t["rules"].as_array().unwrap().len(), 3, "{edited}");
+        assert!(edited.contains("# why"));
         // Calibrating again replaces the score; it is not duplicated.
         let twice = policy_with_score(&once, "v-cal-2", &s).unwrap();
         assert_eq!(twice.matches("[score]").count(), 1);
@@ -439,6 +473,7 @@ mod tests {
     #[test]
     fn labels_from_references_and_from_agreement() {
         let line = |cq: f64, lq: f64, a: f64| CaseLine {
+            compact_model: "m".into(),
             id: "x".into(),
             signals: Signals::default(),
             compact_quality: cq,

@@ -565,6 +565,7 @@ fn route(
             compact_cost: r.cost_usd,
             large_cost: large[i].cost_usd,
             agreement: rouge.score(&large[i].text, &r.text).rouge_l.fmeasure,
+            compact_model: models[0].clone(),
         });
     }
     rows.push(row_of(
@@ -772,8 +773,15 @@ fn where_large_wins(
         let gain = |i: usize| ql[i].quality - qc[i].quality;
         let (esc, kept): (Vec<usize>, Vec<usize>) =
             part.iter().partition(|&&i| escalated.get(i) == Some(&true));
+        let signed = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{v:+.3}")
+            }
+        };
         md.push_str(&format!(
-            "| {:.0}-{:.0} | {} | {:.3} | {:.3} | {} | {} | {:+.3} | {:+.3} |\n",
+            "| {:.0}-{:.0} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             input_tokens[part[0]],
             input_tokens[part[part.len() - 1]],
             part.len(),
@@ -781,8 +789,8 @@ fn where_large_wins(
             avg(&|i| ql[i].quality, part),
             part.iter().filter(|&&i| gain(i) > 0.0).count(),
             esc.len(),
-            avg(&gain, &esc),
-            avg(&gain, &kept),
+            signed(avg(&gain, &esc)),
+            signed(avg(&gain, &kept)),
         ));
     }
     md

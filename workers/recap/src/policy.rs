@@ -53,8 +53,12 @@ pub fn load(config: &Config) -> Result<PolicyConfig> {
             "the built-in policy".to_string(),
         ),
     };
-    load_policy(&text, &tiers(config), &catalog_prices()?)
-        .with_context(|| format!("loading {source}"))
+    let p = load_policy(&text, &tiers(config), &catalog_prices()?)
+        .with_context(|| format!("loading {source}"))?;
+    for w in &p.warnings {
+        tracing::warn!(version = %p.version, "{source}: {w}");
+    }
+    Ok(p)
 }
 
 /// One output as the cascade sees it: from an engine's `SummaryOutput`,

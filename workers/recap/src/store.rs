@@ -771,7 +771,8 @@ pub async fn explain_job(
 ) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>), StoreError> {
     let decisions: Vec<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
         "SELECT json_build_object('tier', tier, 'model', model, 'reason', reason,
-                'features', features, 'policy_version', policy_version,
+                'shadow', shadow, 'features', features, 'trail', trail,
+                'policy_version', policy_version,
                 'estimated_cost_usd', estimated_cost_usd::float8, 'decided_at', decided_at)
          FROM route_decisions WHERE job_id = $1 ORDER BY id",
     )
