@@ -576,4 +576,11 @@ threshold = 0.5
         .is_some_and(|p| p < 0.0));
     assert_eq!(v["policy_now"]["score"]["threshold"], 0.5);
     assert_eq!(v["summaries"][0]["model"], LARGE);
+    // The stored row's signals give the current score too.
+    let now = &v["summaries"][0]["score_now"];
+    assert!(
+        now["probability"].as_f64().is_some_and(|p| p < 0.5),
+        "{v:#}"
+    );
+    assert_eq!(now["escalates"], true);
 }

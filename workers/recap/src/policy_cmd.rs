@@ -125,6 +125,15 @@ async fn explain_job(config: &Config, id: uuid::Uuid) -> Result<()> {
         anyhow::bail!("job {id} has no routing decisions or summaries");
     }
     let p = policy::load(config)?;
+    let summaries: Vec<serde_json::Value> = summaries
+        .into_iter()
+        .map(|mut s| {
+            if let Some(sc) = &p.score {
+                s["score_now"] = score_of_row(sc, &s);
+            }
+            s
+        })
+        .collect();
     println!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
@@ -135,6 +144,47 @@ async fn explain_job(config: &Config, id: uuid::Uuid) -> Result<()> {
         }))?
     );
     Ok(())
+}
+
+/// The current score of a stored summary row, from the signals the row
+/// records; a score needing one it does not record says which.
+fn score_of_row(sc: &recap_policy::score::Score, row: &serde_json::Value) -> serde_json::Value {
+    const RECORDED: [&str; 9] = [
+        "log_input_tokens",
+        "log_output_tokens",
+        "mean_logprob",
+        "mean_entropy",
+        "copy_rate",
+        "kind_overview",
+        "kind_action_items",
+        "kind_decisions",
+        "kind_short",
+    ];
+    let missing: Vec<&str> = sc
+        .features
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !RECORDED.contains(f))
+        .collect();
+    if !missing.is_empty() {
+        return serde_json::json!({"unavailable": format!("the row does not record {}", missing.join(", "))});
+    }
+    let signals = recap_policy::score::Signals {
+        kind: row["kind"].as_str().unwrap_or_default().to_string(),
+        input_tokens: row["input_tokens"].as_u64().unwrap_or(0),
+        output_tokens: row["output_tokens"].as_u64().unwrap_or(0) as u32,
+        mean_logprob: row["mean_logprob"].as_f64(),
+        mean_entropy: row["mean_entropy"].as_f64(),
+        copy_rate: row["copy_rate"].as_f64().unwrap_or(0.0),
+        ..Default::default()
+    };
+    serde_json::json!({
+        "probability": sc.probability(&signals),
+        "threshold": sc.threshold,
+        "applies": sc.applies_to(&signals.kind),
+        "escalates": sc.escalates(&signals),
+        "terms": sc.terms(&signals),
+    })
 }
 
 pub async fn budget(config: &Config, cmd: BudgetCommand) -> Result<()> {
