@@ -416,12 +416,7 @@ fn sample_job(tenant: &str, at: usize) -> (Uuid, Vec<u8>) {
 async fn shadow_pairs_calibrate_the_score_and_the_cascade_applies_it() {
     let mut env = TestEnv::new("calibrate").await;
     env.migrate();
-    let policy = env.dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "version = \"shadow-all\"\nrules = [\"shadow\"]\n[shadow]\nrate = 1.0\nseed = 1\n",
-    )
-    .unwrap();
+    let policy = shadow_every_job_policy(env.dir.path());
     let vars = models(&policy);
     let router = spawn_with(&mut env, &["router"], &vars, &[]);
     let compact = spawn_with(&mut env, &["worker", "--tier", "compact"], &vars, &[]);

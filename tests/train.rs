@@ -40,12 +40,7 @@ fn losses(report: &serde_json::Value) -> Vec<f64> {
 async fn shadow_outputs_of_real_jobs_train_the_compact_tier() {
     let mut env = TestEnv::new("train_shadow").await;
     env.migrate();
-    let policy = env.dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "version = \"shadow-all\"\nrules = [\"shadow\"]\n[shadow]\nrate = 1.0\nseed = 1\n",
-    )
-    .unwrap();
+    let policy = shadow_every_job_policy(env.dir.path());
     let vars = [
         ("RECAP_COMPACT_MODEL", COMPACT),
         ("RECAP_LARGE_MODEL", LARGE),

@@ -455,3 +455,15 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Writes, in `dir`, a policy that also runs every job on the large tier as
+/// a shadow (and nothing else), and returns its path.
+pub fn shadow_every_job_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = \"shadow-all\"\nrules = [\"shadow\"]\n[shadow]\nrate = 1.0\nseed = 1\n",
+    )
+    .expect("write the policy");
+    policy
+}
