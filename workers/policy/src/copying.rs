@@ -23,23 +23,41 @@ pub fn sentences(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A transcript's runs of [`RUN`] words, built once and asked of every
+/// output made from it (a job's kinds, an eval's routers).
+pub struct Source {
+    runs: HashSet<Vec<String>>,
+}
+
+impl Source {
+    pub fn new(transcript: &str) -> Source {
+        Source {
+            runs: words(transcript)
+                .windows(RUN)
+                .map(<[String]>::to_vec)
+                .collect(),
+        }
+    }
+
+    /// The share of `output`'s sentences copied from the transcript, in
+    /// [0, 1]; 0 for an output without sentences.
+    pub fn rate(&self, output: &str) -> f64 {
+        let sents = sentences(output);
+        if sents.is_empty() {
+            return 0.0;
+        }
+        let copied = sents
+            .iter()
+            .filter(|s| words(s).windows(RUN).any(|w| self.runs.contains(w)))
+            .count();
+        copied as f64 / sents.len() as f64
+    }
+}
+
 /// The share of `output`'s sentences copied from `transcript`, in [0, 1];
 /// 0 for an output without sentences.
 pub fn copy_rate(output: &str, transcript: &str) -> f64 {
-    let source = words(transcript);
-    if source.len() < RUN {
-        return 0.0;
-    }
-    let runs: HashSet<&[String]> = source.windows(RUN).collect();
-    let sents = sentences(output);
-    if sents.is_empty() {
-        return 0.0;
-    }
-    let copied = sents
-        .iter()
-        .filter(|s| words(s).windows(RUN).any(|w| runs.contains(w)))
-        .count();
-    copied as f64 / sents.len() as f64
+    Source::new(transcript).rate(output)
 }
 
 #[cfg(test)]
@@ -62,6 +80,11 @@ mod tests {
         assert_eq!(copy_rate("move the launch to the second week.", T), 0.0);
         assert_eq!(copy_rate("", T), 0.0);
         assert_eq!(copy_rate("anything at all here", "short"), 0.0);
+        // One source answers for many outputs as each call would.
+        let source = Source::new(T);
+        for out in [copied, para, shouted, ""] {
+            assert_eq!(source.rate(out), copy_rate(out, T));
+        }
     }
 
     proptest! {

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::{policy, store};
 use anyhow::{bail, Context, Result};
 use recap_eval::rouge::Rouge;
+use recap_eval::stats::{mean, percentile};
 use recap_policy::score::{self, Case, FrontierPoint, Outcomes, Signals, Target};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -140,20 +141,6 @@ pub fn read_cases(path: &Path) -> Result<Vec<CaseLine>> {
         .collect()
 }
 
-/// The median, or None for no values.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 /// Labelled cases from eval lines. Reference labels keep the ROUGE-L
 /// outcomes; agreement labels use agreement as compact's quality and 1.0
 /// as large's, as a shadow calibration must (it has no reference).
@@ -181,9 +168,11 @@ pub fn label(
             None,
         ),
         Labels::Agreement => {
-            let tau = agreement
-                .or_else(|| median(lines.iter().map(|l| l.agreement).collect()))
-                .unwrap_or(0.0);
+            // The median agreement (0 for no cases).
+            let tau = agreement.unwrap_or_else(|| {
+                let all: Vec<f64> = lines.iter().map(|l| l.agreement).collect();
+                percentile(&all, 50.0)
+            });
             (
                 lines
                     .iter()
@@ -235,7 +224,7 @@ async fn shadow_lines(config: &Config, tenant: Option<&str>) -> Result<Vec<CaseL
             let agreement = rouge.score(&p.large_text, &p.compact_text).rouge_l.fmeasure;
             CaseLine {
                 id: format!("{}:{}", p.job_id, p.kind),
-                signals: policy::signals(&job, said, None),
+                signals: policy::JobView::of(&job).signals(said, None),
                 compact_quality: agreement,
                 large_quality: 1.0,
                 compact_cost: cost(
@@ -375,8 +364,7 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         Ok(held_out) => {
             let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
             let (q, c) = score::cascade_outcome(&outcomes, &held_out);
-            let large_q: f64 =
-                outcomes.iter().map(|o| o.large_quality).sum::<f64>() / cases.len() as f64;
+            let large_q = mean(&outcomes.iter().map(|o| o.large_quality).collect::<Vec<_>>());
             let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
             println!(
                 "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",

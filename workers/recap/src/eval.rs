@@ -18,6 +18,7 @@ use recap_eval::qmsum::{self, Case, Setting};
 use recap_eval::report::{self, Row};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::{bootstrap_ci, mean, percentile};
+use recap_policy::copying::Source;
 use recap_policy::score::{self as rscore, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -239,19 +240,24 @@ struct Scored {
     copied: Vec<f64>,
 }
 
-fn score(rouge: &Rouge, cases: &[Case], texts: &[&str]) -> Scored {
+/// Each case's transcript, ready for the copy rate of every row's output.
+fn sources(cases: &[Case]) -> Vec<Source> {
+    cases
+        .iter()
+        .map(|c| Source::new(&recap_engine::mapreduce::lines(&c.transcript)))
+        .collect()
+}
+
+fn score(rouge: &Rouge, cases: &[Case], sources: &[Source], texts: &[&str]) -> Scored {
     let mut s = Scored {
         r1: vec![],
         r2: vec![],
         rl: vec![],
         copied: vec![],
     };
-    for (c, t) in cases.iter().zip(texts) {
+    for ((c, source), t) in cases.iter().zip(sources).zip(texts) {
         let r = rouge.score(&c.reference, t);
-        s.copied.push(recap_policy::copying::copy_rate(
-            t,
-            &recap_engine::mapreduce::lines(&c.transcript),
-        ));
+        s.copied.push(source.rate(t));
         s.r1.push(r.rouge1.fmeasure);
         s.r2.push(r.rouge2.fmeasure);
         s.rl.push(r.rouge_l.fmeasure);
@@ -318,6 +324,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&args.out)?;
     let rouge = Rouge::new(true);
+    let sources = sources(&cases);
     let mut rows = Vec::new();
 
     // Lead-60: the first 60 words of the transcript.
@@ -341,7 +348,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     let lead_texts: Vec<&str> = lead.iter().map(|r| r.text.as_str()).collect();
     rows.push(row(
         "lead-60",
-        &score(&rouge, &cases, &lead_texts),
+        &score(&rouge, &cases, &sources, &lead_texts),
         &lead.iter().collect::<Vec<_>>(),
         args.seed,
         String::new(),
@@ -353,7 +360,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         let texts: Vec<&str> = r.iter().map(|x| x.text.as_str()).collect();
         rows.push(row(
             m,
-            &score(&rouge, &cases, &texts),
+            &score(&rouge, &cases, &sources, &texts),
             &r.iter().collect::<Vec<_>>(),
             args.seed,
             String::new(),
@@ -365,7 +372,9 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     let mut curves = Vec::new();
     let mut extra_md = String::new();
     if runs.len() >= 2 {
-        let routed = route(config, &args, &models, &cases, &runs[0], &runs[1], &rouge)?;
+        let routed = route(
+            config, &args, &models, &cases, &sources, &runs[0], &runs[1], &rouge,
+        )?;
         rows.extend(routed.rows);
         frontier_json = routed.json;
         curves = routed.curves;
@@ -469,6 +478,7 @@ fn route(
     args: &EvalArgs,
     models: &[String],
     cases: &[Case],
+    sources: &[Source],
     compact: &[CaseRun],
     large: &[CaseRun],
     rouge: &Rouge,
@@ -478,7 +488,7 @@ fn route(
         let texts: Vec<&str> = runs.iter().map(|x| x.text.as_str()).collect();
         row(
             name,
-            &score(rouge, cases, &texts),
+            &score(rouge, cases, sources, &texts),
             &runs.iter().collect::<Vec<_>>(),
             args.seed,
             split,
@@ -524,8 +534,7 @@ fn route(
         let f = router::features(&job, &counter);
         input_tokens.push(f.input_tokens as f64);
         let r = &compact[i];
-        let signals = policy::signals(
-            &job,
+        let signals = policy::JobView::of(&job).signals(
             policy::Said {
                 kind: c.kind.as_str(),
                 text: &r.text,

@@ -85,24 +85,43 @@ impl<'a> From<&'a SummaryOutput> for Said<'a> {
     }
 }
 
-/// What the cascade and the calibrated score know of one output: the
-/// job's features and the output's own signals, all free to compute.
-pub fn signals(job: &Job, said: Said<'_>, query: Option<&str>) -> Signals {
-    let source = recap_engine::mapreduce::lines(&job.transcript);
-    Signals {
-        input_tokens: said.input_tokens as u64,
-        speakers: job.speakers().len() as u32,
-        kind: said.kind.to_string(),
-        query_words: query.map_or(0, |q| q.split_whitespace().count() as u32),
-        non_english: job
-            .language
-            .as_deref()
-            .is_some_and(|l| !l.to_ascii_lowercase().starts_with("en")),
-        output_tokens: said.output_tokens,
-        mean_logprob: said.mean_logprob,
-        mean_entropy: said.mean_entropy,
-        copy_rate: recap_policy::copying::copy_rate(said.text, &source),
-        repeat_ratio: recap_policy::cascade::repeat_ratio(said.text),
+/// What the cascade and the calibrated score know of a job, read once
+/// from its transcript and asked of each of its outputs.
+pub struct JobView {
+    source: recap_policy::copying::Source,
+    speakers: u32,
+    non_english: bool,
+}
+
+impl JobView {
+    pub fn of(job: &Job) -> JobView {
+        JobView {
+            source: recap_policy::copying::Source::new(&recap_engine::mapreduce::lines(
+                &job.transcript,
+            )),
+            speakers: job.speakers().len() as u32,
+            non_english: job
+                .language
+                .as_deref()
+                .is_some_and(|l| !l.to_ascii_lowercase().starts_with("en")),
+        }
+    }
+
+    /// One output's signals: the job's features and the output's own, all
+    /// free to compute.
+    pub fn signals(&self, said: Said<'_>, query: Option<&str>) -> Signals {
+        Signals {
+            input_tokens: said.input_tokens as u64,
+            speakers: self.speakers,
+            kind: said.kind.to_string(),
+            query_words: query.map_or(0, |q| q.split_whitespace().count() as u32),
+            non_english: self.non_english,
+            output_tokens: said.output_tokens,
+            mean_logprob: said.mean_logprob,
+            mean_entropy: said.mean_entropy,
+            copy_rate: self.source.rate(said.text),
+            repeat_ratio: recap_policy::cascade::repeat_ratio(said.text),
+        }
     }
 }
 

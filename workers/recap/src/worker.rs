@@ -263,10 +263,13 @@ impl Worker {
             for run in group {
                 match results.next() {
                     Some(Ok(outputs)) => ran.push(Ran {
-                        signals: outputs
-                            .iter()
-                            .map(|o| crate::policy::signals(&run.job, o.into(), None))
-                            .collect(),
+                        signals: {
+                            let view = crate::policy::JobView::of(&run.job);
+                            outputs
+                                .iter()
+                                .map(|o| view.signals(o.into(), None))
+                                .collect()
+                        },
                         run,
                         outputs,
                         inference,
