@@ -59,6 +59,7 @@ class Scenario:
             RECAP_DATABASE_URL=self.db,
             RECAP_METRICS_LISTEN="",
             RECAP_LOG="warn",
+            RECAP_ALLOW_DEV_CREDENTIALS="1",
             BENCH_AMQP_URL=self.amqp,
             BENCH_DATABASE_URL=self.db,
         )

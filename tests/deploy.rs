@@ -50,6 +50,7 @@ fn kubernetes_manifests_are_valid() {
         "worker-compact.yaml",
         "worker-large.yaml",
         "pdb.yaml",
+        "networkpolicy.yaml",
     ];
     let paths: Vec<String> = core.iter().map(|f| format!("deploy/k8s/{f}")).collect();
     let mut args = vec!["--strict", "--quiet", "-k", "1.30.0"];
@@ -59,11 +60,32 @@ fn kubernetes_manifests_are_valid() {
     let k = std::fs::read_to_string(root().join("deploy/k8s/kustomization.yaml")).unwrap();
     for f in core
         .iter()
+        .filter(|f| **f != "secret.example.yaml")
         .chain(["keda.yaml", "servicemonitor.yaml"].iter())
     {
         assert!(
             k.contains(&format!("- {f}")),
             "kustomization.yaml misses {f}"
+        );
+    }
+    // Placeholder Secrets are never applied by `kubectl apply -k`.
+    assert!(
+        !k.contains("secret.example.yaml"),
+        "the example Secret is not deployed"
+    );
+    // Every pod runs with the runtime's seccomp profile and no service-account token.
+    for f in [
+        "gateway.yaml",
+        "router.yaml",
+        "worker-compact.yaml",
+        "worker-large.yaml",
+        "migrate-job.yaml",
+    ] {
+        let text = std::fs::read_to_string(root().join("deploy/k8s").join(f)).unwrap();
+        assert!(text.contains("RuntimeDefault"), "{f}: seccompProfile");
+        assert!(
+            text.contains("automountServiceAccountToken"),
+            "{f}: service-account token"
         );
     }
     // The large tier asks for a GPU and tolerates GPU nodes; every worker's

@@ -206,6 +206,8 @@ async fn a_thousand_concurrent_submissions_and_retries_make_a_thousand_jobs() {
         &[
             ("RECAP_GATEWAY_RATE", "100000"),
             ("RECAP_GATEWAY_BURST", "100000"),
+            ("RECAP_GATEWAY_CLIENT_RATE", "100000"),
+            ("RECAP_GATEWAY_CLIENT_BURST", "100000"),
         ],
     )
     .await;
@@ -435,7 +437,12 @@ async fn signed_webhooks_are_retried_and_events_published() {
     let acme = create_tenant(&env, "acme");
     let seen: Seen = Arc::default();
     let hook = receiver(seen.clone()).await;
-    let base = start_gateway(&mut env, &[]).await;
+    // The receiver is plain http on loopback: only an allow-listed host may be.
+    let host = hook
+        .trim_start_matches("http://")
+        .trim_end_matches("/hook")
+        .to_string();
+    let base = start_gateway(&mut env, &[("RECAP_WEBHOOK_ALLOW", host.as_str())]).await;
     env.spawn(&["router"], &[]);
     env.spawn(&["worker", "--tier", "compact"], &[]);
     // Listen for completion events before the job runs.
@@ -522,7 +529,8 @@ async fn signed_webhooks_are_retried_and_events_published() {
 async fn the_served_openapi_document_is_the_committed_one() {
     let mut env = TestEnv::new("gwapi").await;
     env.migrate();
-    let base = start_gateway(&mut env, &[]).await;
+    let metrics = free_addr();
+    let base = start_gateway(&mut env, &[("RECAP_METRICS_LISTEN", metrics.as_str())]).await;
     let served: serde_json::Value = reqwest::get(format!("{base}/openapi.json"))
         .await
         .unwrap()
@@ -543,7 +551,9 @@ async fn the_served_openapi_document_is_the_committed_one() {
     ] {
         assert!(served["paths"].get(path).is_some(), "{path}");
     }
-    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    let ready = reqwest::get(format!("http://{metrics}/readyz"))
+        .await
+        .unwrap();
     assert_eq!(
         ready.status().as_u16(),
         200,

@@ -19,13 +19,17 @@ struct Fleet {
 }
 
 async fn start_fleet(env: &mut TestEnv, workers: usize, extra: &[(&str, &str)]) -> Fleet {
+    let gw_metrics = free_addr();
     let mut gw_vars = vec![
         ("RECAP_GATEWAY_RATE", "1000000"),
         ("RECAP_GATEWAY_BURST", "1000000"),
+        ("RECAP_GATEWAY_CLIENT_RATE", "1000000"),
+        ("RECAP_GATEWAY_CLIENT_BURST", "1000000"),
+        ("RECAP_METRICS_LISTEN", gw_metrics.as_str()),
     ];
     gw_vars.extend_from_slice(extra);
     let api = start_gateway(env, &gw_vars).await;
-    let mut metrics = vec![format!("{api}/metrics")];
+    let mut metrics = vec![format!("http://{gw_metrics}/metrics")];
     let mut roles = vec![vec!["router"]];
     roles.extend((0..workers).map(|_| vec!["worker", "--tier", "compact"]));
     for args in roles {

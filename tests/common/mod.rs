@@ -101,6 +101,8 @@ impl TestEnv {
             .env("RECAP_AMQP_URL", &self.amqp_url)
             .env("RECAP_DATABASE_URL", &self.db_url)
             .env("RECAP_METRICS_LISTEN", "")
+            // Test brokers run as guest/guest: development credentials.
+            .env("RECAP_ALLOW_DEV_CREDENTIALS", "1")
             .env("RECAP_LOG", "warn")
             .env_remove("RECAP_CONFIG")
             .stdin(Stdio::null());

@@ -51,6 +51,35 @@ pub struct Config {
     pub policy: PolicySection,
     pub gateway: GatewayConfig,
     pub router: RouterConfig,
+    pub budgets: BudgetsConfig,
+}
+
+/// The budget of every tenant that has none of its own (`recap budget set`
+/// gives one its own). `inf` is no limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsConfig {
+    pub default_daily_usd: f64,
+    pub default_monthly_usd: f64,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        BudgetsConfig {
+            default_daily_usd: 100.0,
+            default_monthly_usd: 2000.0,
+        }
+    }
+}
+
+impl BudgetsConfig {
+    pub fn defaults(&self) -> crate::store::DefaultBudget {
+        let limit = |v: f64| v.is_finite().then_some(v);
+        crate::store::DefaultBudget {
+            daily_usd: limit(self.default_daily_usd),
+            monthly_usd: limit(self.default_monthly_usd),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +107,71 @@ pub struct GatewayConfig {
     /// Requests per second per tenant (token bucket), and the burst.
     pub rate_per_s: f64,
     pub burst: f64,
+    /// Requests per second per client address, counted before the API key
+    /// is looked up (so that floods of bad keys do not reach PostgreSQL),
+    /// and the burst.
+    pub client_rate_per_s: f64,
+    pub client_burst: f64,
+    /// Seconds a client has to send a request's headers (slowloris).
+    pub header_timeout_s: u64,
+    /// Seconds a whole request may take, its body included (a trickled body).
+    pub request_timeout_s: u64,
+    /// Requests handled at once; connections beyond it wait.
+    pub max_concurrent_requests: usize,
+    /// Open connections at once; more are accepted only as others close.
+    pub max_connections: usize,
+    /// Hosts (`host` or `host:port`) that webhooks may reach over plain
+    /// http and at non-public addresses: test receivers and development
+    /// only. Every other callback must be https to a public address.
+    pub webhook_allow: Vec<String>,
+}
+
+impl GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("gateway.max_body_bytes", "must be at least 1024"));
+        }
+        for (key, rate, burst) in [
+            ("gateway.rate_per_s", self.rate_per_s, self.burst),
+            (
+                "gateway.client_rate_per_s",
+                self.client_rate_per_s,
+                self.client_burst,
+            ),
+        ] {
+            if rate.is_nan() || rate <= 0.0 || burst.is_nan() || burst < 1.0 {
+                return Err(invalid(key, "rate must be above 0 and burst at least 1"));
+            }
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "gateway.listen",
+                format!("must be HOST:PORT, got {:?}", self.listen),
+            ));
+        }
+        for (key, v) in [
+            ("gateway.header_timeout_s", self.header_timeout_s),
+            ("gateway.request_timeout_s", self.request_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, format!("must be 1-3600 seconds, got {v}")));
+            }
+        }
+        for (key, v) in [
+            (
+                "gateway.max_concurrent_requests",
+                self.max_concurrent_requests,
+            ),
+            ("gateway.max_connections", self.max_connections),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(invalid(key, format!("must be 1-1000000, got {v}")));
+            }
+        }
+        crate::webhooks::egress::AllowList::parse(&self.webhook_allow)
+            .map_err(|e| invalid("gateway.webhook_allow", e))?;
+        Ok(())
+    }
 }
 
 impl Default for GatewayConfig {
@@ -87,6 +181,13 @@ impl Default for GatewayConfig {
             max_body_bytes: 4 * 1024 * 1024,
             rate_per_s: 50.0,
             burst: 200.0,
+            client_rate_per_s: 100.0,
+            client_burst: 400.0,
+            header_timeout_s: 10,
+            request_timeout_s: 30,
+            max_concurrent_requests: 512,
+            max_connections: 4096,
+            webhook_allow: Vec::new(),
         }
     }
 }
@@ -216,6 +317,7 @@ impl Default for Config {
             policy: PolicySection::default(),
             gateway: GatewayConfig::default(),
             router: RouterConfig::default(),
+            budgets: BudgetsConfig::default(),
         }
     }
 }
@@ -291,10 +393,18 @@ impl Default for MetricsConfig {
 pub const MAX_BATCH: usize = 256;
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 19] = [
+pub const ENV_OVERRIDES: [(&str, &str); 24] = [
     ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
     ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
     ("RECAP_GATEWAY_BURST", "gateway.burst"),
+    ("RECAP_GATEWAY_CLIENT_RATE", "gateway.client_rate_per_s"),
+    ("RECAP_GATEWAY_CLIENT_BURST", "gateway.client_burst"),
+    ("RECAP_GATEWAY_HEADER_TIMEOUT_S", "gateway.header_timeout_s"),
+    (
+        "RECAP_GATEWAY_REQUEST_TIMEOUT_S",
+        "gateway.request_timeout_s",
+    ),
+    ("RECAP_WEBHOOK_ALLOW", "gateway.webhook_allow"),
     ("RECAP_POLICY", "policy.file"),
     ("RECAP_AMQP_URL", "amqp.url"),
     ("RECAP_AMQP_PREFETCH", "amqp.prefetch"),
@@ -383,16 +493,29 @@ impl Config {
                 "metrics.listen" => self.metrics.listen = value.clone(),
                 "policy.file" => self.policy.file = Some(PathBuf::from(&value)),
                 "gateway.listen" => self.gateway.listen = value.clone(),
-                "gateway.rate_per_s" | "gateway.burst" => {
+                "gateway.rate_per_s"
+                | "gateway.burst"
+                | "gateway.client_rate_per_s"
+                | "gateway.client_burst" => {
                     let v: f64 = value
                         .trim()
                         .parse()
                         .map_err(|_| invalid(key, format!("must be a number, got {value:?}")))?;
-                    if key == "gateway.burst" {
-                        self.gateway.burst = v;
-                    } else {
-                        self.gateway.rate_per_s = v;
+                    match key {
+                        "gateway.burst" => self.gateway.burst = v,
+                        "gateway.rate_per_s" => self.gateway.rate_per_s = v,
+                        "gateway.client_burst" => self.gateway.client_burst = v,
+                        _ => self.gateway.client_rate_per_s = v,
                     }
+                }
+                "gateway.header_timeout_s" => self.gateway.header_timeout_s = number("seconds")?,
+                "gateway.request_timeout_s" => self.gateway.request_timeout_s = number("seconds")?,
+                "gateway.webhook_allow" => {
+                    self.gateway.webhook_allow = value
+                        .split(',')
+                        .map(|h| h.trim().to_string())
+                        .filter(|h| !h.is_empty())
+                        .collect()
                 }
                 _ => {}
             }
@@ -481,21 +604,20 @@ impl Config {
         if self.retry.delivery_limit == 0 {
             return Err(invalid("retry.delivery_limit", "must be at least 1"));
         }
-        if self.gateway.max_body_bytes < 1024 {
-            return Err(invalid("gateway.max_body_bytes", "must be at least 1024"));
-        }
-        let (rate, burst) = (self.gateway.rate_per_s, self.gateway.burst);
-        if rate.is_nan() || rate <= 0.0 || burst.is_nan() || burst < 1.0 {
-            return Err(invalid(
-                "gateway.rate_per_s",
-                "rate must be above 0 and burst at least 1",
-            ));
-        }
-        if self.gateway.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "gateway.listen",
-                format!("must be HOST:PORT, got {:?}", self.gateway.listen),
-            ));
+        self.gateway.validate()?;
+        for (key, v) in [
+            ("budgets.default_daily_usd", self.budgets.default_daily_usd),
+            (
+                "budgets.default_monthly_usd",
+                self.budgets.default_monthly_usd,
+            ),
+        ] {
+            if v.is_nan() || v < 0.0 {
+                return Err(invalid(
+                    key,
+                    "must be 0 or more dollars, or inf for no limit",
+                ));
+            }
         }
         if !(512..=1_048_576).contains(&self.models.max_context) {
             return Err(invalid("models.max_context", "must be 512-1048576 tokens"));
@@ -569,6 +691,71 @@ impl Config {
 }
 
 /// A URL fit for logs: the password, if any, replaced by `***`.
+/// Passwords that ship in examples, defaults and images: a process that
+/// meets one refuses to start unless `RECAP_ALLOW_DEV_CREDENTIALS=1`.
+const KNOWN_PASSWORDS: [&str; 10] = [
+    "guest",
+    "recap",
+    "change-me",
+    "changeme",
+    "password",
+    "postgres",
+    "admin",
+    "secret",
+    "example",
+    "rabbitmq",
+];
+
+/// Whether `password` is a placeholder or a well-known default.
+pub fn is_known_password(password: &str) -> bool {
+    let p = password.trim().to_ascii_lowercase();
+    KNOWN_PASSWORDS.contains(&p.as_str()) || p.contains("change-me") || p.contains("changeme")
+}
+
+/// The password of a URL's userinfo, or of a `password=` query parameter.
+fn url_password(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw).ok()?;
+    if let Some(p) = url.password() {
+        return Some(percent_decode(p));
+    }
+    url.query_pairs()
+        .find(|(k, _)| k.eq_ignore_ascii_case("password"))
+        .map(|(_, v)| v.into_owned())
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("p={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+impl Config {
+    /// Refuses the broker's and the database's placeholder or default
+    /// passwords, unless development credentials are allowed.
+    pub fn check_credentials(&self, allow_dev: bool) -> Result<(), ConfigError> {
+        if allow_dev {
+            return Ok(());
+        }
+        for (key, url) in [
+            ("amqp.url", &self.amqp.url),
+            ("database.url", &self.database.url),
+        ] {
+            if url_password(url).is_some_and(|p| is_known_password(&p)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} uses a placeholder or default password; set a real one \
+                         (or RECAP_ALLOW_DEV_CREDENTIALS=1 on a development machine)",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
@@ -577,6 +764,7 @@ pub fn redact_url(url: &str) -> String {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
+    let path = redact_query_password(path);
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
@@ -586,13 +774,72 @@ pub fn redact_url(url: &str) -> String {
                 format!("{scheme}://{user}@{host}{path}")
             }
         }
-        None => url.to_string(),
+        None => format!("{scheme}://{authority}{path}"),
     }
+}
+
+/// `password=...` in a query (libpq and sqlx accept it there) as `***`.
+fn redact_query_password(path: &str) -> String {
+    let Some((before, query)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{before}?{}", parts.join("&"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_hides_userinfo_and_query_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr3t@db:5432/recap?sslmode=require&password=hunter2"),
+            "postgres://app:***@db:5432/recap?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://db/recap?Password=x"),
+            "postgres://db/recap?Password=***"
+        );
+        assert_eq!(redact_url("amqp://u@h/%2f"), "amqp://u@h/%2f");
+    }
+
+    #[test]
+    fn placeholder_passwords_are_refused_unless_development_is_allowed() {
+        let mut c = Config::default();
+        // The defaults are guest:guest (RabbitMQ's) and no database password.
+        let err = c.check_credentials(false).unwrap_err().to_string();
+        assert!(
+            err.contains("amqp.url") && err.contains("RECAP_ALLOW_DEV_CREDENTIALS"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("guest@"),
+            "the password is not repeated: {err}"
+        );
+        assert!(c.check_credentials(true).is_ok());
+        c.amqp.url = "amqp://recap:Zq8-long-random@rabbit:5672/%2f".into();
+        assert!(c.check_credentials(false).is_ok());
+        for url in [
+            "postgres://recap:recap@db/recap",
+            "postgres://recap:CHANGE-ME@db/recap",
+            "postgres://recap:please-change-me-now@db/recap",
+            "postgres://recap@db/recap?password=postgres",
+            "postgres://recap:%43HANGEME@db/recap",
+        ] {
+            c.database.url = url.into();
+            let err = c.check_credentials(false).unwrap_err().to_string();
+            assert!(err.contains("database.url"), "{url}: {err}");
+        }
+        c.database.url = "postgres://recap:V3ry-r4ndom@db/recap".into();
+        assert!(c.check_credentials(false).is_ok());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: BTreeMap<String, String> = pairs

@@ -68,6 +68,22 @@ impl Verdict {
         }
     }
 
+    /// A message that names another tenant's job_id: dead-lettered as
+    /// `tenant_mismatch` without touching that job (no job_id, so that
+    /// nothing is written to its row).
+    pub fn tenant_mismatch(job: &recap_job::Job) -> Verdict {
+        tracing::warn!(job_id = %job.job_id, tenant = %job.tenant, "message names another tenant's job_id; dead-lettered");
+        Verdict::DeadLetter {
+            code: "tenant_mismatch".into(),
+            detail: format!(
+                "job_id {} is in use by another tenant than {}",
+                job.job_id, job.tenant
+            ),
+            job_id: None,
+            tenant: Some(job.tenant.clone()),
+        }
+    }
+
     /// A batch's verdicts, one per delivery; a delivery the handler never
     /// decided goes back to the queue.
     pub fn all(verdicts: Vec<Option<Verdict>>) -> Vec<Verdict> {

@@ -131,24 +131,68 @@ fn keep_freed_memory() {
     }
 }
 
-#[tokio::main]
-async fn main() {
+/// Synchronous until the runtime starts: `mallopt` and `set_var` are only
+/// sound while the process has one thread.
+fn main() {
     keep_freed_memory();
     init_tracing();
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
+    let config = match prepare(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("recap: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("recap: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli, config)) {
         eprintln!("recap: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// The config, checked, and the process settings that must precede threads.
+fn prepare(cli: &Cli) -> Result<Arc<Config>> {
     let config = Arc::new(Config::load(cli.config.as_deref())?);
+    if cli.command.uses_services() {
+        let allow_dev = std::env::var("RECAP_ALLOW_DEV_CREDENTIALS").is_ok_and(|v| v == "1");
+        config.check_credentials(allow_dev)?;
+    }
     if config.models.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // candle's CPU kernels run on rayon's global pool, sized from this
         // variable the first time it is used, which is after this point.
+        // Sound only while the process has one thread: the runtime starts after.
         std::env::set_var("RAYON_NUM_THREADS", config.models.threads.to_string());
     }
+    Ok(config)
+}
+
+impl Command {
+    /// Whether the command connects to the broker or the database with the
+    /// configured credentials (and so must not run with placeholder ones).
+    fn uses_services(&self) -> bool {
+        !matches!(
+            self,
+            Command::Summarize(_)
+                | Command::Models { .. }
+                | Command::Openapi
+                | Command::Rouge(_)
+                | Command::Eval(_)
+                | Command::Train(_)
+        )
+    }
+}
+
+async fn run(cli: Cli, config: Arc<Config>) -> Result<()> {
     match cli.command {
         Command::Migrate => migrate(&config).await,
         Command::Router => run_router(config).await,

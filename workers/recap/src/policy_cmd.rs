@@ -79,7 +79,7 @@ pub async fn policy(config: &Config, cmd: PolicyCommand) -> Result<()> {
         let pool = store::connect(config)
             .await
             .context("reading the tenant's budget (or pass --no-budget)")?;
-        store::read_budget(&pool, &job.tenant).await?
+        store::read_budget(&pool, &job.tenant, config.budgets.defaults()).await?
     };
     let decision = p.decide(&features, &policy::tiers(config), &budget);
     let out = serde_json::json!({
@@ -204,7 +204,7 @@ pub async fn budget(config: &Config, cmd: BudgetCommand) -> Result<()> {
             println!("budget of {tenant}: daily {daily:?} USD, monthly {monthly:?} USD");
         }
         BudgetCommand::Show { tenant } => {
-            let b = store::read_budget(&pool, &tenant).await?;
+            let b = store::read_budget(&pool, &tenant, config.budgets.defaults()).await?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(

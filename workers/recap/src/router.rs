@@ -145,8 +145,13 @@ impl Handler for Router {
             }
         }
         let refs: Vec<&Job> = jobs.iter().map(|(_, j)| j).collect();
-        let outcomes =
-            store::route_jobs(&self.pool, &refs, |job, budget| self.decide(job, budget)).await;
+        let outcomes = store::route_jobs(
+            &self.pool,
+            &refs,
+            self.config.budgets.defaults(),
+            |job, budget| self.decide(job, budget),
+        )
+        .await;
         let mut routes = Vec::with_capacity(jobs.len());
         for ((at, job), outcome) in jobs.iter().zip(outcomes) {
             let at = *at;
@@ -189,6 +194,9 @@ impl Handler for Router {
                             shadow: false,
                         });
                     }
+                }
+                Ok(RouteOutcome::TenantMismatch) => {
+                    verdicts[at] = Some(Verdict::tenant_mismatch(job))
                 }
                 Ok(RouteOutcome::Refused { code, message }) => {
                     verdicts[at] = Some(Verdict::DeadLetter {

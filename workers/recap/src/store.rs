@@ -297,10 +297,23 @@ async fn insert_jobs(tx: &mut Tx, jobs: &[&Job], new: NewRow<'_>) -> Result<Vec<
     .await?)
 }
 
-/// Locks the jobs' rows, in job id order; the status of each.
-async fn lock_jobs(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, Status>, StoreError> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT job_id, status FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE",
+/// A job row under its lock: its status, and whether it belongs to the
+/// tenant of the message at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locked {
+    Own(Status),
+    /// The row is another tenant's: a message reused its job_id. Nothing
+    /// is written to it; the message is dead-lettered as `tenant_mismatch`.
+    Foreign,
+}
+
+/// Locks the jobs' rows, in job id order; the status and tenant of each.
+async fn lock_jobs(
+    tx: &mut Tx,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, (Status, String)>, StoreError> {
+    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT job_id, status, tenant FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE",
     )
     .persistent(false)
     .bind(ids)
@@ -308,18 +321,46 @@ async fn lock_jobs(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, Status>, S
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, s)| (id, Status::parse(&s).unwrap_or(Status::Queued)))
+        .map(|(id, s, t)| (id, (Status::parse(&s).unwrap_or(Status::Queued), t)))
         .collect())
 }
 
 /// Inserts the job in `status` unless it exists; returns the status it has
-/// after the call, locked for the rest of the transaction.
-async fn ensure_job_locked(tx: &mut Tx, job: &Job, status: Status) -> Result<Status, StoreError> {
+/// after the call, locked for the rest of the transaction, or Foreign when
+/// the row belongs to another tenant than the job's.
+async fn ensure_job_locked(tx: &mut Tx, job: &Job, status: Status) -> Result<Locked, StoreError> {
     insert_jobs(tx, &[job], NewRow::As(status)).await?;
-    lock_jobs(tx, &[job.job_id])
+    let (status, tenant) = lock_jobs(tx, &[job.job_id])
         .await?
         .remove(&job.job_id)
-        .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+        .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+    Ok(if tenant == job.tenant {
+        Locked::Own(status)
+    } else {
+        Locked::Foreign
+    })
+}
+
+/// The tenant that owns each of the job rows that exist.
+async fn owners(tx: &mut Tx, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, StoreError> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT job_id, tenant FROM jobs WHERE job_id = ANY($1)")
+            .persistent(false)
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// What a transition did to a job that a message named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Written.
+    Written,
+    /// The job had already ended: nothing was written.
+    AlreadyEnded,
+    /// The job_id is another tenant's: nothing was written.
+    TenantMismatch,
 }
 
 /// Gateway side: the job is accepted as `queued`. Returns false when a job
@@ -358,6 +399,81 @@ async fn enqueue_webhook(
     Ok(())
 }
 
+/// A job that ended without running: its estimate stops counting against
+/// the tenant's budget (an `actual` entry of zero supersedes it).
+async fn release_estimate(tx: &mut Tx, job_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+         SELECT tenant, job_id, tier, model, 'actual', 0 FROM usage_ledger
+         WHERE job_id = $1 AND entry = 'estimate'
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// Now `failed` with `cancelled`; its estimate released, its
+    /// `job.failed` webhook queued.
+    Done,
+    /// Past the point of cancelling: the job's status.
+    TooLate(Status),
+    /// No such job for this tenant.
+    NotFound,
+}
+
+/// Cancels a tenant's job that is still `queued` or `routed`, as one
+/// transition: the row, the ledger and the outbox in one transaction.
+pub async fn cancel_job(
+    pool: &PgPool,
+    job_id: Uuid,
+    tenant: &str,
+) -> Result<Cancelled, StoreError> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1 AND tenant = $2 FOR UPDATE")
+            .bind(job_id)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(status) = status.as_deref().and_then(Status::parse) else {
+        return Ok(Cancelled::NotFound);
+    };
+    if !matches!(status, Status::Queued | Status::Routed) {
+        return Ok(Cancelled::TooLate(status));
+    }
+    const MESSAGE: &str = "cancelled by the client";
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', error_code = 'cancelled', error = $2,
+                         finished_at = now(), updated_at = now()
+         WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .bind(MESSAGE)
+    .execute(&mut *tx)
+    .await?;
+    release_estimate(&mut tx, job_id).await?;
+    let payload = cancel_event(job_id, tenant);
+    enqueue_webhook(&mut tx, job_id, &payload).await?;
+    tx.commit().await?;
+    Ok(Cancelled::Done)
+}
+
+/// The `job.failed` event of a cancelled job.
+pub fn cancel_event(job_id: Uuid, tenant: &str) -> serde_json::Value {
+    crate::webhooks::event_payload(
+        "job.failed",
+        job_id,
+        tenant,
+        Status::Failed.as_str(),
+        serde_json::json!({"error_code": "cancelled", "error": "cancelled by the client"}),
+    )
+}
+
 /// What the router records for one decision.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -390,19 +506,52 @@ pub enum RouteOutcome {
     /// The policy refused the job (no tier, budget exhausted): no row written
     /// but the job's own.
     Refused { code: String, message: String },
+    /// The job_id is another tenant's: nothing written.
+    TenantMismatch,
 }
 
-/// Money left to a tenant, read under the lock of its budget row. Spent is
-/// the actual cost of finished jobs and the estimate of the others.
-async fn budget_state(tx: &mut Tx, tenant: &str) -> Result<recap_policy::BudgetState, StoreError> {
+/// The budget of a tenant that has no `tenant_budgets` row (config
+/// `[budgets]`); None is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DefaultBudget {
+    pub daily_usd: Option<f64>,
+    pub monthly_usd: Option<f64>,
+}
+
+impl DefaultBudget {
+    /// No limit for tenants without a budget row.
+    pub const NONE: DefaultBudget = DefaultBudget {
+        daily_usd: None,
+        monthly_usd: None,
+    };
+}
+
+/// Money left to a tenant, read under the lock of its budget row (or of an
+/// advisory lock on its name, where it has none and the default budget
+/// applies). Spent is the actual cost of finished jobs and the estimate of
+/// the others.
+async fn budget_state(
+    tx: &mut Tx,
+    tenant: &str,
+    defaults: DefaultBudget,
+) -> Result<recap_policy::BudgetState, StoreError> {
     let row: Option<(Option<f64>, Option<f64>)> = sqlx::query_as(
         "SELECT daily_usd::float8, monthly_usd::float8 FROM tenant_budgets WHERE tenant = $1 FOR UPDATE",
     )
     .bind(tenant)
     .fetch_optional(&mut **tx)
     .await?;
-    let Some((daily, monthly)) = row else {
-        return Ok(recap_policy::BudgetState::default());
+    let (daily, monthly) = match row {
+        Some(limits) => limits,
+        None if defaults == DefaultBudget::NONE => return Ok(recap_policy::BudgetState::default()),
+        None => {
+            // Two routers spending one tenant's default budget take turns.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('recap.budget.' || $1, 0))")
+                .bind(tenant)
+                .execute(&mut **tx)
+                .await?;
+            (defaults.daily_usd, defaults.monthly_usd)
+        }
     };
     // The latest entry of each job counts: its actual cost once booked, its
     // estimate until then.
@@ -459,12 +608,18 @@ macro_rules! insert_decisions_from {
 pub async fn route_jobs(
     pool: &PgPool,
     jobs: &[&Job],
+    defaults: DefaultBudget,
     mut decide: impl FnMut(
         &Job,
         recap_policy::BudgetState,
     ) -> Result<Decision, recap_policy::PolicyError>,
 ) -> Vec<Result<RouteOutcome, StoreError>> {
-    batched!(pool, jobs, |tx, chunk| route_set(tx, chunk, &mut decide))
+    batched!(pool, jobs, |tx, chunk| route_set(
+        tx,
+        chunk,
+        defaults,
+        &mut decide
+    ))
 }
 
 /// A batch's routes in a fixed number of statements: insert the rows that
@@ -474,6 +629,7 @@ pub async fn route_jobs(
 async fn route_set(
     tx: &mut Tx,
     jobs: &[&&Job],
+    defaults: DefaultBudget,
     decide: &mut impl FnMut(
         &Job,
         recap_policy::BudgetState,
@@ -482,7 +638,13 @@ async fn route_set(
     let jobs: Vec<&Job> = jobs.iter().map(|j| **j).collect();
     insert_jobs(tx, &jobs, NewRow::As(Status::Queued)).await?;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
-    let statuses = lock_jobs(tx, &ids).await?;
+    let locked = lock_jobs(tx, &ids).await?;
+    let statuses: HashMap<Uuid, Status> = locked.iter().map(|(id, (s, _))| (*id, *s)).collect();
+    let foreign = |job: &Job| {
+        locked
+            .get(&job.job_id)
+            .is_some_and(|(_, t)| *t != job.tenant)
+    };
     let past: Vec<Uuid> = statuses
         .iter()
         .filter(|(_, s)| **s != Status::Queued)
@@ -502,12 +664,12 @@ async fn route_set(
     }
     let mut budgets: BTreeMap<&str, recap_policy::BudgetState> = BTreeMap::new();
     for job in &jobs {
-        if statuses.get(&job.job_id) == Some(&Status::Queued) {
+        if statuses.get(&job.job_id) == Some(&Status::Queued) && !foreign(job) {
             budgets.insert(&job.tenant, recap_policy::BudgetState::default());
         }
     }
     for (tenant, budget) in budgets.iter_mut() {
-        *budget = budget_state(tx, tenant).await?;
+        *budget = budget_state(tx, tenant, defaults).await?;
     }
 
     let mut outcomes = Vec::with_capacity(jobs.len());
@@ -516,6 +678,10 @@ async fn route_set(
         let status = *statuses
             .get(&job.job_id)
             .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        if foreign(job) {
+            outcomes.push(RouteOutcome::TenantMismatch);
+            continue;
+        }
         // The same job twice in one batch: the second finds the first's route.
         if let Some((_, d)) = decided.iter().find(|(id, _)| *id == job.job_id) {
             outcomes.push(RouteOutcome::AlreadyRouted {
@@ -622,17 +788,19 @@ fn bind_decisions<'q>(q: PgQuery<'q>, decisions: &[(Uuid, Decision)]) -> PgQuery
 /// The cascade: a compact output failed its checks, so the job goes to the
 /// large tier. Records the `cascade` decision once (a redelivered compact
 /// message finds it there) and moves the job back to `routed` on large.
-/// Returns false when the job already ended.
 pub async fn record_cascade(
     pool: &PgPool,
     job: &Job,
     decision: &Decision,
-) -> Result<bool, StoreError> {
+) -> Result<Committed, StoreError> {
     let mut tx = pool.begin().await?;
-    let status = ensure_job_locked(&mut tx, job, Status::Running).await?;
-    if status.is_terminal() {
-        tx.commit().await?;
-        return Ok(false);
+    match ensure_job_locked(&mut tx, job, Status::Running).await? {
+        Locked::Foreign => return Ok(Committed::TenantMismatch),
+        Locked::Own(status) if status.is_terminal() => {
+            tx.commit().await?;
+            return Ok(Committed::AlreadyEnded);
+        }
+        Locked::Own(_) => {}
     }
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM route_decisions WHERE job_id = $1 AND reason = 'cascade')",
@@ -652,7 +820,7 @@ pub async fn record_cascade(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Committed::Written)
 }
 
 /// A shadow run's outputs: recorded for calibration, never returned, and
@@ -661,8 +829,12 @@ pub async fn record_shadow(
     pool: &PgPool,
     job: &Job,
     done: &Completion<'_>,
-) -> Result<(), StoreError> {
+) -> Result<Committed, StoreError> {
     let mut tx = pool.begin().await?;
+    let owner = owners(&mut tx, &[job.job_id]).await?.remove(&job.job_id);
+    if owner.is_some_and(|t| t != job.tenant) {
+        return Ok(Committed::TenantMismatch);
+    }
     insert_summaries(&mut tx, &[(job.job_id, done)], true).await?;
     // The transcript stays beside its shadow summaries: the pair is a
     // training example for the compact tier (`recap train --data shadow`).
@@ -689,7 +861,7 @@ pub async fn record_shadow(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(Committed::Written)
 }
 
 /// One shadow summary with its job's transcript: a training example.
@@ -818,9 +990,10 @@ pub async fn set_budget(
 pub async fn read_budget(
     pool: &PgPool,
     tenant: &str,
+    defaults: DefaultBudget,
 ) -> Result<recap_policy::BudgetState, StoreError> {
     let mut tx = pool.begin().await?;
-    let b = budget_state(&mut tx, tenant).await?;
+    let b = budget_state(&mut tx, tenant, defaults).await?;
     tx.rollback().await?;
     Ok(b)
 }
@@ -831,6 +1004,8 @@ pub enum StartOutcome {
     Run { attempt: i32 },
     /// The job already ended (a redelivery): ack and move on.
     AlreadyDone(Status),
+    /// The job_id is another tenant's: nothing written.
+    TenantMismatch,
 }
 
 /// A worker takes the jobs: `running`, one more attempt each.
@@ -851,7 +1026,7 @@ async fn start_set(
     items: &[&(&Job, &str)],
     tier: &str,
 ) -> Result<Vec<StartOutcome>, StoreError> {
-    let all: Vec<(Uuid, &str)> = items.iter().map(|(j, m)| (j.job_id, *m)).collect();
+    let all: Vec<(&Job, &str)> = items.iter().map(|(j, m)| (*j, *m)).collect();
     let mut started = mark_running(tx, &all, tier).await?;
     let mut rest: Vec<(&Job, &str)> = Vec::new();
     for (job, model) in items {
@@ -880,19 +1055,28 @@ async fn start_set(
             .collect();
         if !existing.is_empty() {
             let mut runnable = Vec::new();
-            for (id, status) in lock_jobs(tx, &existing).await? {
+            for (id, (status, owner)) in lock_jobs(tx, &existing).await? {
+                let own = rest
+                    .iter()
+                    .find(|(j, _)| j.job_id == id && j.tenant == owner);
                 if status.is_terminal() {
                     ended.insert(id, status);
-                } else if let Some((_, model)) = rest.iter().find(|(j, _)| j.job_id == id) {
+                } else if let Some((job, model)) = own {
                     // Created by someone else since this batch's first statement.
-                    runnable.push((id, *model));
+                    runnable.push((*job, *model));
                 }
             }
             started.extend(mark_running(tx, &runnable, tier).await?);
         }
     }
+    let ids: Vec<Uuid> = items.iter().map(|(j, _)| j.job_id).collect();
+    let owners = owners(tx, &ids).await?;
     let mut out = Vec::with_capacity(items.len());
     for (job, model) in items {
+        if owners.get(&job.job_id).is_some_and(|t| *t != job.tenant) {
+            out.push(StartOutcome::TenantMismatch);
+            continue;
+        }
         out.push(
             match (started.remove(&job.job_id), ended.get(&job.job_id)) {
                 (Some(attempt), _) => StartOutcome::Run { attempt },
@@ -905,11 +1089,11 @@ async fn start_set(
     Ok(out)
 }
 
-/// `running`, one more attempt, for each of the jobs that has not ended;
-/// the attempt of each one changed.
+/// `running`, one more attempt, for each of the jobs that has not ended
+/// and is its tenant's; the attempt of each one changed.
 async fn mark_running(
     tx: &mut Tx,
-    jobs: &[(Uuid, &str)],
+    jobs: &[(&Job, &str)],
     tier: &str,
 ) -> Result<HashMap<Uuid, i32>, StoreError> {
     if jobs.is_empty() {
@@ -918,14 +1102,16 @@ async fn mark_running(
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, tier = $2, model = m.model,
                          started_at = now(), updated_at = now()
-         FROM unnest($1::uuid[], $3::text[]) AS m(job_id, model)
-         WHERE jobs.job_id = m.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
+         FROM unnest($1::uuid[], $3::text[], $4::text[]) AS m(job_id, model, tenant)
+         WHERE jobs.job_id = m.job_id AND jobs.tenant = m.tenant
+           AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
          RETURNING jobs.job_id, jobs.attempts",
     )
     .persistent(false)
-    .bind(jobs.iter().map(|j| j.0).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.0.job_id).collect::<Vec<_>>())
     .bind(tier)
     .bind(jobs.iter().map(|j| j.1).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.0.tenant.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows.into_iter().collect())
@@ -937,11 +1123,14 @@ async fn start_alone(
     tier: &str,
     model: &str,
 ) -> Result<StartOutcome, StoreError> {
-    let status = ensure_job_locked(tx, job, Status::Routed).await?;
-    if status.is_terminal() {
-        return Ok(StartOutcome::AlreadyDone(status));
+    match ensure_job_locked(tx, job, Status::Routed).await? {
+        Locked::Foreign => return Ok(StartOutcome::TenantMismatch),
+        Locked::Own(status) if status.is_terminal() => {
+            return Ok(StartOutcome::AlreadyDone(status))
+        }
+        Locked::Own(_) => {}
     }
-    mark_running(tx, &[(job.job_id, model)], tier)
+    mark_running(tx, &[(job, model)], tier)
         .await?
         .remove(&job.job_id)
         .map(|attempt| StartOutcome::Run { attempt })
@@ -1044,12 +1233,12 @@ async fn insert_summaries(
     Ok(())
 }
 
-/// Commits the summaries and `succeeded` in one transaction. Returns false
-/// for a job that had already ended: nothing was written for it.
+/// Commits the summaries and `succeeded` in one transaction; nothing is
+/// written for a job that had already ended or is another tenant's.
 pub async fn complete_jobs(
     pool: &PgPool,
     jobs: &[(&Job, Completion<'_>)],
-) -> Vec<Result<bool, StoreError>> {
+) -> Vec<Result<Committed, StoreError>> {
     batched!(pool, jobs, |tx, chunk| complete_set(tx, chunk))
 }
 
@@ -1061,13 +1250,13 @@ pub async fn complete_jobs(
 /// during such a run is bounded by the queue's delivery limit as any other.
 /// `rows_likely_missing` (jobs published straight onto the tier queue):
 /// insert the rows already ended first, rather than look for them first.
-/// Returns false for a job that had already ended: nothing was written for it.
+/// Nothing is written for a job that had already ended or is another tenant's.
 pub async fn start_and_complete_jobs(
     pool: &PgPool,
     tier: &str,
     jobs: &[(&Job, Completion<'_>)],
     rows_likely_missing: bool,
-) -> Vec<Result<bool, StoreError>> {
+) -> Vec<Result<Committed, StoreError>> {
     batched!(pool, jobs, |tx, chunk| start_and_complete_set(
         tx,
         chunk,
@@ -1081,8 +1270,8 @@ async fn start_and_complete_set(
     items: &[&(&Job, Completion<'_>)],
     tier: &str,
     insert_first: bool,
-) -> Result<Vec<bool>, StoreError> {
-    let mut out: Vec<Option<bool>> = vec![None; items.len()];
+) -> Result<Vec<Committed>, StoreError> {
+    let mut out: Vec<Option<Committed>> = vec![None; items.len()];
     if insert_first {
         // The first copy of each job: a later one in the batch is a duplicate.
         let mut seen = HashSet::new();
@@ -1097,7 +1286,7 @@ async fn start_and_complete_set(
         let mut new: Vec<&(&Job, Completion<'_>)> = Vec::with_capacity(inserted.len());
         for (at, item) in firsts {
             if inserted.contains(&item.0.job_id) {
-                out[at] = Some(true);
+                out[at] = Some(Committed::Written);
                 new.push(item);
             }
         }
@@ -1126,12 +1315,14 @@ async fn start_and_complete_set(
         .map(|(i, _)| *i)
         .collect();
     let mut completed = complete_set(tx, &runs).await?.into_iter();
-    let mut rest_done = started
-        .iter()
-        .map(|s| matches!(s, StartOutcome::Run { .. }) && completed.next().unwrap_or(false));
+    let mut rest_done = started.iter().map(|s| match s {
+        StartOutcome::Run { .. } => completed.next().unwrap_or(Committed::AlreadyEnded),
+        StartOutcome::AlreadyDone(_) => Committed::AlreadyEnded,
+        StartOutcome::TenantMismatch => Committed::TenantMismatch,
+    });
     Ok(out
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| rest_done.next().unwrap_or(false)))
+        .map(|o| o.unwrap_or_else(|| rest_done.next().unwrap_or(Committed::AlreadyEnded)))
         .collect())
 }
 
@@ -1191,7 +1382,7 @@ async fn insert_ended(
 async fn complete_set(
     tx: &mut Tx,
     items: &[&(&Job, Completion<'_>)],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Vec<Committed>, StoreError> {
     let mut ended = end_jobs(tx, items).await?;
     let mut out = Vec::with_capacity(items.len());
     let mut written: Vec<(Uuid, &Completion<'_>)> = Vec::with_capacity(items.len());
@@ -1201,10 +1392,16 @@ async fn complete_set(
         let callback = match ended.remove(&job.job_id) {
             Some(callback) => callback,
             None => {
-                let status = ensure_job_locked(tx, job, Status::Running).await?;
-                if status.is_terminal() {
-                    out.push(false);
-                    continue;
+                match ensure_job_locked(tx, job, Status::Running).await? {
+                    Locked::Foreign => {
+                        out.push(Committed::TenantMismatch);
+                        continue;
+                    }
+                    Locked::Own(status) if status.is_terminal() => {
+                        out.push(Committed::AlreadyEnded);
+                        continue;
+                    }
+                    Locked::Own(_) => {}
                 }
                 end_jobs(tx, std::slice::from_ref(item))
                     .await?
@@ -1216,7 +1413,7 @@ async fn complete_set(
         if callback {
             callbacks.push(*item);
         }
-        out.push(true);
+        out.push(Committed::Written);
     }
     insert_summaries(tx, &written, false).await?;
     enqueue_completion_webhooks(tx, &callbacks).await?;
@@ -1262,13 +1459,14 @@ async fn end_jobs(
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "WITH done AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::text[],
-                                  $6::int4[], $7::int4[])
-             AS d(job_id, chunks, cost, tier, model, input_tokens, output_tokens)),
+                                  $6::int4[], $7::int4[], $8::text[])
+             AS d(job_id, chunks, cost, tier, model, input_tokens, output_tokens, tenant)),
          ended AS (
              UPDATE jobs SET status = 'succeeded', chunks = done.chunks, cost_usd = done.cost::numeric,
                              error_code = NULL, error = NULL, finished_at = now(), updated_at = now()
              FROM done
-             WHERE jobs.job_id = done.job_id AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
+             WHERE jobs.job_id = done.job_id AND jobs.tenant = done.tenant
+               AND jobs.status NOT IN ('succeeded', 'failed', 'dead')
              RETURNING jobs.job_id, jobs.tenant, jobs.callback_url IS NOT NULL AS callback),
          ledger AS (
              INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, input_tokens, output_tokens, cost_usd)
@@ -1286,6 +1484,7 @@ async fn end_jobs(
     .bind(column(items, |_, d| d.model))
     .bind(column(items, |_, d| d.input_tokens()))
     .bind(column(items, |_, d| d.output_tokens()))
+    .bind(column(items, |j, _| j.tenant.as_str()))
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows.into_iter().collect())
@@ -1312,25 +1511,33 @@ pub async fn mark_ended(
     .bind(status.as_str())
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    // Only the message's own tenant's row (or the row made for a message
+    // whose tenant could not be read) is ended: a message cannot end
+    // another tenant's job by naming its job_id.
+    let owner = tenant.unwrap_or("(unknown)");
+    let ended = sqlx::query(
         "UPDATE jobs SET status = $2, error_code = $3, error = $4, finished_at = now(), updated_at = now()
-         WHERE job_id = $1
+         WHERE job_id = $1 AND tenant = $5
            AND (status NOT IN ('succeeded', 'failed', 'dead') OR (status = $2 AND error_code IS NULL))",
     )
     .bind(job_id)
     .bind(status.as_str())
     .bind(code)
     .bind(message)
+    .bind(owner)
     .execute(&mut *tx)
-    .await?;
-    let tenant: String = sqlx::query_scalar("SELECT tenant FROM jobs WHERE job_id = $1")
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    .await?
+    .rows_affected();
+    if ended == 0 {
+        tx.commit().await?;
+        return Ok(());
+    }
+    release_estimate(&mut tx, job_id).await?;
+    let tenant = owner;
     let payload = crate::webhooks::event_payload(
         "job.failed",
         job_id,
-        &tenant,
+        tenant,
         status.as_str(),
         serde_json::json!({"error_code": code, "error": message}),
     );
@@ -1386,6 +1593,104 @@ pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobRow>, Stor
     }))
 }
 
+/// A job as its tenant sees it: the row and the reason of its latest route.
+#[derive(Debug, Clone)]
+pub struct TenantJob {
+    pub row: JobRow,
+    pub route_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The columns of a [`TenantJob`]: the tenant filter is in the SQL, and
+/// the latest route comes in the same query.
+macro_rules! tenant_job_select {
+    ($where:literal) => {
+        concat!(
+            "SELECT j.job_id, j.tenant, j.status, j.tier, j.model, j.attempts, j.chunks,
+                    j.error_code, j.error, j.cost_usd::float8 AS cost_usd, j.queued_at,
+                    j.routed_at, j.started_at, j.finished_at, j.created_at, r.reason
+             FROM jobs j
+             LEFT JOIN LATERAL (SELECT reason FROM route_decisions d
+                                WHERE d.job_id = j.job_id ORDER BY d.id DESC LIMIT 1) r ON true
+             WHERE j.tenant = $1 AND ",
+            $where
+        )
+    };
+}
+
+fn tenant_job(r: &sqlx::postgres::PgRow) -> Result<TenantJob, StoreError> {
+    Ok(TenantJob {
+        row: JobRow {
+            job_id: r.try_get("job_id")?,
+            tenant: r.try_get("tenant")?,
+            status: r.try_get("status")?,
+            tier: r.try_get("tier")?,
+            model: r.try_get("model")?,
+            attempts: r.try_get("attempts")?,
+            chunks: r.try_get("chunks")?,
+            error_code: r.try_get("error_code")?,
+            error: r.try_get("error")?,
+            cost_usd: r.try_get("cost_usd")?,
+            queued_at: r.try_get("queued_at")?,
+            routed_at: r.try_get("routed_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        },
+        route_reason: r.try_get("reason")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// A tenant's job, or None when there is no such job for this tenant.
+pub async fn tenant_job_by_id(
+    pool: &PgPool,
+    tenant: &str,
+    job_id: Uuid,
+) -> Result<Option<TenantJob>, StoreError> {
+    let row = sqlx::query(tenant_job_select!("j.job_id = $2"))
+        .bind(tenant)
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(tenant_job).transpose()
+}
+
+/// Which of a tenant's jobs to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<Status>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only jobs before this (created_at, job_id): the page cursor.
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// A page of a tenant's jobs in one query.
+pub async fn tenant_jobs(
+    pool: &PgPool,
+    tenant: &str,
+    f: &JobFilter,
+) -> Result<Vec<TenantJob>, StoreError> {
+    let rows = sqlx::query(tenant_job_select!(
+        "($2::text IS NULL OR j.status = $2)
+           AND ($3::timestamptz IS NULL OR j.created_at >= $3)
+           AND ($4::timestamptz IS NULL OR j.created_at < $4)
+           AND ($5::timestamptz IS NULL OR (j.created_at, j.job_id) < ($5, $6))
+         ORDER BY j.created_at DESC, j.job_id DESC LIMIT $7"
+    ))
+    .bind(tenant)
+    .bind(f.status.map(|s| s.as_str()))
+    .bind(f.since)
+    .bind(f.until)
+    .bind(f.before.map(|b| b.0))
+    .bind(f.before.map(|b| b.1))
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(tenant_job).collect()
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SummaryRow {
     pub kind: String,
@@ -1418,6 +1723,24 @@ pub async fn get_summaries(pool: &PgPool, job_id: Uuid) -> Result<Vec<SummaryRow
             })
         })
         .collect()
+}
+
+/// A tenant's job's summaries; None when there is no such job for it.
+pub async fn tenant_summaries(
+    pool: &PgPool,
+    tenant: &str,
+    job_id: Uuid,
+) -> Result<Option<Vec<SummaryRow>>, StoreError> {
+    let owned: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND tenant = $2)")
+            .bind(job_id)
+            .bind(tenant)
+            .fetch_one(pool)
+            .await?;
+    if !owned {
+        return Ok(None);
+    }
+    get_summaries(pool, job_id).await.map(Some)
 }
 
 /// Liveness of the database connection, for readiness probes.
@@ -1509,13 +1832,16 @@ mod tests {
         set_budget(&db, "a", Some(1.0), None).await.expect("budget");
         let [first, second, third, earlier] = [job("a"), job("a"), job("a"), job("b")];
         // `earlier` was routed by an earlier batch, to large.
-        let out = route_jobs(&db, &[&earlier], |_, _| Ok(decision("large", 0.0))).await;
+        let out = route_jobs(&db, &[&earlier], DefaultBudget::NONE, |_, _| {
+            Ok(decision("large", 0.0))
+        })
+        .await;
         assert!(matches!(out[0], Ok(RouteOutcome::Routed { .. })), "{out:?}");
         // Each job costs 0.3 of tenant a's 1.0. `first` comes twice;
         // `earlier` comes again.
         let mut seen = Vec::new();
         let batch = [&first, &second, &earlier, &first, &third];
-        let out = route_jobs(&db, &batch, |job, budget| {
+        let out = route_jobs(&db, &batch, DefaultBudget::NONE, |job, budget| {
             seen.push((job.job_id, budget.daily_remaining_usd));
             Ok(decision("compact", 0.3))
         })
@@ -1566,7 +1892,9 @@ mod tests {
             count("SELECT count(*) FROM usage_ledger WHERE entry = 'estimate'").await,
             4
         );
-        let budget = read_budget(&db, "a").await.expect("budget");
+        let budget = read_budget(&db, "a", DefaultBudget::NONE)
+            .await
+            .expect("budget");
         assert!((budget.daily_remaining_usd.unwrap_or(0.0) - 0.1).abs() < 1e-9);
         db.close().await;
         pg_tool("dropdb", &name);
@@ -1576,7 +1904,10 @@ mod tests {
     async fn a_worker_batch_starts_and_ends_rows_it_finds_in_any_state() {
         let (db, name) = private_db().await;
         let [routed, missing, ended] = [job("a"), job("a"), job("a")];
-        route_jobs(&db, &[&routed, &ended], |_, _| Ok(decision("compact", 0.0))).await;
+        route_jobs(&db, &[&routed, &ended], DefaultBudget::NONE, |_, _| {
+            Ok(decision("compact", 0.0))
+        })
+        .await;
         let only = [output("done before")];
         let before = Completion {
             tier: "compact",
@@ -1589,7 +1920,7 @@ mod tests {
         start_jobs(&db, "compact", &[(&ended, "m")]).await;
         assert!(matches!(
             complete_jobs(&db, &[(&ended, before)]).await[0],
-            Ok(true)
+            Ok(Committed::Written)
         ));
         // `missing` has no row yet (its router never wrote one), `ended`
         // is a redelivery of a finished job, `routed` comes twice.
@@ -1632,7 +1963,7 @@ mod tests {
         let ok: Vec<bool> = complete_jobs(&db, &items)
             .await
             .into_iter()
-            .map(|r| r.expect("completed"))
+            .map(|r| r.expect("completed") == Committed::Written)
             .collect();
         assert_eq!(ok, [true, true, false, false]);
         let texts = |id| {
@@ -1680,7 +2011,10 @@ mod tests {
         let (db, name) = private_db().await;
         let [routed, mut missing, ended, bad] = [job("a"), job("a"), job("a"), job("b")];
         missing.callback_url = Some("https://example.com/hook".into());
-        route_jobs(&db, &[&routed, &ended], |_, _| Ok(decision("compact", 0.0))).await;
+        route_jobs(&db, &[&routed, &ended], DefaultBudget::NONE, |_, _| {
+            Ok(decision("compact", 0.0))
+        })
+        .await;
         let outs = [output("done before"), output("first"), output("second")];
         assert!(matches!(
             start_and_complete_jobs(
@@ -1690,7 +2024,7 @@ mod tests {
                 rows_likely_missing
             )
             .await[0],
-            Ok(true)
+            Ok(Committed::Written)
         ));
         // `missing` has no row yet, `ended` is a redelivery of a finished
         // job, `routed` comes twice.
@@ -1703,7 +2037,7 @@ mod tests {
         let ok: Vec<bool> = start_and_complete_jobs(&db, "compact", &items, rows_likely_missing)
             .await
             .into_iter()
-            .map(|r| r.expect("completed"))
+            .map(|r| r.expect("completed") == Committed::Written)
             .collect();
         assert_eq!(ok, [true, true, false, false]);
         for (j, text, attempts) in [
@@ -1760,7 +2094,7 @@ mod tests {
             rows_likely_missing,
         )
         .await;
-        assert!(matches!(out[0], Ok(true)), "{:?}", out[0]);
+        assert!(matches!(out[0], Ok(Committed::Written)), "{:?}", out[0]);
         assert!(out[1].is_err(), "{:?}", out[1]);
         assert!(get_job(&db, bad.job_id).await.expect("read").is_none());
         db.close().await;
@@ -1801,9 +2135,9 @@ mod tests {
             })
             .collect();
         let done = complete_jobs(&db, &items).await;
-        assert!(matches!(done[0], Ok(true)), "{:?}", done[0]);
+        assert!(matches!(done[0], Ok(Committed::Written)), "{:?}", done[0]);
         assert!(done[1].is_err(), "{:?}", done[1]);
-        assert!(matches!(done[2], Ok(true)), "{:?}", done[2]);
+        assert!(matches!(done[2], Ok(Committed::Written)), "{:?}", done[2]);
         for (j, want) in jobs.iter().zip(["succeeded", "running", "succeeded"]) {
             let row = get_job(&db, j.job_id).await.expect("read").expect("row");
             assert_eq!(row.status, want, "{}", j.tenant);

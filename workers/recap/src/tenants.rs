@@ -13,11 +13,21 @@ use sqlx::PgPool;
 pub enum TenantsCommand {
     /// Create a tenant; prints its first API key and its webhook secret.
     Create { tenant: String },
-    /// Revoke the tenant's keys and issue a new one.
-    Rotate { tenant: String },
-    /// Revoke every key of the tenant.
-    Revoke { tenant: String },
-    /// Tenants and how many live keys each has (never the keys).
+    /// Issue a new key and revoke the tenant's others, in one transaction.
+    Rotate {
+        tenant: String,
+        /// Seconds the old keys stay valid, so that clients can switch over.
+        #[arg(long, default_value_t = 0)]
+        grace_s: u64,
+    },
+    /// Revoke every key of the tenant, or only the one with `--key`.
+    Revoke {
+        tenant: String,
+        /// The key's prefix as `recap tenants list` shows it (e.g. rk_1a2b3c4).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Tenants and their live keys' prefixes (never the keys).
     List,
 }
 
@@ -31,23 +41,34 @@ pub fn hash_key(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
 }
 
-async fn issue_key(pool: &PgPool, tenant: &str) -> Result<String> {
+async fn issue_key<'e>(db: impl sqlx::PgExecutor<'e>, tenant: &str) -> Result<String> {
     let key = format!("rk_{}", random_hex(24));
     sqlx::query("INSERT INTO api_keys (tenant, key_hash, key_prefix) VALUES ($1, $2, $3)")
         .bind(tenant)
         .bind(hash_key(&key))
         .bind(&key[..10])
-        .execute(pool)
+        .execute(db)
         .await?;
     Ok(key)
 }
 
-async fn revoke_all(pool: &PgPool, tenant: &str) -> Result<u64> {
+/// Revokes the tenant's live keys (those matching `prefix`, where given)
+/// as of `grace_s` seconds from now; how many.
+async fn revoke<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    tenant: &str,
+    prefix: Option<&str>,
+    grace_s: u64,
+) -> Result<u64> {
     Ok(sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE tenant = $1 AND revoked_at IS NULL",
+        "UPDATE api_keys SET revoked_at = now() + make_interval(secs => $3)
+         WHERE tenant = $1 AND ($2::text IS NULL OR key_prefix = $2)
+           AND (revoked_at IS NULL OR revoked_at > now())",
     )
     .bind(tenant)
-    .execute(pool)
+    .bind(prefix)
+    .bind(grace_s as f64)
+    .execute(db)
     .await?
     .rows_affected())
 }
@@ -83,30 +104,42 @@ pub async fn run(config: &Config, cmd: TenantsCommand) -> Result<()> {
             let key = issue_key(&pool, &tenant).await?;
             println!("tenant:         {tenant}\napi key:        {key}\nwebhook secret: {secret}\n(the key is shown once; only its hash is stored)");
         }
-        TenantsCommand::Rotate { tenant } => {
+        TenantsCommand::Rotate { tenant, grace_s } => {
             if !exists(&pool, &tenant).await? {
                 bail!("no tenant {tenant}");
             }
-            let n = revoke_all(&pool, &tenant).await?;
-            let key = issue_key(&pool, &tenant).await?;
-            println!("revoked {n} key(s) of {tenant}\nnew api key: {key}");
+            // One transaction: a failure leaves the old keys working.
+            let mut tx = pool.begin().await?;
+            let n = revoke(&mut *tx, &tenant, None, grace_s).await?;
+            let key = issue_key(&mut *tx, &tenant).await?;
+            tx.commit().await?;
+            let when = if grace_s == 0 {
+                "now".to_string()
+            } else {
+                format!("in {grace_s} s")
+            };
+            println!("revoked {n} key(s) of {tenant} ({when})\nnew api key: {key}");
         }
-        TenantsCommand::Revoke { tenant } => {
+        TenantsCommand::Revoke { tenant, key } => {
             if !exists(&pool, &tenant).await? {
                 bail!("no tenant {tenant}");
             }
-            let n = revoke_all(&pool, &tenant).await?;
+            let n = revoke(&pool, &tenant, key.as_deref(), 0).await?;
+            if key.is_some() && n == 0 {
+                bail!("{tenant} has no live key with that prefix (see `recap tenants list`)");
+            }
             println!("revoked {n} key(s) of {tenant}");
         }
         TenantsCommand::List => {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT t.tenant, count(k.id) FILTER (WHERE k.revoked_at IS NULL)
+            let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+                "SELECT t.tenant, coalesce(array_agg(k.key_prefix ORDER BY k.id)
+                            FILTER (WHERE k.id IS NOT NULL AND (k.revoked_at IS NULL OR k.revoked_at > now())), '{}')
                  FROM tenants t LEFT JOIN api_keys k ON k.tenant = t.tenant GROUP BY t.tenant ORDER BY t.tenant",
             )
             .fetch_all(&pool)
             .await?;
-            for (t, n) in rows {
-                println!("{t}\t{n} live key(s)");
+            for (t, keys) in rows {
+                println!("{t}\t{} live key(s)\t{}", keys.len(), keys.join(" "));
             }
         }
     }
@@ -118,7 +151,8 @@ pub async fn authenticate(pool: &PgPool, presented: &str) -> Result<Option<Strin
     use subtle::ConstantTimeEq;
     let hash = hash_key(presented);
     let row: Option<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT tenant, key_hash FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        "SELECT tenant, key_hash FROM api_keys
+         WHERE key_hash = $1 AND (revoked_at IS NULL OR revoked_at > now())",
     )
     .bind(&hash)
     .fetch_optional(pool)

@@ -7,7 +7,7 @@ use crate::consume::{Ctx, Handler, Verdict};
 use crate::metrics::metrics;
 use crate::policy::SharedPolicy;
 use crate::queue::{self, EXCHANGE_JOBS, H_CASCADE, H_MODEL, H_SHADOW};
-use crate::store::{self, Completion, Decision, StartOutcome};
+use crate::store::{self, Committed, Completion, Decision, StartOutcome};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use recap_engine::{EngineError, Extractive, SummarizeRequest, Summarizer, SummaryOutput};
@@ -93,8 +93,9 @@ impl Worker {
             shadow: false,
         };
         match store::record_cascade(&self.pool, job, &decision).await {
-            Ok(true) => {}
-            Ok(false) => return Verdict::Ack,
+            Ok(Committed::Written) => {}
+            Ok(Committed::AlreadyEnded) => return Verdict::Ack,
+            Ok(Committed::TenantMismatch) => return Verdict::tenant_mismatch(job),
             Err(e) => {
                 return Verdict::Requeue {
                     detail: format!("recording the cascade: {e}"),
@@ -183,6 +184,9 @@ impl Worker {
             }
             match outcomes.next() {
                 Some(Ok(StartOutcome::Run { .. })) => keep.push(run),
+                Some(Ok(StartOutcome::TenantMismatch)) => {
+                    verdicts[run.at] = Some(Verdict::tenant_mismatch(&run.job));
+                }
                 Some(Ok(StartOutcome::AlreadyDone(status))) => {
                     tracing::info!(job_id = %run.job.job_id, status = status.as_str(), "job already ended; redelivery acked");
                     verdicts[run.at] = Some(Verdict::Ack);
@@ -340,7 +344,8 @@ impl Worker {
                 let done = self.completion(r);
                 verdicts[r.run.at] = Some(
                     match store::record_shadow(&self.pool, &r.run.job, &done).await {
-                        Ok(()) => Verdict::Ack,
+                        Ok(Committed::TenantMismatch) => Verdict::tenant_mismatch(&r.run.job),
+                        Ok(_) => Verdict::Ack,
                         Err(e) => Verdict::Requeue {
                             detail: format!("recording the shadow run: {e}"),
                         },
@@ -385,7 +390,7 @@ impl Worker {
         let mut succeeded = Vec::new();
         for ((r, (_, done)), outcome) in to_complete.iter().zip(&items).zip(outcomes) {
             verdicts[r.run.at] = Some(match outcome {
-                Ok(true) => {
+                Ok(Committed::Written) => {
                     events.push(crate::webhooks::event_payload(
                         "job.completed",
                         r.run.job.job_id,
@@ -396,10 +401,11 @@ impl Worker {
                     succeeded.push((*r, done.cost_usd));
                     Verdict::Ack
                 }
-                Ok(false) => {
+                Ok(Committed::AlreadyEnded) => {
                     tracing::info!(job_id = %r.run.job.job_id, "job ended meanwhile; result discarded");
                     Verdict::Ack
                 }
+                Ok(Committed::TenantMismatch) => Verdict::tenant_mismatch(&r.run.job),
                 Err(e) => Verdict::Requeue {
                     detail: format!("committing the summaries: {e}"),
                 },

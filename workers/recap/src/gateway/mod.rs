@@ -4,6 +4,7 @@
 
 mod problem;
 mod ratelimit;
+mod serve;
 
 use crate::config::Config;
 use crate::metrics::metrics;
@@ -22,7 +23,7 @@ use problem::Problem;
 use ratelimit::RateLimiter;
 use recap_job::{RejectCode, SubmissionError};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use utoipa::{OpenApi, ToSchema};
@@ -34,18 +35,24 @@ pub struct Gateway {
     publisher: Mutex<Option<(lapin::Connection, lapin::Channel)>>,
     limiter: RateLimiter,
     pub readiness: Arc<Readiness>,
+    webhook_allow: crate::webhooks::egress::AllowList,
 }
 
 type Shared = Arc<Gateway>;
 
 impl Gateway {
     pub fn new(pool: PgPool, config: Arc<Config>, readiness: Arc<Readiness>) -> Gateway {
+        // Validated with the rest of the config at start.
+        let webhook_allow =
+            crate::webhooks::egress::AllowList::parse(&config.gateway.webhook_allow)
+                .unwrap_or_default();
         Gateway {
             limiter: RateLimiter::new(config.gateway.rate_per_s, config.gateway.burst),
             pool,
             config,
             publisher: Mutex::new(None),
             readiness,
+            webhook_allow,
         }
     }
 
@@ -58,10 +65,10 @@ impl Gateway {
         if !healthy {
             let conn = queue::connect(&self.config, "gateway")
                 .await
-                .map_err(|e| Problem::unavailable(format!("broker unavailable: {e}")))?;
+                .map_err(broker_unavailable)?;
             let ch = queue::confirm_channel(&conn)
                 .await
-                .map_err(|e| Problem::unavailable(format!("broker unavailable: {e}")))?;
+                .map_err(broker_unavailable)?;
             *guard = Some((conn, ch));
             self.readiness.set_broker(true);
         }
@@ -73,9 +80,10 @@ impl Gateway {
         if let Err(e) = result {
             *guard = None;
             self.readiness.set_broker(false);
-            return Err(Problem::unavailable(format!(
-                "the job could not be queued ({e}); retry with the same job_id"
-            )));
+            tracing::warn!(error = %e, %job_id, "publishing a job failed");
+            return Err(Problem::unavailable(
+                "the job could not be queued; retry with the same job_id",
+            ));
         }
         Ok(())
     }
@@ -134,6 +142,25 @@ pub struct ListParams {
     pub after: Option<String>,
 }
 
+/// The database failed: logged with its cause; the client hears only that.
+fn db_unavailable(e: impl std::fmt::Display) -> Problem {
+    tracing::warn!(error = %e, "database error answering a request");
+    Problem::unavailable("the database is unavailable; retry")
+}
+
+/// The broker failed: logged with its cause; the client hears only that.
+fn broker_unavailable(e: impl std::fmt::Display) -> Problem {
+    tracing::warn!(error = %e, "broker error answering a request");
+    Problem::unavailable("the broker is unavailable; retry with the same job_id")
+}
+
+/// The tenant of the request's API key, within the tenant's request rate.
+async fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<String, Problem> {
+    let tenant = authenticate(gw, headers).await?;
+    rate_limit(gw, &tenant)?;
+    Ok(tenant)
+}
+
 async fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Problem> {
     let value = headers
         .get(header::AUTHORIZATION)
@@ -149,7 +176,7 @@ async fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Probl
     match tenants::authenticate(&gw.pool, key).await {
         Ok(Some(t)) => Ok(t),
         Ok(None) => Err(Problem::unauthorized("the API key is unknown or revoked")),
-        Err(e) => Err(Problem::unavailable(format!("database unavailable: {e}"))),
+        Err(e) => Err(db_unavailable(e)),
     }
 }
 
@@ -168,26 +195,21 @@ fn rate_limit(gw: &Gateway, tenant: &str) -> Result<(), Problem> {
 }
 
 async fn job_view(pool: &PgPool, job_id: Uuid, tenant: &str) -> Result<Option<JobView>, Problem> {
-    let row = store::get_job(pool, job_id)
+    Ok(store::tenant_job_by_id(pool, tenant, job_id)
         .await
-        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
-    let Some(r) = row.filter(|r| r.tenant == tenant) else {
-        return Ok(None);
-    };
-    let reason: Option<String> = sqlx::query_scalar(
-        "SELECT reason FROM route_decisions WHERE job_id = $1 ORDER BY id DESC LIMIT 1",
-    )
-    .bind(job_id)
-    .fetch_optional(pool)
-    .await
-    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
-    Ok(Some(JobView {
+        .map_err(db_unavailable)?
+        .map(view))
+}
+
+fn view(j: store::TenantJob) -> JobView {
+    let r = j.row;
+    JobView {
         job_id: r.job_id,
         tenant: r.tenant,
         status: r.status,
         tier: r.tier,
         model: r.model,
-        route_reason: reason,
+        route_reason: j.route_reason,
         attempts: r.attempts,
         chunks: r.chunks,
         cost_usd: r.cost_usd,
@@ -197,7 +219,7 @@ async fn job_view(pool: &PgPool, job_id: Uuid, tenant: &str) -> Result<Option<Jo
         routed_at: r.routed_at,
         started_at: r.started_at,
         finished_at: r.finished_at,
-    }))
+    }
 }
 
 fn with_location(status: StatusCode, view: JobView) -> Response {
@@ -250,8 +272,7 @@ async fn submit(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, Problem> {
-    let tenant = authenticate(&gw, &headers).await?;
-    rate_limit(&gw, &tenant)?;
+    let tenant = authorize(&gw, &headers).await?;
     let limit = gw.config.gateway.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         Problem::new(
@@ -280,16 +301,33 @@ async fn submit(
                 SubmissionError::Rejected(r) => rejection(r),
             }
         })?;
+    if let Some(url) = &job.callback_url {
+        vet_callback(url, &gw.webhook_allow).await.map_err(|r| {
+            metrics()
+                .gateway_submissions_total
+                .with_label_values(&["rejected"])
+                .inc();
+            let mut p = Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "callback_refused",
+                format!("callback_url is refused: {r}"),
+            );
+            p.field = Some("callback_url".into());
+            p
+        })?;
+    }
 
     let created = store::insert_queued(&gw.pool, &job)
         .await
-        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+        .map_err(db_unavailable)?;
     let existing = job_view(&gw.pool, job.job_id, &tenant).await?;
     let Some(view) = existing else {
+        // job_ids are global: one held by another tenant is refused
+        // without a word on whose it is.
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "job_id_in_use",
-            "this job_id is in use; choose another",
+            "this job_id cannot be used; choose another (job_ids are global)",
         ));
     };
     // A job still `queued` may never have reached the broker (a crash or a
@@ -326,7 +364,7 @@ async fn get_job(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, Problem> {
-    let tenant = authenticate(&gw, &headers).await?;
+    let tenant = authorize(&gw, &headers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
     job_view(&gw.pool, id, &tenant)
         .await?
@@ -350,14 +388,12 @@ async fn get_summaries(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<SummaryView>>, Problem> {
-    let tenant = authenticate(&gw, &headers).await?;
+    let tenant = authorize(&gw, &headers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
-    if job_view(&gw.pool, id, &tenant).await?.is_none() {
-        return Err(Problem::not_found());
-    }
-    let rows = store::get_summaries(&gw.pool, id)
+    let rows = store::tenant_summaries(&gw.pool, &tenant, id)
         .await
-        .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+        .map_err(db_unavailable)?
+        .ok_or_else(Problem::not_found)?;
     Ok(Json(
         rows.into_iter()
             .map(|s| SummaryView {
@@ -389,81 +425,51 @@ async fn list_jobs(
     headers: HeaderMap,
     Query(p): Query<ListParams>,
 ) -> Result<Json<JobPage>, Problem> {
-    let tenant = authenticate(&gw, &headers).await?;
+    let tenant = authorize(&gw, &headers).await?;
     let limit = p.limit.unwrap_or(50);
+    let bad = |detail: String| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail);
     if !(1..=200).contains(&limit) {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "limit must be 1-200",
-        ));
+        return Err(bad("limit must be 1-200".into()));
     }
-    if let Some(s) = &p.status {
-        if store::Status::parse(s).is_none() {
-            return Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("unknown status {s:?}"),
-            ));
-        }
-    }
-    // The cursor is the last row's (created_at, job_id).
-    let after: Option<(DateTime<Utc>, Uuid)> = match &p.after {
+    let status = match &p.status {
         None => None,
-        Some(c) => {
-            let bad = || {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_query",
-                    "bad `after` cursor",
-                )
-            };
-            let (t, id) = c.split_once('_').ok_or_else(bad)?;
-            let micros: i64 = t.parse().map_err(|_| bad())?;
-            Some((
-                DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
-                Uuid::parse_str(id).map_err(|_| bad())?,
-            ))
+        Some(s) => {
+            Some(store::Status::parse(s).ok_or_else(|| bad(format!("unknown status {s:?}")))?)
         }
     };
-    let rows = sqlx::query(
-        "SELECT job_id, created_at FROM jobs
-         WHERE tenant = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::timestamptz IS NULL OR created_at >= $3)
-           AND ($4::timestamptz IS NULL OR created_at < $4)
-           AND ($5::timestamptz IS NULL OR (created_at, job_id) < ($5, $6))
-         ORDER BY created_at DESC, job_id DESC LIMIT $7",
-    )
-    .bind(&tenant)
-    .bind(&p.status)
-    .bind(p.since)
-    .bind(p.until)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(limit + 1)
-    .fetch_all(&gw.pool)
-    .await
-    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
+    // The cursor is the last row's (created_at, job_id).
+    let before = match &p.after {
+        None => None,
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| bad("bad `after` cursor".into()))?),
+    };
+    let filter = store::JobFilter {
+        status,
+        since: p.since,
+        until: p.until,
+        before,
+        limit: limit + 1,
+    };
+    let mut rows = store::tenant_jobs(&gw.pool, &tenant, &filter)
+        .await
+        .map_err(db_unavailable)?;
     let more = rows.len() as i64 > limit;
-    let mut jobs = Vec::new();
-    let mut last = None;
-    for r in rows.iter().take(limit as usize) {
-        let id: Uuid = r
-            .try_get("job_id")
-            .map_err(|e| Problem::unavailable(e.to_string()))?;
-        let at: DateTime<Utc> = r
-            .try_get("created_at")
-            .map_err(|e| Problem::unavailable(e.to_string()))?;
-        if let Some(v) = job_view(&gw.pool, id, &tenant).await? {
-            jobs.push(v);
-        }
-        last = Some(format!("{}_{id}", at.timestamp_micros()));
-    }
+    rows.truncate(limit as usize);
+    let next = rows
+        .last()
+        .filter(|_| more)
+        .map(|j| format!("{}_{}", j.created_at.timestamp_micros(), j.row.job_id));
     Ok(Json(JobPage {
-        jobs,
-        next: if more { last } else { None },
+        jobs: rows.into_iter().map(view).collect(),
+        next,
     }))
+}
+
+fn parse_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (t, id) = c.split_once('_')?;
+    Some((
+        DateTime::from_timestamp_micros(t.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
 }
 
 /// Cancel a job that is still queued or routed.
@@ -483,32 +489,43 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, Problem> {
-    let tenant = authenticate(&gw, &headers).await?;
+    let tenant = authorize(&gw, &headers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found())?;
-    let done = sqlx::query(
-        "UPDATE jobs SET status = 'failed', error_code = 'cancelled', error = 'cancelled by the client',
-                         finished_at = now(), updated_at = now()
-         WHERE job_id = $1 AND tenant = $2 AND status IN ('queued', 'routed')",
-    )
-    .bind(id)
-    .bind(&tenant)
-    .execute(&gw.pool)
-    .await
-    .map_err(|e| Problem::unavailable(format!("database unavailable: {e}")))?;
-    let view = job_view(&gw.pool, id, &tenant)
-        .await?
-        .ok_or_else(Problem::not_found)?;
-    if done.rows_affected() == 0 {
-        return Err(Problem::new(
+    match store::cancel_job(&gw.pool, id, &tenant)
+        .await
+        .map_err(db_unavailable)?
+    {
+        store::Cancelled::NotFound => Err(Problem::not_found()),
+        store::Cancelled::TooLate(status) => Err(Problem::new(
             StatusCode::CONFLICT,
             "not_cancellable",
             format!(
                 "the job is {}; only queued or routed jobs can be cancelled",
-                view.status
+                status.as_str()
             ),
-        ));
+        )),
+        store::Cancelled::Done => {
+            gw.publish_event(&store::cancel_event(id, &tenant)).await;
+            job_view(&gw.pool, id, &tenant)
+                .await?
+                .map(Json)
+                .ok_or_else(Problem::not_found)
+        }
     }
-    Ok(Json(view))
+}
+
+/// Checks a callback URL before the job is accepted: the same guard the
+/// dispatcher applies, with the host resolved now (the dispatcher resolves
+/// it again at delivery, and connects only to what it vetted then).
+async fn vet_callback(
+    url: &str,
+    allow: &crate::webhooks::egress::AllowList,
+) -> Result<(), crate::webhooks::egress::Refusal> {
+    let target = crate::webhooks::egress::check_url(url, allow)?;
+    if target.literal.is_some() || target.allowed {
+        return Ok(());
+    }
+    crate::webhooks::vet_name(&target).await.map(|_| ())
 }
 
 struct ApiKeyScheme;
@@ -547,7 +564,11 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], openapi_json())
 }
 
-pub fn app(gw: Shared, probes: ProbeState) -> Router {
+/// The API routes behind the server's guards, with `/healthz` for load
+/// balancers. Readiness and metrics are served on `metrics.listen` only:
+/// they name tenants and ping the database.
+pub fn app(gw: Shared) -> Router {
+    let guards = Arc::new(serve::Guards::new(&gw.config.gateway));
     let api = Router::new()
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
@@ -556,8 +577,9 @@ pub fn app(gw: Shared, probes: ProbeState) -> Router {
         .route("/openapi.json", get(openapi))
         // The body limit is enforced in `submit`, so that it answers problem+json.
         .layer(DefaultBodyLimit::disable())
-        .with_state(gw);
-    api.merge(probes::routes(probes))
+        .with_state(gw)
+        .route("/healthz", get(|| async { "ok" }));
+    serve::guarded(api, guards)
 }
 
 pub async fn run(
@@ -577,9 +599,7 @@ pub async fn run(
     if let Err(p) = gw.publish_probe().await {
         tracing::warn!(detail = %p.detail, "broker not reachable yet; readiness stays false until it is");
     }
-    crate::webhooks::spawn_dispatcher(pool.clone(), shutdown.clone());
-    // The probes are on the API port too; metrics.listen gives them the same
-    // port as every other process (what the ServiceMonitor scrapes).
+    crate::webhooks::spawn_dispatcher(pool.clone(), gw.webhook_allow.clone(), shutdown.clone());
     probes::serve(
         &config.metrics.listen,
         ProbeState {
@@ -591,25 +611,32 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    tracing::info!(%listen, "gateway serving /v1/jobs, /openapi.json, /healthz, /readyz, /metrics");
-    let app = app(
-        gw,
-        ProbeState {
-            readiness: readiness.clone(),
-            pool: Some(pool),
-        },
-    );
+    tracing::info!(%listen, metrics = %config.metrics.listen, "gateway serving /v1/jobs, /openapi.json and /healthz; /readyz and /metrics on the metrics address");
     let stop = readiness.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.wait().await;
-            stop.set_stopping();
-        })
-        .await?;
+    serve::serve(listener, app(gw), &config.gateway, async move {
+        shutdown.wait().await;
+        stop.set_stopping();
+    })
+    .await;
     Ok(())
 }
 
 impl Gateway {
+    /// Publishes a job event on recap.events; a lost one is logged (the
+    /// webhook outbox row is already committed).
+    async fn publish_event(&self, payload: &serde_json::Value) {
+        let guard = self.publisher.lock().await;
+        let sent = match guard.as_ref() {
+            Some((_, ch)) => crate::webhooks::publish_event(ch, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no broker connection".into()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(job_id = %payload["job_id"], error = %e, "event not published");
+        }
+    }
+
     async fn publish_probe(&self) -> Result<(), Problem> {
         let mut guard = self.publisher.lock().await;
         let conn = queue::connect(&self.config, "gateway")
