@@ -2,7 +2,8 @@
 //! processes: callback URLs aimed inside (refused up front and at delivery,
 //! redirects not followed), a slowloris connection, a trickled body,
 //! unauthenticated floods, probes on the public port, a cross-tenant
-//! job_id on AMQP, and two webhook dispatchers sharing a slow receiver.
+//! job_id on AMQP, two webhook dispatchers sharing a slow receiver, and
+//! every process running as its own broker user from deploy/rabbitmq.
 //! Each is refused, nothing is stored, and the process stays up. Every
 //! address here is loopback; non-loopback targets are tried only through
 //! the pure guard (workers/recap/src/webhooks/egress.rs).
@@ -633,4 +634,199 @@ async fn a_rotation_keeps_old_keys_for_its_grace_and_one_key_can_be_revoked() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "an unknown prefix is an error");
+}
+
+/// Broker users made from deploy/rabbitmq/definitions.json's permissions,
+/// in one test vhost under names of their own; deleted on drop.
+struct RoleUsers {
+    urls: HashMap<String, String>,
+    names: Vec<String>,
+}
+
+impl RoleUsers {
+    fn create(vhost: &str) -> RoleUsers {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/rabbitmq/definitions.json");
+        let defs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let suffix = &Uuid::new_v4().simple().to_string()[..8];
+        let mut users = RoleUsers {
+            urls: HashMap::new(),
+            names: Vec::new(),
+        };
+        for user in defs["users"].as_array().unwrap() {
+            // Services run without management tags.
+            assert_eq!(user["tags"], serde_json::json!([]), "{user}");
+        }
+        for p in defs["permissions"].as_array().unwrap() {
+            let role = p["user"].as_str().unwrap();
+            let name = format!("{role}-{suffix}");
+            let password = Uuid::new_v4().simple().to_string();
+            rabbitmqctl_ok(&["-q", "add_user", &name, &password]);
+            users.names.push(name.clone());
+            let perm = |k: &str| p[k].as_str().unwrap().to_string();
+            rabbitmqctl_ok(&[
+                "-q",
+                "set_permissions",
+                "-p",
+                vhost,
+                &name,
+                &perm("configure"),
+                &perm("write"),
+                &perm("read"),
+            ]);
+            users.urls.insert(
+                role.to_string(),
+                format!("amqp://{name}:{password}@127.0.0.1:5672/{vhost}"),
+            );
+        }
+        users
+    }
+
+    fn url(&self, role: &str) -> &str {
+        self.urls
+            .get(role)
+            .unwrap_or_else(|| panic!("definitions.json has no {role}"))
+    }
+}
+
+impl Drop for RoleUsers {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_user", name])
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_runs_with_only_its_broker_permissions() {
+    let mut env = TestEnv::new("abuseroles").await;
+    let roles = RoleUsers::create(&env.name);
+    // migrate declares the topology as recap-migrate.
+    let out = env
+        .command(&["migrate"])
+        .env("RECAP_AMQP_URL", roles.url("recap-migrate"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate as recap-migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acme = create_tenant(&env, "acme");
+    env.spawn(
+        &["router"],
+        &[("RECAP_AMQP_URL", roles.url("recap-router"))],
+    );
+    env.spawn(
+        &["worker", "--tier", "compact"],
+        &[("RECAP_AMQP_URL", roles.url("recap-worker"))],
+    );
+    let base = start_gateway(&mut env, &[("RECAP_AMQP_URL", roles.url("recap-gateway"))]).await;
+
+    // A job through the gateway, one from a producer, and one the router
+    // refuses (it dead-letters it): every role publishes and consumes.
+    let via_gateway = Uuid::new_v4();
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&acme.key)
+        .json(&job_body(via_gateway, serde_json::json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status().as_u16(),
+        202,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    let producer = lapin::Connection::connect(
+        roles.url("recap-producer"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("the producer connects");
+    let ch = confirm_channel(&producer).await;
+    publish(
+        &ch,
+        "ingest",
+        &job_json(Uuid::new_v4(), "acme", &["short"]),
+        None,
+    )
+    .await;
+    publish(&ch, "ingest", b"{not a job", None).await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            2,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done, 2, "logs:\n{}", env.logs());
+    let guest = env.amqp().await;
+    let dead = drain_dead(&guest, 1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1, "logs:\n{}", env.logs());
+    assert!(
+        !env.logs().contains("ACCESS_REFUSED"),
+        "a role lacks a permission it uses; logs:\n{}",
+        env.logs()
+    );
+
+    // A producer writes recap.jobs and nothing else: it reads no work
+    // queue and publishes no events.
+    let taken = producer
+        .create_channel()
+        .await
+        .unwrap()
+        .basic_get(
+            "recap.compact".into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(&taken, Err(e) if format!("{e:?}").contains("ACCESS_REFUSED")),
+        "the producer read a work queue: {taken:?}"
+    );
+    let ch = confirm_channel(&producer).await;
+    let forged = async {
+        ch.basic_publish(
+            "recap.events".into(),
+            "job.completed.acme".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default(),
+        )
+        .await?
+        .await
+    }
+    .await;
+    // The broker closes the channel (ACCESS_REFUSED); the confirm never acks.
+    let acked = matches!(&forged, Ok(c) if c.is_ack());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !acked && !ch.status().connected(),
+        "the producer published an event: {forged:?}"
+    );
+    // The gateway's user reads no queue either.
+    let gateway = lapin::Connection::connect(
+        roles.url("recap-gateway"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let taken = gateway
+        .create_channel()
+        .await
+        .unwrap()
+        .basic_get(
+            "recap.ingest".into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(&taken, Err(e) if format!("{e:?}").contains("ACCESS_REFUSED")),
+        "the gateway read recap.ingest: {taken:?}"
+    );
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const ALL_KINDS: [&str; 4] = ["overview", "action_items", "decisions", "short"];
@@ -105,19 +105,19 @@ async fn the_same_job_twice_gives_one_job_and_one_set_of_summaries() {
     // redelivery would arrive, and once more on ingest.
     publish(&ch, "compact", &body, Some(&id.to_string())).await;
     publish(&ch, "ingest", &body, Some(&id.to_string())).await;
-    // Let every copy drain through.
-    for _ in 0..50 {
-        if queue_depth(&conn, "recap.ingest").await == 0
-            && queue_depth(&conn, "recap.compact").await == 0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every copy is taken and settled: nothing in flight.
+    env.wait_drained(&["recap.ingest", "recap.compact"], Duration::from_secs(30))
+        .await;
+    // The keys make one row of each; recap's own code decides that the
+    // copies were routed and run no second time.
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM route_decisions").await, 1);
+    assert_eq!(
+        env.count("SELECT attempts::bigint FROM jobs").await,
+        1,
+        "the late copy was not run again"
+    );
     assert_eq!(
         env.count("SELECT count(*) FROM usage_ledger WHERE entry = 'actual'")
             .await,
@@ -157,15 +157,10 @@ async fn jobs_published_straight_onto_a_tier_are_recorded_whole_once() {
         )
         .await;
     assert_eq!(done, 50, "logs:\n{}", env.logs());
-    // The copies arrive after every job has ended.
+    // The copies arrive after every job has ended, and are all settled.
     publish_jobs(&ch, "compact", &jobs[..10]).await;
-    for _ in 0..50 {
-        if queue_depth(&conn, "recap.compact").await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.wait_drained(&["recap.compact"], Duration::from_secs(30))
+        .await;
     assert_eq!(
         env.count(
             "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND attempts = 1
@@ -336,32 +331,55 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_workers_live_on() {
 async fn sigterm_mid_batch_then_restart_loses_nothing_and_doubles_nothing() {
     let mut env = TestEnv::new("sigterm").await;
     env.migrate();
-    env.spawn(&["router"], &[("RECAP_AMQP_PREFETCH", "16")]);
-    let worker = env.spawn(
-        &["worker", "--tier", "compact"],
-        &[("RECAP_AMQP_PREFETCH", "4")],
-    );
+    // SmolLM2 takes long enough per job that the signal lands while jobs
+    // run; a policy without rules keeps every job on the compact tier.
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"sigterm\"\nrules = []\n").unwrap();
+    let policy = policy.to_str().unwrap().to_string();
+    let vars = [
+        ("RECAP_COMPACT_MODEL", "smollm2-135m-instruct-q4_1"),
+        ("RECAP_POLICY", policy.as_str()),
+        ("RECAP_AMQP_PREFETCH", "4"),
+    ];
+    env.spawn(&["router"], &vars);
+    let worker = env.spawn(&["worker", "--tier", "compact"], &vars);
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
-    let total = 600i64;
-    for _ in 0..total {
-        let id = Uuid::new_v4();
-        publish(
-            &ch,
-            "ingest",
-            &job_json(id, "acme", &["overview", "decisions"]),
-            Some(&id.to_string()),
+    let total = 24i64;
+    let jobs: Vec<(Uuid, Vec<u8>)> = (0..total)
+        .map(|_| {
+            let id = Uuid::new_v4();
+            (id, job_json(id, "acme", &["short"]))
+        })
+        .collect();
+    publish_jobs(&ch, "ingest", &jobs).await;
+    let started = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            2,
+            Duration::from_secs(120),
         )
         .await;
-    }
-    env.wait_count(
-        "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-        50,
-        Duration::from_secs(60),
-    )
-    .await;
+    assert!(started >= 2, "the worker ran jobs; logs:\n{}", env.logs());
+    // Signal while jobs are running.
+    let begin = Instant::now();
+    let running: Vec<Uuid> = loop {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT job_id FROM jobs WHERE status = 'running'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+        if !ids.is_empty() {
+            break ids;
+        }
+        assert!(
+            begin.elapsed() < Duration::from_secs(60),
+            "no job was ever running; logs:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     env.signal(worker, libc::SIGTERM);
-    let code = env.wait_exit(worker, Duration::from_secs(30));
+    let code = env.wait_exit(worker, Duration::from_secs(60));
     assert_eq!(
         code,
         Some(0),
@@ -381,22 +399,33 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_doubles_nothing() {
         0,
         "in-flight jobs finished or were handed back"
     );
+    // Each job that ran at the signal finished within the grace period.
+    let states: Vec<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = ANY($1)")
+        .bind(&running)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(states.len(), running.len());
+    assert!(states.iter().all(|s| s == "succeeded"), "{states:?}");
 
-    env.spawn(
-        &["worker", "--tier", "compact"],
-        &[("RECAP_AMQP_PREFETCH", "4")],
-    );
+    env.spawn(&["worker", "--tier", "compact"], &vars);
     let done = env
         .wait_count(
             "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
             total,
-            Duration::from_secs(120),
+            Duration::from_secs(240),
         )
         .await;
     assert_eq!(done, total, "logs:\n{}", env.logs());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.wait_drained(&["recap.ingest", "recap.compact"], Duration::from_secs(30))
+        .await;
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);
-    assert_eq!(env.count("SELECT count(*) FROM summaries").await, 2 * total);
+    assert_eq!(env.count("SELECT count(*) FROM summaries").await, total);
+    assert_eq!(
+        env.count("SELECT count(*) FROM usage_ledger WHERE entry = 'actual'")
+            .await,
+        total
+    );
     assert_eq!(queue_depth(&conn, "recap.dead").await, 0);
 }
 

@@ -173,18 +173,33 @@ output_per_1k = 0.001
         String::from_utf8_lossy(&out.stderr)
     );
     let vars = models(&policy);
-    spawn_with(
-        &mut env,
-        &["router"],
-        &vars,
-        &[("RECAP_AMQP_PREFETCH", "8")],
-    );
-    spawn_with(
-        &mut env,
-        &["router"],
-        &vars,
-        &[("RECAP_AMQP_PREFETCH", "8")],
-    );
+    // Each router serves its metrics, so that the test sees both route.
+    let addrs = [free_addr(), free_addr()];
+    for addr in &addrs {
+        spawn_with(
+            &mut env,
+            &["router"],
+            &vars,
+            &[("RECAP_AMQP_PREFETCH", "8"), ("RECAP_METRICS_LISTEN", addr)],
+        );
+    }
+    // Both consume before the first job comes.
+    for addr in &addrs {
+        let start = std::time::Instant::now();
+        while reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "router on {addr} never ready; logs:\n{}",
+                env.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
     let n = 40;
@@ -223,6 +238,17 @@ output_per_1k = 0.001
             + count(LARGE),
         n
     );
+    // The budget held with both routers deciding, not one.
+    let mut each = Vec::new();
+    for addr in &addrs {
+        let text = scrape(&format!("http://{addr}/metrics")).await;
+        each.push(metric_sum(&text, "recap_route_decisions_total", &[]));
+    }
+    assert!(
+        each.iter().all(|n| *n >= 1.0),
+        "routed by each router: {each:?}"
+    );
+    assert_eq!(each.iter().sum::<f64>() as i64, n, "{each:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,6 +359,13 @@ async fn a_sighup_policy_change_applies_to_the_next_job_and_a_bad_one_is_refused
         reasons(&env, third).await,
         vec![("compact".to_string(), "default".to_string())]
     );
+    let version: String =
+        sqlx::query_scalar("SELECT policy_version FROM route_decisions WHERE job_id = $1")
+            .bind(third)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, "b", "the refused policy c never applied");
     assert!(env.is_running(router));
     assert!(
         env.logs().contains("telepathy"),

@@ -1,6 +1,7 @@
 //! Security: SQL only as static text with bound parameters; passwords never
 //! reach logs or errors, whatever the log level; a size limit at every entry
-//! point. (Tenant isolation and API keys/webhook secrets: tests/gateway.rs.)
+//! point; API keys and webhook secrets never reach the logs at trace level.
+//! (Tenant isolation: tests/gateway.rs and tests/abuse.rs.)
 
 mod common;
 
@@ -181,5 +182,117 @@ async fn an_oversized_message_is_dead_lettered_at_every_queue_without_being_pars
             body.len(),
             "the dead letter keeps the message"
         );
+    }
+}
+
+/// A loopback webhook receiver answering 200; counts the deliveries.
+async fn counting_receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                "ok"
+            }
+        }),
+    );
+    let addr = free_addr();
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_webhook_secrets_never_reach_the_logs_at_trace() {
+    use std::sync::atomic::Ordering;
+    let mut env = TestEnv::new("keyleak").await;
+    env.migrate();
+    let acme = create_tenant(&env, "acme");
+    let (hook, hits) = counting_receiver().await;
+    let trace = [("RECAP_LOG", "trace")];
+    let base = start_gateway(
+        &mut env,
+        &[
+            ("RECAP_LOG", "trace"),
+            ("RECAP_WEBHOOK_ALLOW", hook.as_str()),
+        ],
+    )
+    .await;
+    env.spawn(&["router"], &trace);
+    env.spawn(&["worker", "--tier", "compact"], &trace);
+    let http = reqwest::Client::new();
+    // A job with a signed callback, read back with the key; and a near
+    // miss of the key, which is refused.
+    let id = Uuid::new_v4();
+    let res = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&acme.key)
+        .json(&job_body(
+            id,
+            serde_json::json!({"callback_url": format!("http://{hook}/hook")}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let mut wrong = acme.key.clone();
+    let last = if wrong.ends_with('0') { "1" } else { "0" };
+    wrong.replace_range(wrong.len() - 1.., last);
+    let res = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401);
+    let start = std::time::Instant::now();
+    while hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the webhook never came; logs:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let res = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(&acme.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    // A rotation at trace: the new key goes to stdout only.
+    let out = env
+        .command(&["tenants", "rotate", "acme", "--grace-s", "60"])
+        .env("RECAP_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated = String::from_utf8_lossy(&out.stdout).to_string();
+    let new_key = rotated
+        .split_whitespace()
+        .find(|w| w.starts_with("rk_") && w.len() > 20)
+        .unwrap_or_else(|| panic!("no new key in {rotated}"))
+        .to_string();
+    let mut logs = env.logs();
+    logs.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(logs.contains("TRACE"), "trace logs were written:\n{logs}");
+    for (what, secret) in [
+        ("API key", acme.key.as_str()),
+        ("near-miss key", wrong.as_str()),
+        ("rotated key", new_key.as_str()),
+        ("webhook secret", acme.secret.as_str()),
+    ] {
+        // The whole value, or its tail past the prefix that `tenants list` shows.
+        let tail = &secret[secret.len() - 16..];
+        assert!(!logs.contains(tail), "the {what} reached the logs:\n{logs}");
     }
 }

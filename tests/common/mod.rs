@@ -50,6 +50,11 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// `rabbitmqctl` with `args`, which must succeed (users, permissions).
+pub fn rabbitmqctl_ok(args: &[&str]) {
+    rabbitmqctl(args)
+}
+
 impl TestEnv {
     pub async fn new(test: &str) -> TestEnv {
         let name = format!(
@@ -192,6 +197,45 @@ impl TestEnv {
             .await
             .expect("count query")
             .get::<i64, _>(0)
+    }
+
+    /// Messages in this vhost's `queue` as the broker counts them:
+    /// (ready, delivered but not yet acknowledged).
+    pub fn queue_counts(&self, queue: &str) -> (u64, u64) {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "list_queues", "-p", &self.name, "--no-table-headers"])
+            .args(["name", "messages_ready", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(out.status.success(), "rabbitmqctl list_queues failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let row = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 3 && f[0] == queue)
+            .unwrap_or_else(|| panic!("no queue {queue} in {text}"));
+        (
+            row[1].parse().expect("a count"),
+            row[2].parse().expect("a count"),
+        )
+    }
+
+    /// Waits until each queue holds nothing, ready or unacknowledged, so
+    /// that every copy has been taken and settled; fails after `timeout`.
+    pub async fn wait_drained(&self, queues: &[&str], timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let counts: Vec<(u64, u64)> = queues.iter().map(|q| self.queue_counts(q)).collect();
+            if counts.iter().all(|c| *c == (0, 0)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{queues:?} still hold (ready, unacked) {counts:?} after {timeout:?}; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Polls `sql` (a count) until it reaches `want`; returns the last value.

@@ -73,6 +73,7 @@ fn smollm2_summarizes_a_meeting() {
             ..request(&t, &[SummaryKind::Overview, SummaryKind::ActionItems])
         })
         .unwrap();
+    assert_eq!(out.len(), 2, "one output per kind");
     for o in &out {
         eprintln!(
             "--- {} ({} in, {} out, prefill {:.0} ms, decode {:.0} ms)\n{}",
@@ -184,7 +185,9 @@ fn a_batch_past_its_deadline_fails_every_job_cleanly() {
             ..request(t, k)
         })
         .collect();
-    for r in m.summarize_batch(&reqs) {
+    let results = m.summarize_batch(&reqs);
+    assert_eq!(results.len(), reqs.len(), "one result per job");
+    for r in results {
         assert!(
             matches!(r, Err(recap_engine::EngineError::DeadlineExceeded(_))),
             "{r:?}"

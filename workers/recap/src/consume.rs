@@ -274,16 +274,35 @@ impl<H: Handler> Task<H> {
             .inflight_jobs
             .with_label_values(&[&self.tier_label]);
         gauge.add(batch.len() as f64);
-        let mut verdicts = self
-            .handler
-            .handle(
-                &batch,
-                Ctx {
-                    cancel: self.cancel.clone(),
-                    publish: self.publish.clone(),
-                },
-            )
-            .await;
+        // A delivery the broker makes for the last time is refused here:
+        // were it run and its consumer killed once more, the broker would
+        // drop it into recap.dead with its row left `running` forever.
+        let limit = self.config.retry.delivery_limit;
+        let (last, fresh): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|d| is_last_delivery(&d.properties, limit));
+        let batch: Vec<Delivery> = last.into_iter().chain(fresh).collect();
+        let spent = batch
+            .iter()
+            .take_while(|d| is_last_delivery(&d.properties, limit))
+            .count();
+        let mut verdicts: Vec<Verdict> = batch[..spent]
+            .iter()
+            .map(|d| self.delivery_limit_reached(d))
+            .collect();
+        if spent < batch.len() {
+            verdicts.extend(
+                self.handler
+                    .handle(
+                        &batch[spent..],
+                        Ctx {
+                            cancel: self.cancel.clone(),
+                            publish: self.publish.clone(),
+                        },
+                    )
+                    .await,
+            );
+        }
         gauge.sub(batch.len() as f64);
         if verdicts.len() != batch.len() {
             // A handler bug; give back what has no verdict rather than guess.
@@ -307,6 +326,26 @@ impl<H: Handler> Task<H> {
         futures::future::join_all(acks.into_iter().map(|(d, v)| self.settle(d, v))).await;
         for (delivery, verdict) in rest {
             self.settle(delivery, verdict).await;
+        }
+    }
+
+    /// The dead letter of a delivery that no consumer ever brought to an
+    /// end: its job (when the body names one) ends `dead`.
+    fn delivery_limit_reached(&self, delivery: &Delivery) -> Verdict {
+        let (job_id, tenant) = match recap_job::parse_job(&delivery.data, &self.config.limits) {
+            Ok(job) => (Some(job.job_id), Some(job.tenant)),
+            Err(r) => (r.job_id, r.tenant),
+        };
+        let limit = self.config.retry.delivery_limit;
+        Verdict::DeadLetter {
+            code: "delivery_limit".into(),
+            detail: format!(
+                "delivered {} times without an outcome (retry.delivery_limit {limit}): \
+                 its consumer stopped or died each time",
+                limit + 1
+            ),
+            job_id,
+            tenant,
         }
     }
 
@@ -354,7 +393,7 @@ impl<H: Handler> Task<H> {
                 } else {
                     let delays = &self.config.retry.backoff_ms;
                     let ms = delays[(attempt as usize - 1).min(delays.len() - 1)];
-                    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+                    let mut headers = queue::forwarded_headers(&delivery.properties);
                     headers.insert(
                         queue::short(H_ATTEMPT),
                         lapin::types::AMQPValue::LongInt((attempt + 1) as i32),
@@ -454,7 +493,7 @@ impl<H: Handler> Task<H> {
                 tracing::warn!(%id, error = %e, "failure event not published");
             }
         }
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = queue::forwarded_headers(&delivery.properties);
         headers.insert(queue::short(H_REASON), queue::string_value(code));
         headers.insert(queue::short(H_DETAIL), queue::string_value(detail));
         headers.insert(queue::short(H_SOURCE), queue::string_value(&self.queue));
@@ -479,6 +518,14 @@ impl<H: Handler> Task<H> {
     }
 }
 
+/// Whether the broker will not deliver this message again: a quorum queue
+/// counts the returns of a message in `x-delivery-count` and dead-letters
+/// it once they pass its `x-delivery-limit`.
+pub fn is_last_delivery(props: &BasicProperties, delivery_limit: u32) -> bool {
+    queue::header_int(props, queue::H_DELIVERY_COUNT)
+        .is_some_and(|n| n >= i64::from(delivery_limit))
+}
+
 /// The original properties with new headers; persistent whatever the
 /// producer said, since the copy must survive a broker restart.
 fn copy_props(orig: &BasicProperties, headers: FieldTable) -> BasicProperties {
@@ -492,4 +539,59 @@ fn copy_props(orig: &BasicProperties, headers: FieldTable) -> BasicProperties {
         p = p.with_message_id(id.clone());
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::AMQPValue;
+
+    fn with_count(n: Option<AMQPValue>) -> BasicProperties {
+        let mut h = FieldTable::default();
+        if let Some(v) = n {
+            h.insert("x-delivery-count".into(), v);
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn the_delivery_the_broker_makes_last_is_the_one_at_the_limit() {
+        // First delivery: no header. Then 1, 2, ... returns before this one.
+        assert!(!is_last_delivery(&with_count(None), 5));
+        assert!(!is_last_delivery(&BasicProperties::default(), 5));
+        for n in 0..5 {
+            assert!(!is_last_delivery(
+                &with_count(Some(AMQPValue::LongLongInt(n))),
+                5
+            ));
+        }
+        assert!(is_last_delivery(
+            &with_count(Some(AMQPValue::LongLongInt(5))),
+            5
+        ));
+        assert!(is_last_delivery(
+            &with_count(Some(AMQPValue::LongInt(9))),
+            5
+        ));
+        assert!(is_last_delivery(
+            &with_count(Some(AMQPValue::ShortShortUInt(1))),
+            1
+        ));
+        // What recap publishes on from a delivery drops the count and
+        // keeps the rest.
+        let mut h = FieldTable::default();
+        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+        h.insert(queue::short(H_ATTEMPT), AMQPValue::LongInt(2));
+        let fwd = queue::forwarded_headers(&BasicProperties::default().with_headers(h));
+        assert!(!fwd.contains_key("x-delivery-count"));
+        assert_eq!(fwd.inner().get(H_ATTEMPT), Some(&AMQPValue::LongInt(2)));
+        assert!(queue::forwarded_headers(&BasicProperties::default())
+            .inner()
+            .is_empty());
+        // A header of another type is not a count.
+        assert!(!is_last_delivery(
+            &with_count(Some(AMQPValue::LongString("5".into()))),
+            5
+        ));
+    }
 }

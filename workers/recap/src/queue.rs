@@ -46,6 +46,27 @@ pub const H_CASCADE: &str = "x-recap-cascade";
 /// Header: how many tries the job has had (1 on first delivery).
 pub const H_ATTEMPT: &str = "x-recap-attempt";
 
+/// Header: how many times a quorum queue has had this message back
+/// (absent on its first delivery). Set by the broker, never by recap.
+pub const H_DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// A delivery's headers for a message recap publishes on from it (to a
+/// tier, a delay queue, recap.dead): all but the broker's return count,
+/// which belongs to this delivery and which a queue passes through
+/// unchanged on a new message's first delivery.
+pub fn forwarded_headers(props: &BasicProperties) -> FieldTable {
+    let Some(headers) = props.headers() else {
+        return FieldTable::default();
+    };
+    headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != H_DELIVERY_COUNT)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into()
+}
+
 pub fn tier_queue(tier: &str) -> String {
     format!("recap.{tier}")
 }

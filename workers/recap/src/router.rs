@@ -59,7 +59,7 @@ impl Router {
         model: &str,
         shadow: bool,
     ) -> queue::Outgoing<'a> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = queue::forwarded_headers(&delivery.properties);
         headers.insert(queue::short(H_MODEL), queue::string_value(model));
         if shadow {
             headers.insert(queue::short(H_SHADOW), AMQPValue::Boolean(true));

@@ -2153,4 +2153,63 @@ mod tests {
         db.close().await;
         pg_tool("dropdb", &name);
     }
+    #[tokio::test]
+    async fn a_tenant_without_a_budget_row_spends_the_default_budget() {
+        let (db, name) = private_db().await;
+        let defaults = DefaultBudget {
+            daily_usd: Some(0.5),
+            monthly_usd: None,
+        };
+        // Tenant "free" has no budget row; "paid" has its own, larger one.
+        set_budget(&db, "paid", Some(10.0), None)
+            .await
+            .expect("budget");
+        let fresh = read_budget(&db, "free", defaults).await.expect("budget");
+        assert_eq!(fresh.daily_limit_usd, Some(0.5));
+        assert_eq!(fresh.monthly_limit_usd, None);
+        let [a, b, c] = [job("free"), job("free"), job("paid")];
+        let mut seen = Vec::new();
+        let out = route_jobs(&db, &[&a, &b, &c], defaults, |job, budget| {
+            seen.push((job.tenant.clone(), budget.daily_remaining_usd));
+            Ok(decision("compact", 0.4))
+        })
+        .await;
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Ok(RouteOutcome::Routed { .. }))),
+            "{out:?}"
+        );
+        // The second of "free"'s jobs sees the first one's estimate taken
+        // from the default; "paid" sees its own row.
+        let mut free: Vec<f64> = seen
+            .iter()
+            .filter(|(t, _)| t == "free")
+            .filter_map(|(_, left)| *left)
+            .collect();
+        free.sort_by(|x, y| y.total_cmp(x));
+        assert_eq!(free.len(), 2, "{seen:?}");
+        assert!(
+            (free[0] - 0.5).abs() < 1e-9 && (free[1] - 0.1).abs() < 1e-9,
+            "{free:?}"
+        );
+        let paid: Vec<f64> = seen
+            .iter()
+            .filter(|(t, _)| t == "paid")
+            .filter_map(|(_, left)| *left)
+            .collect();
+        assert_eq!(paid, vec![10.0]);
+        let left = read_budget(&db, "free", defaults).await.expect("budget");
+        assert!(
+            (left.daily_remaining_usd.unwrap_or(f64::NAN) + 0.3).abs() < 1e-9,
+            "{left:?}"
+        );
+        // Without a default, a tenant without a row has no limit.
+        let none = read_budget(&db, "free", DefaultBudget::NONE)
+            .await
+            .expect("budget");
+        assert_eq!(none.daily_limit_usd, None);
+        assert_eq!(none.daily_remaining_usd, None);
+        db.close().await;
+        pg_tool("dropdb", &name);
+    }
 }

@@ -102,7 +102,7 @@ impl Worker {
                 }
             }
         }
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = queue::forwarded_headers(&delivery.properties);
         headers.insert(queue::short(H_CASCADE), AMQPValue::Boolean(true));
         headers.insert(queue::short(H_MODEL), queue::string_value(large));
         let props = queue::job_properties(Some(job.job_id), headers);
