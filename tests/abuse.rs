@@ -776,19 +776,7 @@ async fn each_role_runs_with_only_its_broker_permissions() {
 
     // A producer writes recap.jobs and nothing else: it reads no work
     // queue and publishes no events.
-    let taken = producer
-        .create_channel()
-        .await
-        .unwrap()
-        .basic_get(
-            "recap.compact".into(),
-            lapin::options::BasicGetOptions::default(),
-        )
-        .await;
-    assert!(
-        matches!(&taken, Err(e) if format!("{e:?}").contains("ACCESS_REFUSED")),
-        "the producer read a work queue: {taken:?}"
-    );
+    assert_read_refused(&producer, "recap.compact").await;
     let ch = confirm_channel(&producer).await;
     let forged = async {
         ch.basic_publish(
@@ -816,17 +804,19 @@ async fn each_role_runs_with_only_its_broker_permissions() {
     )
     .await
     .unwrap();
-    let taken = gateway
+    assert_read_refused(&gateway, "recap.ingest").await;
+}
+
+/// The broker refuses this connection's user a `basic.get` on `queue`.
+async fn assert_read_refused(conn: &lapin::Connection, queue: &str) {
+    let taken = conn
         .create_channel()
         .await
         .unwrap()
-        .basic_get(
-            "recap.ingest".into(),
-            lapin::options::BasicGetOptions::default(),
-        )
+        .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
         .await;
     assert!(
         matches!(&taken, Err(e) if format!("{e:?}").contains("ACCESS_REFUSED")),
-        "the gateway read recap.ingest: {taken:?}"
+        "read {queue}: {taken:?}"
     );
 }

@@ -301,23 +301,21 @@ async fn a_job_that_kills_its_worker_every_time_ends_dead_at_the_delivery_limit(
     let attempts = format!("SELECT attempts::bigint FROM jobs WHERE job_id = '{id}'");
     for attempt in 1..=2i64 {
         let worker = env.spawn(&["worker", "--tier", "compact"], &vars);
-        let start = Instant::now();
-        loop {
-            let n = env
-                .count(&format!(
+        let started = env
+            .wait_count(
+                &format!(
                     "SELECT count(*) FROM jobs WHERE job_id = '{id}' AND attempts >= {attempt}"
-                ))
-                .await;
-            if n == 1 {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "try {attempt} never started; logs:\n{}",
-                env.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                ),
+                1,
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(
+            started,
+            1,
+            "try {attempt} never started; logs:\n{}",
+            env.logs()
+        );
         env.signal(worker, libc::SIGKILL);
         env.wait_exit(worker, Duration::from_secs(10));
     }

@@ -1574,8 +1574,12 @@ pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobRow>, Stor
     .bind(job_id)
     .fetch_optional(pool)
     .await?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(JobRow {
+    row.as_ref().map(job_row).transpose()
+}
+
+/// A `jobs` row read by the columns both job reads select.
+fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, StoreError> {
+    Ok(JobRow {
         job_id: r.try_get("job_id")?,
         tenant: r.try_get("tenant")?,
         status: r.try_get("status")?,
@@ -1590,7 +1594,7 @@ pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobRow>, Stor
         routed_at: r.try_get("routed_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
-    }))
+    })
 }
 
 /// A job as its tenant sees it: the row and the reason of its latest route.
@@ -1620,22 +1624,7 @@ macro_rules! tenant_job_select {
 
 fn tenant_job(r: &sqlx::postgres::PgRow) -> Result<TenantJob, StoreError> {
     Ok(TenantJob {
-        row: JobRow {
-            job_id: r.try_get("job_id")?,
-            tenant: r.try_get("tenant")?,
-            status: r.try_get("status")?,
-            tier: r.try_get("tier")?,
-            model: r.try_get("model")?,
-            attempts: r.try_get("attempts")?,
-            chunks: r.try_get("chunks")?,
-            error_code: r.try_get("error_code")?,
-            error: r.try_get("error")?,
-            cost_usd: r.try_get("cost_usd")?,
-            queued_at: r.try_get("queued_at")?,
-            routed_at: r.try_get("routed_at")?,
-            started_at: r.try_get("started_at")?,
-            finished_at: r.try_get("finished_at")?,
-        },
+        row: job_row(r)?,
         route_reason: r.try_get("reason")?,
         created_at: r.try_get("created_at")?,
     })
