@@ -127,9 +127,16 @@ async fn every_dashboard_and_alert_query_works_against_a_real_prometheus() {
         .output()
         .unwrap();
     assert!(budget.status.success());
+    // The gateway serves its API on one port and its metrics on another.
     let (gw, router, worker) = (free_port(), free_port(), free_port());
-    let gw_addr = format!("127.0.0.1:{gw}");
-    env.spawn(&["gateway"], &[("RECAP_GATEWAY_LISTEN", &gw_addr)]);
+    let gw_addr = free_addr();
+    env.spawn(
+        &["gateway"],
+        &[
+            ("RECAP_GATEWAY_LISTEN", &gw_addr),
+            ("RECAP_METRICS_LISTEN", &format!("127.0.0.1:{gw}")),
+        ],
+    );
     env.spawn(
         &["router"],
         &[("RECAP_METRICS_LISTEN", &format!("127.0.0.1:{router}"))],
