@@ -326,6 +326,24 @@ async fn malformed_bodies_get_problems_and_store_nothing() {
             "invalid_field",
         ),
         (
+            "malformed webvtt",
+            j(serde_json::json!({"transcript": "WEBVTT\n\n00:05.000 --> 00:01.000\nhi\n"})),
+            422,
+            "malformed_transcript",
+        ),
+        (
+            "unknown transcript format",
+            j(serde_json::json!({"transcript_format": "docx"})),
+            422,
+            "unknown_transcript_format",
+        ),
+        (
+            "whisper segment without text",
+            j(serde_json::json!({"transcript": {"segments": [{"start": 0, "end": 1}]}})),
+            422,
+            "malformed_transcript",
+        ),
+        (
             "oversize transcript",
             j(serde_json::json!({"transcript": "x".repeat(3 * 1024 * 1024)})),
             413,
@@ -609,4 +627,82 @@ conn.close()
         .await,
         2
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_vtt_and_a_whisper_json_come_back_as_summaries_naming_the_speakers() {
+    let mut env = TestEnv::new("gwformats").await;
+    env.migrate();
+    let acme = create_tenant(&env, "acme");
+    let base = start_gateway(&mut env, &[]).await;
+    env.spawn(&["router"], &[]);
+    env.spawn(&["worker", "--tier", "compact"], &[]);
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/formats");
+    // The files as a user has them, through `recap submit`.
+    let out = env
+        .command(&[
+            "submit",
+            "--wait",
+            "--url",
+            &base,
+            "--kinds",
+            "overview,decisions",
+        ])
+        .arg(samples.join("teams.vtt"))
+        .arg(samples.join("whisperx.json"))
+        .env("RECAP_API_KEY", &acme.key)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}\nlogs:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.logs()
+    );
+    assert_eq!(text.matches("status succeeded").count(), 2, "{text}");
+    for speaker in ["Priya Raman", "Marcus Lee", "SPEAKER_00", "SPEAKER_01"] {
+        assert!(text.contains(speaker), "{speaker} is not named:\n{text}");
+    }
+    // The compact tier here is the extractive baseline, which quotes the
+    // turns: Priya's first two cues are one turn, markup gone.
+    assert!(
+        text.contains("Priya Raman: Morning everyone. Let's go through the launch plan for the mobile app. We said last week that the beta ships on the twelfth."),
+        "{text}"
+    );
+    // The same VTT posted as the transcript's text, and Whisper's JSON as an
+    // object, straight to the API.
+    let http = reqwest::Client::new();
+    for transcript in [
+        serde_json::Value::String(std::fs::read_to_string(samples.join("zoom.vtt")).unwrap()),
+        serde_json::from_str(
+            &std::fs::read_to_string(samples.join("aws-transcribe.json")).unwrap(),
+        )
+        .unwrap(),
+    ] {
+        let res = http
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(&acme.key)
+            .json(&job_body(
+                Uuid::new_v4(),
+                serde_json::json!({"transcript": transcript}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status().as_u16(),
+            202,
+            "{}",
+            res.text().await.unwrap_or_default()
+        );
+    }
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            4,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done, 4, "logs:\n{}", env.logs());
 }

@@ -207,6 +207,11 @@ pub enum RejectCode {
     TranscriptTooLarge,
     TooManyUtterances,
     UnknownSummaryKind,
+    /// A transcript file (WebVTT, SubRip, ASR JSON) that its format's
+    /// parser refuses: broken timestamps, a cue without text.
+    MalformedTranscript,
+    /// `transcript_format` names no format recap reads.
+    UnknownTranscriptFormat,
 }
 
 impl RejectCode {
@@ -221,6 +226,8 @@ impl RejectCode {
             RejectCode::TranscriptTooLarge => "transcript_too_large",
             RejectCode::TooManyUtterances => "too_many_utterances",
             RejectCode::UnknownSummaryKind => "unknown_summary_kind",
+            RejectCode::MalformedTranscript => "malformed_transcript",
+            RejectCode::UnknownTranscriptFormat => "unknown_transcript_format",
         }
     }
 }
@@ -404,11 +411,12 @@ fn optional_str<'a>(
     }
 }
 
-const KNOWN_FIELDS: [&str; 9] = [
+const KNOWN_FIELDS: [&str; 10] = [
     "version",
     "job_id",
     "tenant",
     "transcript",
+    "transcript_format",
     "summaries",
     "quality",
     "language",
@@ -482,7 +490,22 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
         ));
     }
 
-    let transcript = parse_transcript(required(obj, "transcript")?, limits)?;
+    let format = match optional_str(obj, "transcript_format")? {
+        None => None,
+        Some(f) => Some(TranscriptFormat::parse(f).ok_or_else(|| {
+            Rejection::new(
+                RejectCode::UnknownTranscriptFormat,
+                Some("transcript_format"),
+                format!(
+                    "`transcript_format` must be one of {}, got {f:?}",
+                    TranscriptFormat::ALL
+                        .map(TranscriptFormat::as_str)
+                        .join(", ")
+                ),
+            )
+        })?),
+    };
+    let transcript = parse_transcript(required(obj, "transcript")?, format, limits)?;
 
     let summaries = match obj.get("summaries") {
         None | Some(Value::Null) => vec![SummaryKind::Overview],
@@ -608,44 +631,57 @@ fn parse_summary_kinds(items: &[Value]) -> Result<Vec<SummaryKind>, Rejection> {
     Ok(kinds)
 }
 
-fn parse_transcript(value: &Value, limits: &Limits) -> Result<Vec<Utterance>, Rejection> {
-    let utterances = match value {
-        Value::String(text) => {
+/// The transcript in any accepted form: plain text, recap's utterance
+/// list, or a file of one of the `formats` (named by `transcript_format`,
+/// or detected from the content).
+fn parse_transcript(
+    value: &Value,
+    format: Option<TranscriptFormat>,
+    limits: &Limits,
+) -> Result<Vec<Utterance>, Rejection> {
+    let malformed = |e: FormatError| {
+        Rejection::new(
+            RejectCode::MalformedTranscript,
+            Some("transcript"),
+            e.to_string(),
+        )
+    };
+    let format = format.or_else(|| formats::detect_json(value));
+    let utterances = match (format, value) {
+        (Some(TranscriptFormat::Utterances), Value::String(text)) => {
+            check_bytes(text.len(), limits)?;
+            let inner: Value = serde_json::from_str(text).map_err(|e| {
+                Rejection::new(
+                    RejectCode::MalformedTranscript,
+                    Some("transcript"),
+                    format!("utterances: not JSON: {e}"),
+                )
+            })?;
+            return parse_transcript(&inner, Some(TranscriptFormat::Utterances), limits);
+        }
+        (None | Some(TranscriptFormat::Text), Value::String(text)) => {
             check_bytes(text.len(), limits)?;
             utterances_from_text(text)
         }
-        Value::Array(items) => {
-            if items.len() > limits.max_utterances {
-                return Err(Rejection::new(
-                    RejectCode::TooManyUtterances,
-                    Some("transcript"),
-                    format!(
-                        "transcript has {} utterances; the limit is {}",
-                        items.len(),
-                        limits.max_utterances
-                    ),
-                ));
-            }
-            let mut out = Vec::with_capacity(items.len());
-            let mut bytes = 0usize;
-            for (i, item) in items.iter().enumerate() {
-                let u = parse_utterance(item, i)?;
-                bytes += u.text.len();
-                check_bytes(bytes, limits)?;
-                if !u.text.trim().is_empty() {
-                    out.push(u);
-                }
-            }
-            out
+        (Some(f), Value::String(text)) => {
+            check_bytes(text.len(), limits)?;
+            formats::parse_text(text, Some(f)).map_err(malformed)?
         }
-        other => {
+        (None | Some(TranscriptFormat::Utterances), Value::Array(items)) => {
+            parse_utterances(items, limits)?
+        }
+        (Some(f), v @ (Value::Array(_) | Value::Object(_))) => {
+            formats::parse_value(v, Some(f)).map_err(malformed)?
+        }
+        (_, other) => {
             return Err(mistyped(
                 "transcript",
-                "a string or an array of utterances",
+                "text, a list of utterances, or a transcript file's JSON",
                 other,
             ))
         }
     };
+    check_bytes(utterances.iter().map(|u| u.text.len()).sum(), limits)?;
     if utterances.is_empty() {
         return Err(Rejection::new(
             RejectCode::EmptyTranscript,
@@ -665,6 +701,32 @@ fn parse_transcript(value: &Value, limits: &Limits) -> Result<Vec<Utterance>, Re
         ));
     }
     Ok(utterances)
+}
+
+/// recap's own utterance list, each item checked by `parse_utterance`.
+fn parse_utterances(items: &[Value], limits: &Limits) -> Result<Vec<Utterance>, Rejection> {
+    if items.len() > limits.max_utterances {
+        return Err(Rejection::new(
+            RejectCode::TooManyUtterances,
+            Some("transcript"),
+            format!(
+                "transcript has {} utterances; the limit is {}",
+                items.len(),
+                limits.max_utterances
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    let mut bytes = 0usize;
+    for (i, item) in items.iter().enumerate() {
+        let u = parse_utterance(item, i)?;
+        bytes += u.text.len();
+        check_bytes(bytes, limits)?;
+        if !u.text.trim().is_empty() {
+            out.push(u);
+        }
+    }
+    Ok(out)
 }
 
 fn check_message_size(bytes: &[u8], limits: &Limits) -> Result<(), Rejection> {
@@ -793,7 +855,7 @@ pub fn utterances_from_text(text: &str) -> Vec<Utterance> {
         .collect()
 }
 
-fn split_speaker(line: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_speaker(line: &str) -> Option<(&str, &str)> {
     let (name, rest) = line.split_once(':')?;
     let name = name.trim();
     let rest = rest.trim();
@@ -807,6 +869,10 @@ fn split_speaker(line: &str) -> Option<(&str, &str)> {
         && !rest.starts_with("//");
     looks_like_name.then_some((name, rest))
 }
+
+pub mod formats;
+
+pub use formats::{FormatError, TranscriptFormat};
 
 #[cfg(test)]
 mod tests;

@@ -332,6 +332,13 @@ fn json_schema_matches_the_parser() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(qualities, ["economy", "balanced", "best"]);
+    let formats: Vec<&str> = schema["properties"]["transcript_format"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(formats, TranscriptFormat::ALL.map(TranscriptFormat::as_str));
     assert_eq!(
         schema["properties"]["version"]["const"],
         json!(SCHEMA_VERSION)
@@ -423,4 +430,85 @@ fn a_message_too_big_to_be_a_job_is_refused_before_it_is_parsed() {
     // At the limit it is parsed (and refused for what it is).
     let r = parse_job(&big[..limits.max_message_bytes()], &limits).unwrap_err();
     assert_eq!(r.code, RejectCode::InvalidJson);
+}
+
+// --- transcript formats in jobs --------------------------------------------
+
+fn sample_format(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../samples/formats")
+        .join(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn a_job_takes_a_transcript_file_as_text_or_json_and_keeps_no_format_field() {
+    let mut v = good();
+    v["transcript"] = json!(sample_format("teams.vtt"));
+    let job = parse_job_value(&v, &Limits::default()).unwrap();
+    assert_eq!(job.transcript[0].speaker.as_deref(), Some("Priya Raman"));
+    assert_eq!(job.transcript[0].start_s, Some(1.12));
+    // Named, the format is not detected.
+    v["transcript_format"] = json!("webvtt");
+    assert_eq!(
+        parse_job_value(&v, &Limits::default()).unwrap().transcript,
+        job.transcript
+    );
+    // Whisper's JSON as an object.
+    let mut v = good();
+    v["transcript"] = serde_json::from_str(&sample_format("whisperx.json")).unwrap();
+    let job = parse_job_value(&v, &Limits::default()).unwrap();
+    assert_eq!(job.transcript.len(), 3);
+    assert_eq!(job.transcript[1].speaker.as_deref(), Some("SPEAKER_01"));
+    // What is re-published is recap's own utterance list: it parses again
+    // to the same job.
+    let again = parse_job(&job.to_json(), &Limits::default()).unwrap();
+    assert_eq!(again, job);
+    assert!(!String::from_utf8(job.to_json())
+        .unwrap()
+        .contains("transcript_format"));
+    // A diarized list, detected by its `start`/`end` keys.
+    let mut v = good();
+    v["transcript"] = serde_json::from_str(&sample_format("diarized.json")).unwrap();
+    assert_eq!(
+        parse_job_value(&v, &Limits::default())
+            .unwrap()
+            .transcript
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn a_bad_transcript_file_or_format_name_is_refused_with_its_code() {
+    let mut v = good();
+    v["transcript_format"] = json!("docx");
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::UnknownTranscriptFormat);
+    assert_eq!(r.field.as_deref(), Some("transcript_format"));
+    assert!(r.message.contains("webvtt"), "{}", r.message);
+
+    let mut v = good();
+    v["transcript"] = json!("WEBVTT\n\n00:01.000 --> 00:00.500\nhi\n");
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::MalformedTranscript);
+    assert_eq!(r.field.as_deref(), Some("transcript"));
+    assert!(r.message.contains("line 3"), "{}", r.message);
+
+    let mut v = good();
+    v["transcript"] = json!({"segments": [{"start": 1.0, "end": 2.0}]});
+    assert_eq!(reject(v).code, RejectCode::MalformedTranscript);
+    // An object that is no known file is a mistyped transcript.
+    let mut v = good();
+    v["transcript"] = json!({"minutes": "x"});
+    assert_eq!(reject(v).code, RejectCode::InvalidField);
+    // The size limit holds on what a file turns into.
+    let mut v = good();
+    v["transcript"] = json!({"segments": [{"start": 0, "end": 1, "text": "x".repeat(2000)}]});
+    let small = Limits {
+        max_transcript_bytes: 1000,
+        ..Limits::default()
+    };
+    let r = parse_job_value(&v, &small).unwrap_err();
+    assert_eq!(r.code, RejectCode::TranscriptTooLarge);
 }

@@ -1,8 +1,10 @@
 //! Replays the committed fuzz corpus (fuzz/corpus, grown by `scripts/fuzz`
-//! with cargo-fuzz) through the job parser and the gateway's body decoding,
-//! with the same properties the fuzz targets assert: no panic, accepted jobs
-//! survive serialization, and a submission never yields another tenant's job.
+//! with cargo-fuzz) through the job parser, the gateway's body decoding and
+//! the transcript-format parsers, with the same properties the fuzz targets
+//! assert: no panic, accepted jobs survive serialization, a submission never
+//! yields another tenant's job, and no parsed cue ends before it starts.
 
+use recap_job::formats::{parse_text, TranscriptFormat};
 use recap_job::{parse_job, parse_submission, Limits};
 use std::path::PathBuf;
 
@@ -66,4 +68,30 @@ fn the_gateway_body_corpus_replays_without_a_panic() {
         }
     }
     assert!(accepted > 0);
+}
+
+#[test]
+fn the_transcript_formats_corpus_replays_without_a_panic() {
+    let cases = corpus("transcript_formats");
+    assert!(
+        cases.len() >= 10,
+        "the corpus is committed ({} files)",
+        cases.len()
+    );
+    let mut read = 0;
+    for (name, bytes) in &cases {
+        let text = String::from_utf8_lossy(bytes);
+        for f in TranscriptFormat::ALL.map(Some).into_iter().chain([None]) {
+            if let Ok(turns) = parse_text(&text, f) {
+                read += usize::from(!turns.is_empty());
+                for t in turns {
+                    if let (Some(s), Some(e)) = (t.start_s, t.end_s) {
+                        assert!(s <= e, "{name} {f:?}: {t:?}");
+                    }
+                }
+            }
+        }
+    }
+    // The seeds are real files of each format: most of them read.
+    assert!(read >= 10, "{read}");
 }

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::engines;
 use anyhow::{bail, Context, Result};
 use recap_engine::{Cancel, SummarizeRequest};
-use recap_job::{parse_job_value, utterances_from_text, SummaryKind, Utterance};
+use recap_job::{parse_job_value, SummaryKind, Utterance};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -46,9 +46,19 @@ pub fn read_input(bytes: &[u8], config: &Config) -> Result<Input> {
                 language: job.language,
             });
         }
-        bail!("JSON input is neither a job (job_id, version) nor a QMSum meeting (meeting_transcripts)");
+        // A transcript file's JSON: Whisper, AWS Transcribe, a diarized list.
+        let transcript = recap_job::formats::parse_value(&value, None).map_err(|e| {
+            anyhow::anyhow!(
+                "JSON input is neither a job (job_id, version), a QMSum meeting (meeting_transcripts) nor a transcript: {e}"
+            )
+        })?;
+        return transcript_input(transcript);
     }
-    let transcript = utterances_from_text(text);
+    // Plain text, WebVTT or SubRip, told apart by their content.
+    transcript_input(recap_job::formats::parse_text(text, None)?)
+}
+
+fn transcript_input(transcript: Vec<Utterance>) -> Result<Input> {
     if transcript.is_empty() {
         bail!("the transcript is empty");
     }

@@ -249,7 +249,9 @@ fn rejection(r: recap_job::Rejection) -> Problem {
 /// The body is a job v1 (schemas/job-v1.schema.json). `tenant` is taken from
 /// the API key (a different one is refused); `version` defaults to 1 and
 /// `job_id` to a fresh UUID. Posting the same `job_id` again returns the
-/// existing job and creates nothing.
+/// existing job and creates nothing. `transcript` may be a meeting tool's
+/// file: WebVTT or SubRip text, or the JSON of Whisper, AWS Transcribe or a
+/// diarized list (`transcript_format` names it, or it is detected).
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body(content = Object, content_type = "application/json", description = "A job v1"),
