@@ -263,6 +263,20 @@ impl Rejection {
     }
 }
 
+/// The job id and tenant a message names, read without validating the
+/// rest (the transcript is not parsed): what a consumer needs to end a job
+/// it will not run.
+pub fn peek_ids(bytes: &[u8], limits: &Limits) -> (Option<Uuid>, Option<String>) {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(bytes) else {
+        return (None, None);
+    };
+    let tenant = match obj.get("tenant") {
+        Some(Value::String(t)) if valid_tenant(t, limits.max_tenant_len) => Some(t.clone()),
+        _ => None,
+    };
+    (read_job_id(&obj).ok(), tenant)
+}
+
 /// Parses and validates a job from raw message bytes.
 pub fn parse_job(bytes: &[u8], limits: &Limits) -> Result<Job, Rejection> {
     check_message_size(bytes, limits)?;
@@ -682,6 +696,29 @@ fn parse_transcript(
         }
     };
     check_bytes(utterances.iter().map(|u| u.text.len()).sum(), limits)?;
+    // A file's text is only read here: what it holds is checked as the
+    // job's own utterances are (PostgreSQL text holds no NUL) ...
+    if utterances
+        .iter()
+        .any(|u| holds_nul(&u.text) || u.speaker.as_deref().is_some_and(holds_nul))
+    {
+        return Err(Rejection::new(
+            RejectCode::InvalidField,
+            Some("transcript"),
+            "`transcript` holds a NUL character (\\u0000), which text cannot store",
+        ));
+    }
+    // ... and the utterances recap re-publishes must fit a message, or the
+    // router would refuse what the gateway accepted.
+    let as_json = serde_json::to_vec(&utterances).map_or(usize::MAX, |v| v.len());
+    let room = limits.max_transcript_bytes.saturating_mul(2);
+    if as_json > room {
+        return Err(Rejection::new(
+            RejectCode::TranscriptTooLarge,
+            Some("transcript"),
+            format!("the transcript is {as_json} bytes as utterances; the limit is {room}"),
+        ));
+    }
     if utterances.is_empty() {
         return Err(Rejection::new(
             RejectCode::EmptyTranscript,

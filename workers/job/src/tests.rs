@@ -512,3 +512,45 @@ fn a_bad_transcript_file_or_format_name_is_refused_with_its_code() {
     let r = parse_job_value(&v, &small).unwrap_err();
     assert_eq!(r.code, RejectCode::TranscriptTooLarge);
 }
+
+#[test]
+fn what_a_file_turns_into_is_checked_as_a_jobs_own_utterances() {
+    // A NUL that only appears once the file's JSON is read.
+    let mut v = good();
+    v["transcript"] = json!("{\"segments\":[{\"start\":0,\"end\":1,\"text\":\"a\\u0000b\"}]}");
+    let r = reject(v);
+    assert_eq!(r.code, RejectCode::InvalidField);
+    assert!(r.message.contains("NUL"), "{}", r.message);
+    // Speakers come out as a job's own: trimmed, none when empty; the job
+    // survives its own serialization.
+    let mut v = good();
+    v["transcript"] = json!([{"speaker": "  ", "start": 0, "end": 1, "text": "x"},
+                             {"speaker": " Bo ", "start": 1, "end": 2, "text": "y"}]);
+    let job = parse_job_value(&v, &Limits::default()).unwrap();
+    assert_eq!(job.transcript[0].speaker, None);
+    assert_eq!(job.transcript[1].speaker.as_deref(), Some("Bo"));
+    assert_eq!(parse_job(&job.to_json(), &Limits::default()).unwrap(), job);
+    // Text that JSON escapes grows six-fold as utterances: refused where
+    // the re-published job would not fit a message.
+    let mut v = good();
+    v["transcript"] = json!(format!(
+        "WEBVTT\n\n00:01.000 --> 00:02.000\n<v A>{}\n",
+        "\u{1}".repeat(1900)
+    ));
+    let small = Limits {
+        max_transcript_bytes: 4000,
+        ..Limits::default()
+    };
+    let r = parse_job_value(&v, &small).unwrap_err();
+    assert_eq!(r.code, RejectCode::TranscriptTooLarge, "{}", r.message);
+    assert!(r.message.contains("as utterances"), "{}", r.message);
+    // The peek reads ids without the transcript.
+    let body = br#"{"job_id": "6f1c1c8e-3f7a-4d5e-9d43-2a7e0f1b2c3d", "tenant": "acme", "transcript": {"segments": 5}}"#;
+    let (id, tenant) = peek_ids(body, &Limits::default());
+    assert_eq!(
+        id.map(|u| u.to_string()).as_deref(),
+        Some("6f1c1c8e-3f7a-4d5e-9d43-2a7e0f1b2c3d")
+    );
+    assert_eq!(tenant.as_deref(), Some("acme"));
+    assert_eq!(peek_ids(b"nope", &Limits::default()), (None, None));
+}

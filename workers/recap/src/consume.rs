@@ -332,10 +332,9 @@ impl<H: Handler> Task<H> {
     /// The dead letter of a delivery that no consumer ever brought to an
     /// end: its job (when the body names one) ends `dead`.
     fn delivery_limit_reached(&self, delivery: &Delivery) -> Verdict {
-        let (job_id, tenant) = match recap_job::parse_job(&delivery.data, &self.config.limits) {
-            Ok(job) => (Some(job.job_id), Some(job.tenant)),
-            Err(r) => (r.job_id, r.tenant),
-        };
+        // Only the ids: parsing the transcript may be what killed the
+        // consumers before.
+        let (job_id, tenant) = recap_job::peek_ids(&delivery.data, &self.config.limits);
         let limit = self.config.retry.delivery_limit;
         Verdict::DeadLetter {
             code: "delivery_limit".into(),

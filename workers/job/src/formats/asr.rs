@@ -4,7 +4,7 @@
 //! or on each item), and a generic diarized list of
 //! `{speaker, start, end, text}`.
 
-use super::{strip_markup, FormatError, TranscriptFormat};
+use super::{collapse_whitespace, FormatError, TranscriptFormat, MAX_SPEAKER_BYTES};
 use crate::Utterance;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -68,7 +68,8 @@ fn segment(
         return Err(err(format, path, "must be an object"));
     };
     let text = match obj.get("text") {
-        Some(Value::String(s)) => strip_markup(s),
+        // Recognizers write plain words: `<` and `&` are text here.
+        Some(Value::String(s)) => collapse_whitespace(s),
         None | Some(Value::Null) => {
             return Err(err(format, &format!("{path}.text"), "is required"))
         }
@@ -137,6 +138,17 @@ pub(super) fn parse_aws(value: &Value) -> Result<Vec<Utterance>, FormatError> {
         .get("items")
         .and_then(Value::as_array)
         .ok_or_else(|| err(F, "results.items", "is required (a list of words)"))?;
+    // A label is copied into every turn it starts: bounded first.
+    let label = |s: &str| -> Result<String, FormatError> {
+        if s.len() > MAX_SPEAKER_BYTES {
+            return Err(err(
+                F,
+                "results.speaker_labels",
+                format!("a speaker label is over {MAX_SPEAKER_BYTES} bytes"),
+            ));
+        }
+        Ok(s.trim().to_string())
+    };
     // Older output: the speaker of each word's start time.
     let mut by_start: HashMap<String, String> = HashMap::new();
     if let Some(segments) = results
@@ -155,7 +167,7 @@ pub(super) fn parse_aws(value: &Value) -> Result<Vec<Utterance>, FormatError> {
                     w.get("start_time").and_then(Value::as_str),
                     w.get("speaker_label").and_then(Value::as_str),
                 ) {
-                    by_start.insert(t.to_string(), s.to_string());
+                    by_start.insert(t.to_string(), label(s)?);
                 }
             }
         }
@@ -192,7 +204,7 @@ pub(super) fn parse_aws(value: &Value) -> Result<Vec<Utterance>, FormatError> {
         let start = seconds(obj, "start_time", F, &path)?;
         let end = seconds(obj, "end_time", F, &path)?;
         let who = match obj.get("speaker_label").and_then(Value::as_str) {
-            Some(s) => Some(s.to_string()),
+            Some(s) => Some(label(s)?),
             None => obj
                 .get("start_time")
                 .and_then(Value::as_str)

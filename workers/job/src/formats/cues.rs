@@ -11,13 +11,22 @@ pub(super) fn is_webvtt(body: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\n', '\r']))
 }
 
-/// A SubRip file starts with a counter line and then a timing line.
+/// A SubRip file starts with a counter line and then a timing line that
+/// reads as one.
 pub(super) fn looks_like_srt(body: &str) -> bool {
     let mut lines = body.lines().map(str::trim);
-    let (Some(counter), Some(timing)) = (lines.next(), lines.next()) else {
+    let (Some(counter), Some(line)) = (lines.next(), lines.next()) else {
         return false;
     };
-    !counter.is_empty() && counter.chars().all(|c| c.is_ascii_digit()) && timing.contains("-->")
+    !counter.is_empty()
+        && counter.chars().all(|c| c.is_ascii_digit())
+        && timing(line, &[',', '.'], TranscriptFormat::Srt, 2).is_ok()
+}
+
+/// Detection of WebVTT: the signature, and a timing line somewhere (a
+/// text that merely begins with the word is not a caption file).
+pub(super) fn looks_like_webvtt(body: &str) -> bool {
+    is_webvtt(body) && body.contains("-->")
 }
 
 /// The file's lines with their 1-based numbers, in blocks separated by
@@ -130,7 +139,10 @@ fn voice_turns(payload: &str, start: f64, end: f64) -> Vec<Utterance> {
             .trim();
         speaker = (!name.is_empty()).then(|| strip_markup(name));
         rest = &tag[close + 1..];
-        if let Some(end_tag) = rest.find("</v>") {
+        // This voice's span ends at `</v>` or at the next voice, whichever
+        // comes first (the search stops there: no rescans).
+        let span = next_voice_tag(rest).unwrap_or(rest.len());
+        if let Some(end_tag) = rest[..span].find("</v>") {
             out.push(turn(speaker.clone(), &rest[..end_tag]));
             rest = &rest[end_tag + 4..];
             speaker = None;
@@ -172,16 +184,16 @@ pub(super) fn parse_webvtt(body: &str) -> Result<Vec<Utterance>, FormatError> {
     let mut out = Vec::new();
     // The first block is the signature line and its header.
     for block in blocks(body).into_iter().skip(1) {
-        let (n, first) = block[0];
+        let first = block[0].1;
         let keyword = first.split([' ', '\t']).next().unwrap_or("");
         if matches!(keyword, "NOTE" | "STYLE" | "REGION") && !first.contains("-->") {
             continue;
         }
-        let at = block
-            .iter()
-            .take(2)
-            .position(|(_, l)| l.contains("-->"))
-            .ok_or_else(|| FormatError::at_line(F, n, "a cue without a timing line"))?;
+        // A block without a timing line in its first two lines is no cue;
+        // WebVTT's parser skips it.
+        let Some(at) = block.iter().take(2).position(|(_, l)| l.contains("-->")) else {
+            continue;
+        };
         let (tn, tline) = block[at];
         let (start, end) = timing(tline, &['.'], F, tn)?;
         let payload: Vec<&str> = block[at + 1..].iter().map(|(_, l)| *l).collect();

@@ -117,7 +117,7 @@ impl FormatError {
 /// line, JSON by a leading `{` or `[` that parses, and plain text otherwise.
 pub fn detect_text(text: &str) -> TranscriptFormat {
     let body = text.trim_start_matches('\u{feff}').trim_start();
-    if cues::is_webvtt(body) {
+    if cues::looks_like_webvtt(body) {
         return TranscriptFormat::WebVtt;
     }
     if cues::looks_like_srt(body) {
@@ -127,6 +127,7 @@ pub fn detect_text(text: &str) -> TranscriptFormat {
         if let Some(f) = serde_json::from_str::<Value>(body)
             .ok()
             .as_ref()
+            .filter(|v| !v.is_string())
             .and_then(detect_json)
         {
             return f;
@@ -134,6 +135,9 @@ pub fn detect_text(text: &str) -> TranscriptFormat {
     }
     TranscriptFormat::Text
 }
+
+/// The keys of recap's own utterances.
+pub const UTTERANCE_KEYS: [&str; 4] = ["speaker", "start_s", "end_s", "text"];
 
 /// The format of a transcript given as JSON, from its shape; None where it
 /// is none of the known ones.
@@ -146,15 +150,18 @@ pub fn detect_json(value: &Value) -> Option<TranscriptFormat> {
         Value::Object(o) if o.get("results").is_some_and(Value::is_object) => {
             Some(TranscriptFormat::AwsTranscribe)
         }
-        Value::Array(items) => {
-            // recap's utterances time themselves in `start_s`/`end_s`;
-            // diarization output in `start`/`end` (and may carry more keys).
-            let diarized = items.iter().any(|i| {
-                i.as_object().is_some_and(|o| {
-                    o.contains_key("start") || o.contains_key("end") || o.contains_key("words")
-                })
+        // A list of objects: recap's utterances, or a diarization tool's
+        // segments. Diarized: no item uses recap's `start_s`/`end_s`, and
+        // some item has a key recap's utterances lack, or a numbered speaker.
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+            let objects = || items.iter().filter_map(Value::as_object);
+            let recap_times =
+                objects().any(|o| o.contains_key("start_s") || o.contains_key("end_s"));
+            let foreign = objects().any(|o| {
+                o.keys().any(|k| !UTTERANCE_KEYS.contains(&k.as_str()))
+                    || o.get("speaker").is_some_and(Value::is_number)
             });
-            Some(if diarized {
+            Some(if foreign && !recap_times {
                 TranscriptFormat::Diarized
             } else {
                 TranscriptFormat::Utterances
@@ -174,8 +181,8 @@ pub fn parse_text(
     let body = text.trim_start_matches('\u{feff}');
     match format {
         TranscriptFormat::Text => Ok(utterances_from_text(body)),
-        TranscriptFormat::WebVtt => cues::parse_webvtt(body).map(merge_turns),
-        TranscriptFormat::Srt => cues::parse_srt(body).map(merge_turns),
+        TranscriptFormat::WebVtt => finish(format, cues::parse_webvtt(body)?),
+        TranscriptFormat::Srt => finish(format, cues::parse_srt(body)?),
         json => {
             let value: Value = serde_json::from_str(body).map_err(|e| FormatError {
                 format: json,
@@ -206,9 +213,9 @@ pub fn parse_value(
     };
     match (format, value) {
         (f, Value::String(s)) if !f.is_json() => parse_text(s, Some(f)),
-        (TranscriptFormat::Whisper, _) => asr::parse_whisper(value).map(merge_turns),
-        (TranscriptFormat::AwsTranscribe, _) => asr::parse_aws(value).map(merge_turns),
-        (TranscriptFormat::Diarized, _) => asr::parse_diarized(value).map(merge_turns),
+        (TranscriptFormat::Whisper, _) => finish(format, asr::parse_whisper(value)?),
+        (TranscriptFormat::AwsTranscribe, _) => finish(format, asr::parse_aws(value)?),
+        (TranscriptFormat::Diarized, _) => finish(format, asr::parse_diarized(value)?),
         // recap's own list, read as it is (the job parser checks it field
         // by field; this is the lenient read of a file).
         (TranscriptFormat::Utterances, Value::Array(_)) => {
@@ -236,12 +243,32 @@ pub fn parse_value(
     }
 }
 
-/// Merges consecutive turns of one named speaker into one: their texts
-/// joined by a space, the first one's start and the last one's end.
-/// Turns without a speaker stay apart (nothing says they are one person).
-pub fn merge_turns(turns: Vec<Utterance>) -> Vec<Utterance> {
+/// The turns a file's parser read, made ready: speakers trimmed (an empty
+/// one is none; one over 256 bytes is refused, as in a job's own
+/// utterances), empty turns dropped, and consecutive turns of one named
+/// speaker merged into one: their texts joined by a space, from the
+/// earliest start to the latest end. Turns without a speaker stay apart
+/// (nothing says they are one person).
+pub fn finish(
+    format: TranscriptFormat,
+    turns: Vec<Utterance>,
+) -> Result<Vec<Utterance>, FormatError> {
     let mut out: Vec<Utterance> = Vec::with_capacity(turns.len());
-    for t in turns {
+    for mut t in turns {
+        t.speaker = t
+            .speaker
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        if t.speaker
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SPEAKER_BYTES)
+        {
+            return Err(FormatError::at_path(
+                format,
+                "",
+                format!("a speaker name is over {MAX_SPEAKER_BYTES} bytes"),
+            ));
+        }
         if t.text.trim().is_empty() {
             continue;
         }
@@ -249,65 +276,86 @@ pub fn merge_turns(turns: Vec<Utterance>) -> Vec<Utterance> {
             Some(prev) if prev.speaker.is_some() && prev.speaker == t.speaker => {
                 prev.text.push(' ');
                 prev.text.push_str(&t.text);
-                prev.end_s = t.end_s.or(prev.end_s);
-                prev.start_s = prev.start_s.or(t.start_s);
+                prev.start_s = min_time(prev.start_s, t.start_s);
+                prev.end_s = max_time(prev.end_s, t.end_s);
             }
             _ => out.push(t),
         }
     }
-    out
+    Ok(out)
+}
+
+/// The longest speaker name a job may carry.
+pub const MAX_SPEAKER_BYTES: usize = 256;
+
+fn min_time(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn max_time(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
 }
 
 /// Cue text without markup: tags (`<b>`, `<i>`, `<font ...>`, `<c.x>`,
 /// `<00:01.000>`), SubRip's `{\an8}`-style override blocks and HTML
-/// character references, with runs of whitespace made one space.
+/// character references, with runs of whitespace made one space. Linear in
+/// the input: a tag or override is at most `MAX_TAG` bytes, so a run of
+/// unclosed `<` costs no rescans.
 pub fn strip_markup(s: &str) -> String {
+    const MAX_TAG: usize = 512;
+    let b = s.as_bytes();
+    // The end of a `open ... close` span starting at `i`, if it closes
+    // within MAX_TAG bytes before another `open`.
+    let closes = |i: usize, open: u8, close: u8| -> Option<usize> {
+        let window = &b[i + 1..(i + 1 + MAX_TAG).min(b.len())];
+        let j = window.iter().position(|&x| x == close || x == open)?;
+        (window[j] == close).then_some(i + 1 + j + 1)
+    };
     let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '<' => {
-                // A tag runs to the next '>'; a lone '<' is text.
-                let rest: String = chars.clone().take_while(|&c| c != '>').collect();
-                if chars.clone().nth(rest.chars().count()).is_some() && !rest.contains('<') {
-                    for _ in 0..=rest.chars().count() {
-                        chars.next();
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            '{' if chars.peek() == Some(&'\\') => {
-                let rest: String = chars.clone().take_while(|&c| c != '}').collect();
-                if chars.clone().nth(rest.chars().count()).is_some() {
-                    for _ in 0..=rest.chars().count() {
-                        chars.next();
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            '&' => {
-                let name: String = chars
-                    .clone()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '#')
-                    .take(8)
-                    .collect();
-                let after = chars.clone().nth(name.chars().count());
-                match (entity(&name), after) {
-                    (Some(decoded), Some(';')) => {
-                        for _ in 0..=name.chars().count() {
-                            chars.next();
-                        }
+    let mut i = 0;
+    while i < b.len() {
+        // Delimiters are ASCII, so every index here is a char boundary.
+        let skip = match b[i] {
+            b'<' => closes(i, b'<', b'>'),
+            b'{' if b.get(i + 1) == Some(&b'\\') => closes(i, b'{', b'}'),
+            b'&' => {
+                let name_end = (i + 1..(i + 10).min(b.len()))
+                    .find(|&k| !(b[k].is_ascii_alphanumeric() || b[k] == b'#'))
+                    .unwrap_or(b.len().min(i + 10));
+                match (b.get(name_end), entity(&s[i + 1..name_end])) {
+                    (Some(b';'), Some(decoded)) => {
                         out.push_str(decoded);
+                        Some(name_end + 1)
                     }
-                    _ => out.push(c),
+                    _ => None,
                 }
             }
-            _ => out.push(c),
+            _ => None,
+        };
+        match skip {
+            Some(next) => i = next,
+            None => {
+                // Copy up to the next delimiter (at least this byte's char).
+                let next = (i + 1..b.len())
+                    .find(|&k| matches!(b[k], b'<' | b'{' | b'&'))
+                    .unwrap_or(b.len());
+                out.push_str(&s[i..next]);
+                i = next;
+            }
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    collapse_whitespace(&out)
+}
+
+/// Runs of whitespace made one space, and the ends trimmed.
+pub fn collapse_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The character references subtitle files use.

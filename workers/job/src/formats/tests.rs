@@ -33,7 +33,12 @@ fn each_sample_is_detected_as_its_format() {
     );
     // A line that merely starts with the word is not a signature.
     assert_eq!(detect_text("WEBVTTX\n"), TranscriptFormat::Text);
-    assert_eq!(detect_text("\u{feff}WEBVTT\n"), TranscriptFormat::WebVtt);
+    assert_eq!(
+        detect_text("\u{feff}WEBVTT\n\n00:01.000 --> 00:02.000\nx\n"),
+        TranscriptFormat::WebVtt
+    );
+    // The signature alone, with no cue, is no caption file to detect.
+    assert_eq!(detect_text("WEBVTT\n"), TranscriptFormat::Text);
 }
 
 #[test]
@@ -223,9 +228,9 @@ fn malformed_files_are_refused_with_where_and_why() {
             "webvtt line 3: a cue without text",
         ),
         (
-            "WEBVTT\n\nid\nnot a timing line\nhello\n",
+            "WEBVTT\n\n00:01.000 --> 00:02.000\nok\n\n00:03.000 --> 00:0400\nbad\n",
             None,
-            "webvtt line 3: a cue without a timing line",
+            "webvtt line 6: `00:0400` is not a timestamp",
         ),
         (
             "not vtt at all",
@@ -319,6 +324,77 @@ proptest! {
             });
         }
         let got = parse_text(&vtt, None).unwrap();
-        prop_assert_eq!(got, merge_turns(want));
+        prop_assert_eq!(got, finish(TranscriptFormat::WebVtt, want).unwrap());
     }
+}
+
+#[test]
+fn the_review_cases_read_as_meant() {
+    // Unclosed `<` and `{\` runs stay text and cost one pass.
+    let lt = "<".repeat(200_000);
+    assert_eq!(strip_markup(&lt), lt);
+    let ov = "{\\".repeat(100_000);
+    assert_eq!(strip_markup(&ov), ov);
+    // A voice without `</v>` ends at the next voice.
+    let u = parse_text(
+        "WEBVTT\n\n00:01.000 --> 00:02.000\n<v A>Hi <v B>Hello</v>\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!(speakers(&u), [Some("A"), Some("B")]);
+    assert_eq!((u[0].text.as_str(), u[1].text.as_str()), ("Hi", "Hello"));
+    // Recognizers' words are not markup.
+    let u = parse_value(
+        &serde_json::json!({"segments": [{"start": 0, "end": 1, "text": " x < 3 and y > 2 &amp; z"}]}),
+        None,
+    )
+    .unwrap();
+    assert_eq!(u[0].text, "x < 3 and y > 2 &amp; z");
+    // One speaker's turns out of order span from the earliest start to the
+    // latest end.
+    let u = parse_value(
+        &serde_json::json!([{"speaker": "A", "start": 5, "end": 6, "text": "b"},
+                            {"speaker": "A", "start": 1, "end": 2, "text": "a"}]),
+        None,
+    )
+    .unwrap();
+    assert_eq!((u[0].start_s, u[0].end_s), (Some(1.0), Some(6.0)));
+    // Speakers are trimmed, an empty one is none, a huge one refused.
+    let vtt = "WEBVTT\n\n00:01.000 --> 00:02.000\n<v &lrm;>x</v>\n";
+    assert_eq!(parse_text(vtt, None).unwrap()[0].speaker, None);
+    let label = "L".repeat(300);
+    let doc = serde_json::json!({"results": {"items": [{"start_time": "1", "end_time": "2",
+        "alternatives": [{"content": "hi"}], "type": "pronunciation", "speaker_label": label}]}});
+    let e = parse_value(&doc, None).unwrap_err();
+    assert!(e.to_string().contains("over 256 bytes"), "{e}");
+    let vtt = format!("WEBVTT\n\n00:01.000 --> 00:02.000\n<v {label}>x</v>\n");
+    assert!(parse_text(&vtt, None).is_err());
+    // Plain text that only looks like a caption file stays text.
+    for text in [
+        "1\nPlan A --> plan B",
+        "WEBVTT is the format we export.\nAlice: fine",
+        "[1,2]",
+        "\"quoted\"",
+    ] {
+        assert_eq!(detect_text(text), TranscriptFormat::Text, "{text}");
+    }
+    // A block without a timing line is skipped, as WebVTT's parser does.
+    let u = parse_text(
+        "WEBVTT\n\nstray words\n\n00:01.000 --> 00:02.000\nkept\n",
+        None,
+    )
+    .unwrap();
+    let texts: Vec<&str> = u.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(texts, ["kept"]);
+    // recap's utterances with a stray key stay recap's (and the job parser
+    // names the key); diarized segments with numbered speakers and no times
+    // are diarized.
+    assert_eq!(
+        detect_json(&serde_json::json!([{"text": "a", "start_s": 1, "start": 1}])),
+        Some(TranscriptFormat::Utterances)
+    );
+    assert_eq!(
+        detect_json(&serde_json::json!([{"speaker": 1, "text": "a", "confidence": 0.9}])),
+        Some(TranscriptFormat::Diarized)
+    );
 }
