@@ -146,8 +146,8 @@ pub unsafe fn fma_signed_products(
 /// The dot product in plain Rust of the formats whose block is an f16 scale
 /// and 32 signed weights (Q5_0, Q8_0): Σ over blocks of `dw·dx·Σ qw·qx`,
 /// where `signed_sum(block, input)` is the block's `Σ qw·qx`. (Their AVX2
-/// loops stay apart: the same loop shared through a closure decoded Qwen 5%
-/// slower, 26.0 vs 27.3 tok/s interleaved.)
+/// loops stay apart: one loop shared through a closure decodes slower;
+/// bench/RESULTS.md, "Inference against llama.cpp".)
 pub fn dot_scaled_blocks(
     w: &[u8],
     x: &[Q8Block],

@@ -8,10 +8,9 @@
 //! The batch statements that join arrays of ids against the growing tables
 //! are not kept prepared (`persistent(false)`): PostgreSQL plans them for
 //! each call, for the tables as they are then. A kept statement's generic
-//! plan, made while a table was still empty, went on scanning it whole as
-//! it grew (per-job database time rose with every job). Planning every
-//! statement of the session instead (`plan_cache_mode`) also replanned the
-//! foreign-key checks for every row, which cost more than it saved.
+//! plan, made while a table is small, scans it whole as it grows. Planning
+//! every statement of the session (`plan_cache_mode`) would also replan the
+//! foreign-key checks for each row, which costs more than it saves.
 
 use crate::config::{redact_url, Config};
 use chrono::{DateTime, Utc};
