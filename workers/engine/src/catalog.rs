@@ -96,8 +96,62 @@ impl Catalog {
     }
 
     pub fn parse(text: &str) -> Result<Catalog, CatalogError> {
-        let mut c: Catalog =
-            toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        let c: Catalog = toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        c.validated()
+    }
+
+    /// The built-in catalog with a user's entries over it (the same
+    /// schema): an entry whose id is built in replaces it, others are
+    /// added. `origin` names the user's file in errors. A user entry's
+    /// `file` may be a path (absolute, or relative to the models
+    /// directory) or a `file://` URL.
+    pub fn with_user(user_text: &str, origin: &str) -> Result<Catalog, CatalogError> {
+        let mut user: Catalog =
+            toml::from_str(user_text).map_err(|e| CatalogError::Parse(format!("{origin}: {e}")))?;
+        for m in &mut user.models {
+            if let Some(f) = &m.file {
+                if let Some(path) = f.strip_prefix("file://") {
+                    if !path.starts_with('/') {
+                        return Err(CatalogError::Parse(format!(
+                            "{origin}: model {}: a file:// URL names an absolute path, got {f}",
+                            m.id
+                        )));
+                    }
+                    m.file = Some(path.to_string());
+                }
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        if let Some(dup) = user.models.iter().find(|m| !ids.insert(m.id.as_str())) {
+            return Err(CatalogError::Parse(format!(
+                "{origin}: model {} appears twice",
+                dup.id
+            )));
+        }
+        let builtin: Catalog = toml::from_str(CATALOG_TOML)
+            .map_err(|e| CatalogError::Parse(format!("built-in catalog: {e}")))?;
+        let mut models = builtin.models;
+        for m in user.models {
+            match models.iter_mut().find(|b| b.id == m.id) {
+                Some(b) => *b = m,
+                None => models.push(m),
+            }
+        }
+        Catalog { models }
+            .validated()
+            .map_err(|e| CatalogError::Parse(format!("{origin}: {e}")))
+    }
+
+    /// Checks every entry and fills in what entries with a base inherit.
+    fn validated(mut self) -> Result<Catalog, CatalogError> {
+        let c = &mut self;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = c.models.iter().find(|m| !seen.insert(m.id.clone())) {
+            return Err(CatalogError::Parse(format!(
+                "model {} appears twice",
+                dup.id
+            )));
+        }
         c.inherit_bases()?;
         for m in &c.models {
             if m.price_per_1k_input < 0.0 || m.price_per_1k_output < 0.0 {
@@ -139,7 +193,7 @@ impl Catalog {
                 )));
             }
         }
-        Ok(c)
+        Ok(self)
     }
 
     /// Entries with a `base` take its weights: file, size, sha256, parts.
@@ -258,6 +312,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("adapter sha256"), "{e}");
+    }
+
+    const USER_ENTRY: &str = "[[model]]\nid='mine'\nfamily='llama'\nformat='gguf'\nfile='file:///srv/models/mine.gguf'\ncontext_length=2048\nprice_per_1k_input=0.0001\nprice_per_1k_output=0.0002\nlicence='Apache-2.0'\n";
+
+    #[test]
+    fn a_user_catalog_adds_and_replaces_entries_over_the_built_in_one() {
+        let builtin = Catalog::builtin().unwrap();
+        let c = Catalog::with_user(USER_ENTRY, "user.toml").unwrap();
+        assert_eq!(c.models.len(), builtin.models.len() + 1);
+        let mine = c.get("mine").unwrap();
+        assert_eq!(mine.file.as_deref(), Some("/srv/models/mine.gguf"));
+        // Built-in entries stay, and a user entry of the same id replaces one.
+        assert!(c.get("smollm2-135m-instruct-q4_1").is_ok());
+        let replaced = USER_ENTRY.replace("id='mine'", "id='extractive-lead'");
+        let c = Catalog::with_user(&replaced, "user.toml").unwrap();
+        assert_eq!(c.models.len(), builtin.models.len());
+        assert_eq!(c.get("extractive-lead").unwrap().format, "gguf");
+        // A user adapter on a built-in base takes the base's weights.
+        let tuned = format!(
+            "[[model]]\nid='tuned'\nfamily='llama'\nformat='gguf'\nbase='smollm2-135m-instruct-q4_1'\ncontext_length=2048\nprice_per_1k_input=0.0\nprice_per_1k_output=0.0\nlicence='l'\nadapter={{ path='/srv/a', sha256='{}' }}\n",
+            "1".repeat(64)
+        );
+        let c = Catalog::with_user(&tuned, "user.toml").unwrap();
+        assert_eq!(
+            c.get("tuned").unwrap().sha256,
+            c.get("smollm2-135m-instruct-q4_1").unwrap().sha256
+        );
+    }
+
+    #[test]
+    fn a_bad_user_catalog_is_refused_naming_the_file_and_the_key() {
+        let e = Catalog::with_user(
+            &format!("{USER_ENTRY}colour='red'\n"),
+            "/etc/recap/models.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/recap/models.toml") && e.contains("colour"),
+            "{e}"
+        );
+        let e = Catalog::with_user(&USER_ENTRY.replace("file:///srv", "file://srv"), "u.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute path"), "{e}");
+        let twice = format!("{USER_ENTRY}{USER_ENTRY}");
+        let e = Catalog::with_user(&twice, "u.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mine appears twice"), "{e}");
+        let e = Catalog::with_user(&USER_ENTRY.replace("licence='Apache-2.0'\n", ""), "u.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("licence"), "{e}");
     }
 
     #[test]

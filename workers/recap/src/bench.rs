@@ -130,7 +130,7 @@ pub enum BenchCommand {
 /// values, for timing where the real weights cannot travel: no sha256, since
 /// it is not the catalog's file).
 fn gguf(config: &Config, model: &ModelArg) -> Result<GgufModel> {
-    let catalog = recap_engine::catalog::Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let entry = catalog.get(&model.id)?.clone();
     if entry.format != "gguf" {
         bail!("{} is not a GGUF model", model.id);

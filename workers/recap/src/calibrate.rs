@@ -403,8 +403,12 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
     );
     let text = policy_with_score(&base, &version, &fitted)?;
     // The file must load as the routers will load it, or nothing is written.
-    recap_policy::load_policy(&text, &policy::tiers(config), &policy::catalog_prices()?)
-        .context("the calibrated policy does not load")?;
+    recap_policy::load_policy(
+        &text,
+        &policy::tiers(config),
+        &policy::catalog_prices(config)?,
+    )
+    .context("the calibrated policy does not load")?;
     recap_engine::adapter::write_atomic(&args.out, &text)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
@@ -438,8 +442,12 @@ mod tests {
             compact: Some("smollm2-135m-qmsum-lora".into()),
             large: Some("qwen2.5-coder-0.5b-instruct-q4_k_m".into()),
         };
-        let p =
-            recap_policy::load_policy(&once, &tiers, &policy::catalog_prices().unwrap()).unwrap();
+        let p = recap_policy::load_policy(
+            &once,
+            &tiers,
+            &policy::catalog_prices(&Config::default()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.version, "v-cal");
         assert!(p.rules.score && p.rules.cascade);
         assert_eq!(p.score.as_ref().unwrap().threshold, 0.3);

@@ -262,6 +262,9 @@ pub struct ModelsConfig {
     /// Most tokens (prompt and output) one model call may use; longer
     /// transcripts are chunked. Smaller is faster on CPU.
     pub max_context: usize,
+    /// A TOML file of the user's own catalog entries (the built-in
+    /// catalog's schema), merged over the built-in ones.
+    pub catalog: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +380,7 @@ impl Default for ModelsConfig {
             device: "cpu".into(),
             threads: 0,
             max_context: 4096,
+            catalog: None,
         }
     }
 }
@@ -393,7 +397,7 @@ impl Default for MetricsConfig {
 pub const MAX_BATCH: usize = 256;
 
 /// Environment variables that override a key of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 24] = [
+pub const ENV_OVERRIDES: [(&str, &str); 25] = [
     ("RECAP_GATEWAY_LISTEN", "gateway.listen"),
     ("RECAP_GATEWAY_RATE", "gateway.rate_per_s"),
     ("RECAP_GATEWAY_BURST", "gateway.burst"),
@@ -413,6 +417,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 24] = [
     ("RECAP_JOB_DEADLINE_S", "worker.job_deadline_s"),
     ("RECAP_DATABASE_URL", "database.url"),
     ("RECAP_MODELS_DIR", "models.dir"),
+    ("RECAP_MODELS_CATALOG", "models.catalog"),
     ("RECAP_DEVICE", "models.device"),
     ("RECAP_THREADS", "models.threads"),
     ("RECAP_COMPACT_MODEL", "tiers.compact.model"),
@@ -432,7 +437,26 @@ impl Config {
         };
         config.apply_env(|k| std::env::var(k).ok())?;
         config.validate()?;
+        // A user catalog is read and checked at start, naming its bad key.
+        config.catalog()?;
         Ok(config)
+    }
+
+    /// The model catalog: the built-in one, with `models.catalog`'s
+    /// entries over it.
+    pub fn catalog(&self) -> Result<recap_engine::catalog::Catalog, ConfigError> {
+        use recap_engine::catalog::Catalog;
+        let Some(path) = &self.models.catalog else {
+            return Catalog::builtin().map_err(|e| invalid("models.catalog", e.to_string()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "models.catalog",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        Catalog::with_user(&text, &path.display().to_string())
+            .map_err(|e| invalid("models.catalog", e.to_string()))
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -469,6 +493,9 @@ impl Config {
                 "worker.job_deadline_s" => self.worker.job_deadline_s = number("seconds")?,
                 "database.url" => self.database.url = value.clone(),
                 "models.dir" => self.models.dir = Some(PathBuf::from(&value)),
+                "models.catalog" => {
+                    self.models.catalog = (!value.trim().is_empty()).then(|| PathBuf::from(&value))
+                }
                 "models.device" => self.models.device = value.clone(),
                 "models.threads" => self.models.threads = number("an integer")? as usize,
                 "tiers.compact.model" | "tiers.large.model" => {

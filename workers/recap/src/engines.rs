@@ -3,7 +3,7 @@
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use recap_engine::catalog::{Catalog, ModelEntry};
+use recap_engine::catalog::ModelEntry;
 use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
 use recap_engine::{Extractive, Summarizer};
 use std::sync::Arc;
@@ -53,7 +53,7 @@ pub fn adapter_dir(path: &str, config: &Config) -> Result<std::path::PathBuf> {
 
 /// The catalog entry and the loaded model.
 pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, ModelEntry)> {
-    let catalog = Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let entry = catalog.get(model_id)?.clone();
     let model: Arc<dyn Summarizer> = match entry.format.as_str() {
         "builtin" => Arc::new(Extractive::default()),
@@ -84,7 +84,7 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
 pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
 
 pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
-    let catalog = Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let entry = catalog.get(model_id)?;
     match entry.format.as_str() {
         "gguf" => {

@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
-use recap_engine::catalog::{Catalog, ModelEntry};
+use recap_engine::catalog::ModelEntry;
 use recap_engine::llm::sha256_file;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -26,7 +26,7 @@ pub enum ModelsCommand {
 }
 
 pub fn run(config: &Config, cmd: ModelsCommand) -> Result<()> {
-    let catalog = Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let dir = config.models_dir();
     match cmd {
         ModelsCommand::List => {

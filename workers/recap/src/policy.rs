@@ -6,7 +6,6 @@
 use crate::config::Config;
 use crate::metrics::metrics;
 use anyhow::{Context, Result};
-use recap_engine::catalog::Catalog;
 use recap_engine::SummaryOutput;
 use recap_job::Job;
 use recap_policy::score::Signals;
@@ -24,8 +23,9 @@ pub fn tiers(config: &Config) -> Tiers {
     }
 }
 
-pub fn catalog_prices() -> Result<BTreeMap<String, Prices>> {
-    Ok(Catalog::builtin()?
+pub fn catalog_prices(config: &Config) -> Result<BTreeMap<String, Prices>> {
+    Ok(config
+        .catalog()?
         .models
         .iter()
         .map(|m| {
@@ -53,7 +53,7 @@ pub fn load(config: &Config) -> Result<PolicyConfig> {
             "the built-in policy".to_string(),
         ),
     };
-    let p = load_policy(&text, &tiers(config), &catalog_prices()?)
+    let p = load_policy(&text, &tiers(config), &catalog_prices(config)?)
         .with_context(|| format!("loading {source}"))?;
     for w in &p.warnings {
         tracing::warn!(version = %p.version, "{source}: {w}");

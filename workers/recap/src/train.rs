@@ -6,7 +6,6 @@ use crate::config::Config;
 use crate::engines;
 use anyhow::{bail, Context, Result};
 use recap_engine::adapter::Target;
-use recap_engine::catalog::Catalog;
 use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
 use recap_eval::qmsum::{self, Setting};
 use recap_eval::rouge::Rouge;
@@ -267,7 +266,7 @@ fn train_on(
     mut examples: Vec<Example>,
     sources: Vec<DataSource>,
 ) -> Result<()> {
-    let catalog = Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let model_id = match &args.model {
         Some(m) => m.clone(),
         None => config
@@ -471,7 +470,7 @@ pub struct BenchTrainArgs {
 /// one model with LoRA of `--rank` on all seven projections.
 pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
     keep_the_heap();
-    let catalog = Catalog::builtin()?;
+    let catalog = config.catalog()?;
     let entry = catalog.get(&args.model)?.clone();
     let file = entry
         .file
