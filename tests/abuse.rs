@@ -618,15 +618,7 @@ async fn a_rotation_keeps_old_keys_for_its_grace_and_one_key_can_be_revoked() {
         .unwrap()
         .trim()
         .to_string();
-    let out = env
-        .command(&["tenants", "revoke", "acme", "--key", &new_key[..10]])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut env.command(&["tenants", "revoke", "acme", "--key", &new_key[..10]]));
     assert_eq!(status(new_key).await, 401);
     assert_eq!(status(third_key).await, 200);
     let out = env
@@ -705,15 +697,9 @@ async fn each_role_runs_with_only_its_broker_permissions() {
     let mut env = TestEnv::new("abuseroles").await;
     let roles = RoleUsers::create(&env.name);
     // migrate declares the topology as recap-migrate.
-    let out = env
-        .command(&["migrate"])
-        .env("RECAP_AMQP_URL", roles.url("recap-migrate"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "migrate as recap-migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        env.command(&["migrate"])
+            .env("RECAP_AMQP_URL", roles.url("recap-migrate")),
     );
     let acme = create_tenant(&env, "acme");
     env.spawn(

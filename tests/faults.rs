@@ -275,16 +275,7 @@ async fn a_job_that_kills_its_worker_every_time_ends_dead_at_the_delivery_limit(
         ("RECAP_CONFIG", config.as_str()),
         ("RECAP_POLICY", policy.as_str()),
     ];
-    let out = env
-        .command(&["migrate"])
-        .env("RECAP_CONFIG", &config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(env.command(&["migrate"]).env("RECAP_CONFIG", &config));
     env.spawn(&["router"], &vars);
     let conn = env.amqp().await;
     let ch = confirm_channel(&conn).await;
@@ -363,16 +354,7 @@ async fn a_job_that_makes_the_model_fail_is_retried_with_backoff_then_dead_with_
     )
     .unwrap();
     let cfg = config.to_str().unwrap().to_string();
-    let out = env
-        .command(&["migrate"])
-        .env("RECAP_CONFIG", &cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(env.command(&["migrate"]).env("RECAP_CONFIG", &cfg));
     let policy = env.dir.path().join("policy.toml");
     std::fs::write(&policy, "version = \"t\"\nrules = []\n").unwrap();
     let vars = [

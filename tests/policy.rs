@@ -163,15 +163,7 @@ output_per_1k = 0.001
     )
     .unwrap();
     let budget = 0.01;
-    let out = env
-        .command(&["budget", "set", "thrifty", "--daily", &budget.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut env.command(&["budget", "set", "thrifty", "--daily", &budget.to_string()]));
     let vars = models(&policy);
     // Each router serves its metrics, so that the test sees both route.
     let addrs = [free_addr(), free_addr()];

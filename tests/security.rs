@@ -266,15 +266,9 @@ async fn api_keys_and_webhook_secrets_never_reach_the_logs_at_trace() {
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
     // A rotation at trace: the new key goes to stdout only.
-    let out = env
-        .command(&["tenants", "rotate", "acme", "--grace-s", "60"])
-        .env("RECAP_LOG", "trace")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        env.command(&["tenants", "rotate", "acme", "--grace-s", "60"])
+            .env("RECAP_LOG", "trace"),
     );
     let rotated = String::from_utf8_lossy(&out.stdout).to_string();
     let new_key = rotated

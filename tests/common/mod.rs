@@ -50,6 +50,18 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// Runs a command that must succeed; its output, or a failure showing the
+/// command and its stderr.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `rabbitmqctl` with `args`, which must succeed (users, permissions).
 pub fn rabbitmqctl_ok(args: &[&str]) {
     rabbitmqctl(args)
@@ -115,15 +127,7 @@ impl TestEnv {
     }
 
     pub fn migrate(&self) {
-        let out = self
-            .command(&["migrate"])
-            .output()
-            .expect("run recap migrate");
-        assert!(
-            out.status.success(),
-            "recap migrate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&mut self.command(&["migrate"]));
     }
 
     /// Starts a long-running `recap` process, killed when the env drops.

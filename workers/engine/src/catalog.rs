@@ -121,11 +121,10 @@ impl Catalog {
                 }
             }
         }
-        let mut ids = std::collections::HashSet::new();
-        if let Some(dup) = user.models.iter().find(|m| !ids.insert(m.id.as_str())) {
+        // Checked before the merge, which would fold a repeated id into one.
+        if let Some(dup) = repeated_id(&user.models) {
             return Err(CatalogError::Parse(format!(
-                "{origin}: model {} appears twice",
-                dup.id
+                "{origin}: model {dup} appears twice"
             )));
         }
         let builtin: Catalog = toml::from_str(CATALOG_TOML)
@@ -145,12 +144,8 @@ impl Catalog {
     /// Checks every entry and fills in what entries with a base inherit.
     fn validated(mut self) -> Result<Catalog, CatalogError> {
         let c = &mut self;
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = c.models.iter().find(|m| !seen.insert(m.id.clone())) {
-            return Err(CatalogError::Parse(format!(
-                "model {} appears twice",
-                dup.id
-            )));
+        if let Some(dup) = repeated_id(&c.models) {
+            return Err(CatalogError::Parse(format!("model {dup} appears twice")));
         }
         c.inherit_bases()?;
         for m in &c.models {
@@ -247,6 +242,15 @@ impl Catalog {
     pub fn defaults(&self) -> impl Iterator<Item = &ModelEntry> {
         self.models.iter().filter(|m| m.default)
     }
+}
+
+/// The first id that two entries share.
+fn repeated_id(models: &[ModelEntry]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::new();
+    models
+        .iter()
+        .map(|m| m.id.as_str())
+        .find(|id| !seen.insert(*id))
 }
 
 impl ModelEntry {

@@ -710,7 +710,7 @@ fn parse_transcript(
     }
     // ... and the utterances recap re-publishes must fit a message, or the
     // router would refuse what the gateway accepted.
-    let as_json = serde_json::to_vec(&utterances).map_or(usize::MAX, |v| v.len());
+    let as_json = json_len(&utterances);
     let room = limits.max_transcript_bytes.saturating_mul(2);
     if as_json > room {
         return Err(Rejection::new(
@@ -738,6 +738,26 @@ fn parse_transcript(
         ));
     }
     Ok(utterances)
+}
+
+/// The bytes `value` takes as JSON, counted without building the text
+/// (every job is parsed on the router's and workers' paths).
+fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    match serde_json::to_writer(&mut n, value) {
+        Ok(()) => n.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// recap's own utterance list, each item checked by `parse_utterance`.

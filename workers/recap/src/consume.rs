@@ -281,11 +281,9 @@ impl<H: Handler> Task<H> {
         let (last, fresh): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|d| is_last_delivery(&d.properties, limit));
+        // The refused ones first: verdicts and deliveries stay in one order.
+        let spent = last.len();
         let batch: Vec<Delivery> = last.into_iter().chain(fresh).collect();
-        let spent = batch
-            .iter()
-            .take_while(|d| is_last_delivery(&d.properties, limit))
-            .count();
         let mut verdicts: Vec<Verdict> = batch[..spent]
             .iter()
             .map(|d| self.delivery_limit_reached(d))

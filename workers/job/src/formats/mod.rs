@@ -200,8 +200,7 @@ pub fn parse_value(
     value: &Value,
     format: Option<TranscriptFormat>,
 ) -> Result<Vec<Utterance>, FormatError> {
-    let detected = detect_json(value);
-    let format = match format.or(detected) {
+    let format = match format.or_else(|| detect_json(value)) {
         Some(f) => f,
         None => {
             return Err(FormatError::at_path(
