@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the benchmark anchors into one venv outside the repo:
-# llama.cpp (llama-cpp-python built from source, native, AMX off) and Celery.
-# Idempotent: a venv that already imports both is kept.
+# llama.cpp (llama-cpp-python built from source, native, AMX off), Celery,
+# and PyTorch with PEFT and transformers (training speed, adapter round trip;
+# PyPI's torch wheel brings its CUDA libraries, a few GB, unused on CPU).
+# Idempotent: what the venv already imports is kept.
 set -euo pipefail
 VENV="${RECAP_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/recap/bench-venv}"
 LLAMA_CPP_PYTHON_VERSION=0.3.16
 CELERY_VERSION=5.5.3
+TORCH_STACK=(torch==2.15.0 peft==0.21.2 transformers==5.25.0 gguf==0.19.0)
 
 if ! command -v cmake >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi
@@ -13,6 +16,9 @@ if ! command -v cmake >/dev/null; then
 fi
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 PY="$VENV/bin/python"
+if ! "$PY" -c "import torch, peft, transformers, gguf" 2>/dev/null; then
+  "$PY" -m pip install -q "${TORCH_STACK[@]}"
+fi
 if "$PY" -c "import llama_cpp, celery, psycopg, pika" 2>/dev/null; then
   echo "anchors ready in $VENV"; exit 0
 fi

@@ -13,7 +13,7 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use recap_engine::generate::GenParams;
-use recap_engine::llm::{GgufModel, GgufOptions};
+use recap_engine::llm::GgufModel;
 use recap_engine::prompts;
 use recap_job::SummaryKind;
 use std::path::{Path, PathBuf};
@@ -139,11 +139,8 @@ fn gguf(config: &Config, model: &ModelArg) -> Result<GgufModel> {
         .file
         .as_deref()
         .context("catalog entry without a file")?;
-    let mut options = GgufOptions::for_entry(
-        &entry,
-        crate::engines::device(config)?,
-        config.models.max_context,
-    );
+    // With the entry's adapter: the PEFT round trip compares its logits.
+    let mut options = crate::engines::gguf_options(&entry, config)?;
     let path = match &model.file {
         Some(path) => {
             options.sha256 = None;

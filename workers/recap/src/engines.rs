@@ -51,6 +51,19 @@ pub fn adapter_dir(path: &str, config: &Config) -> Result<std::path::PathBuf> {
         })
 }
 
+/// How a GGUF catalog entry is served: its options, with its adapter.
+pub fn gguf_options(entry: &ModelEntry, config: &Config) -> Result<GgufOptions> {
+    let mut opts = GgufOptions::for_entry(entry, device(config)?, config.models.max_context);
+    if let Some(a) = &entry.adapter {
+        opts.adapter = Some(AdapterOptions {
+            dir: adapter_dir(&a.path, config)?,
+            sha256: Some(a.sha256.clone()),
+            merge: a.merge,
+        });
+    }
+    Ok(opts)
+}
+
 /// The catalog entry and the loaded model.
 pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, ModelEntry)> {
     let catalog = config.catalog()?;
@@ -63,16 +76,7 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
                 .as_deref()
                 .context("catalog entry without a file")?;
             let path = config.models_dir().join(file);
-            let mut opts =
-                GgufOptions::for_entry(&entry, device(config)?, config.models.max_context);
-            if let Some(a) = &entry.adapter {
-                opts.adapter = Some(AdapterOptions {
-                    dir: adapter_dir(&a.path, config)?,
-                    sha256: Some(a.sha256.clone()),
-                    merge: a.merge,
-                });
-            }
-            Arc::new(GgufModel::load(&path, &opts)?)
+            Arc::new(GgufModel::load(&path, &gguf_options(&entry, config)?)?)
         }
         other => bail!("model {model_id}: format `{other}` cannot be served by this build"),
     };
