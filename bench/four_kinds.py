@@ -32,6 +32,19 @@ NONE_ANSWER = {"action_items": "No action items.", "decisions": "No decisions."}
 
 
 def in_shape(kind, text):
+    r"""Whether text has its kind's shape.
+
+    >>> in_shape("decisions", "- Ship Friday.\n- Hire Ann.")
+    True
+    >>> in_shape("action_items", "Ann will ship it.")
+    False
+    >>> in_shape("action_items", "No action items.")
+    True
+    >>> in_shape("short", "Budget review: cloud spend is 8% over.")
+    True
+    >>> in_shape("overview", "- Ann: hi")
+    False
+    """
     text = text.strip()
     lines = [l for l in text.splitlines() if l.strip()]
     if kind in NONE_ANSWER:

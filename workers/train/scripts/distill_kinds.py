@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Training examples for recap's four summary kinds, written by a teacher.
+
+QMSum has query answers, but no action items, decisions or one-line
+summaries, and its whole-meeting summaries are longer than a training
+example. This script takes seeded excerpts of QMSum **train** meetings (the
+gold spans of its specific queries, each excerpt once), has a teacher model
+(by default Qwen2.5-Coder-1.5B: the 0.5B large tier's lists
+repeat the transcript) summarize each with `recap summarize` in all four
+kinds, and writes `recap train --data jsonl:` lines: the excerpt, the kind
+and the teacher's text as the target. A list whose every line says there
+is nothing ("- Alice: No action items.") becomes the kind's own "No ..."
+answer, and such lines beside real items are left out. Outputs that break
+their kind's format (a list kind without "- " lines, an empty text, a
+one-line summary over 40 words) or copy the transcript (over a quarter of
+their sentences hold 8+ words verbatim: recap's copy rate) are dropped and
+counted: the student is to learn the format and not to copy.
+
+Resumable: excerpts already in --out are skipped, so a killed run goes on.
+
+    workers/train/scripts/distill_kinds.py --recap target/debug/recap \
+        --qmsum ../shared/datasets/qmsum/train.jsonl --excerpts 48 \
+        --out adapters/data/qmsum-train-kinds.jsonl
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+
+KINDS = ["overview", "action_items", "decisions", "short"]
+NONE_ANSWER = {"action_items": "No action items.", "decisions": "No decisions."}
+
+
+def excerpts(path, min_words, max_words):
+    """Each distinct gold span of a specific query, as utterances."""
+    seen = set()
+    with open(path) as f:
+        for n, line in enumerate(f):
+            meeting = json.loads(line)
+            turns = meeting["meeting_transcripts"]
+            for q in meeting["specific_query_list"]:
+                spans = tuple((int(a), int(b)) for a, b in q["relevant_text_span"])
+                if (n, spans) in seen:
+                    continue
+                seen.add((n, spans))
+                utts = [
+                    {"speaker": t["speaker"], "text": t["content"]}
+                    for a, b in spans
+                    for t in turns[a : b + 1]
+                    if t["content"].strip()
+                ]
+                words = sum(len(u["text"].split()) for u in utts)
+                if min_words <= words <= max_words:
+                    key = f"qmsum-train-{n}-" + "-".join(f"{a}_{b}" for a, b in spans)
+                    yield key, utts
+
+
+def clean(kind, text):
+    r"""The teacher's text with its "nothing here" lines settled.
+
+    >>> clean("action_items", "- - Ann: No action items.\n- Bo: No action items.")
+    'No action items.'
+    >>> clean("decisions", "- Ship on Friday.\n- No decisions.")
+    '- Ship on Friday.'
+    >>> clean("overview", "  Ann opened. ")
+    'Ann opened.'
+    """
+    text = text.strip()
+    if kind not in NONE_ANSWER:
+        return text
+    none = NONE_ANSWER[kind]
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    items = [l for l in lines if none.rstrip(".").lower() not in l.lower()]
+    return "\n".join(items) if items else none
+
+
+def unfit(kind, text, copy_rate):
+    r"""Why a (cleaned) output is unfit as a target, or None when it is fit.
+
+    >>> unfit("decisions", "- Ship on Friday.", 0.0) is None
+    True
+    >>> unfit("decisions", "- Ship.\n- - Ann: yes", 0.0)
+    'not a - list'
+    >>> unfit("action_items", "Ann will ship it.", 0.0)
+    'not a - list'
+    >>> unfit("overview", "Ann said we ship.", 0.5)
+    'copies the transcript'
+    >>> unfit("short", " ".join(["word"] * 41), 0.0)
+    'short over 40 words'
+    """
+    if not text:
+        return "empty"
+    if copy_rate > 0.25:
+        return "copies the transcript"
+    if kind in NONE_ANSWER and text != NONE_ANSWER[kind]:
+        if not all(l.startswith("- ") and not l.startswith("- -") for l in text.splitlines()):
+            return "not a - list"
+    if kind == "short" and len(text.split()) > 40:
+        return "short over 40 words"
+    return None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recap", default="target/debug/recap")
+    p.add_argument("--config", default="config/recap.toml")
+    p.add_argument("--teacher", default="qwen2.5-coder-1.5b-instruct-q4_k_m")
+    p.add_argument("--qmsum", required=True, help="QMSum train split (never val or test)")
+    p.add_argument("--excerpts", type=int, default=48)
+    p.add_argument("--min-words", type=int, default=200)
+    p.add_argument("--max-words", type=int, default=450)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    if "val" in args.qmsum or "test" in args.qmsum:
+        sys.exit(f"{args.qmsum}: distil from the train split only")
+
+    pool = list(excerpts(args.qmsum, args.min_words, args.max_words))
+    random.Random(args.seed).shuffle(pool)
+    chosen = pool[: args.excerpts]
+    done = set()
+    try:
+        with open(args.out) as f:
+            done = {json.loads(l)["id"].rsplit(":", 1)[0] for l in f if l.strip()}
+    except FileNotFoundError:
+        pass
+    dropped = {}
+    written = 0
+    with open(args.out, "a") as out:
+        for i, (key, utts) in enumerate(chosen):
+            if key in done:
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".json") as job:
+                # A QMSum-shaped meeting: summarize reads its turns as they are.
+                json.dump({"meeting_transcripts": [{"speaker": u["speaker"], "content": u["text"]} for u in utts]}, job)
+                job.flush()
+                run = subprocess.run(
+                    [args.recap, "--config", args.config, "summarize", job.name, "--model", args.teacher,
+                     "--kinds", ",".join(KINDS), "--json"],
+                    capture_output=True, text=True,
+                )
+            if run.returncode != 0:
+                sys.exit(f"{key}: recap summarize failed:\n{run.stderr}")
+            for s in json.loads(run.stdout)["summaries"]:
+                text = clean(s["kind"], s["text"])
+                why = unfit(s["kind"], text, s["copy_rate"])
+                if why:
+                    dropped[why] = dropped.get(why, 0) + 1
+                    continue
+                line = {"id": f"{key}:{s['kind']}", "transcript": utts, "kind": s["kind"],
+                        "target": text}
+                out.write(json.dumps(line) + "\n")
+                written += 1
+            out.flush()
+            print(f"{i + 1}/{len(chosen)} {key}", file=sys.stderr)
+    print(json.dumps({"excerpts": len(chosen), "pool": len(pool), "written": written, "dropped": dropped}))
+
+
+if __name__ == "__main__":
+    main()
