@@ -278,6 +278,22 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_adapter_is_in_the_repo_with_its_pinned_hash() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters");
+        let c = Catalog::builtin().unwrap();
+        let mut seen = 0;
+        for e in &c.models {
+            let Some(a) = &e.adapter else { continue };
+            let file = repo.join(&a.path).join(crate::adapter::WEIGHTS_FILE);
+            let got = crate::llm::sha256_file(&file)
+                .unwrap_or_else(|err| panic!("{}: {}: {err}", e.id, file.display()));
+            assert_eq!(got, a.sha256, "{}: {}", e.id, file.display());
+            seen += 1;
+        }
+        assert!(seen >= 2, "the catalog ships two adapters");
+    }
+
+    #[test]
     fn an_adapter_entry_takes_its_bases_weights() {
         let c = Catalog::builtin().unwrap();
         let tuned = c.get("smollm2-135m-qmsum-lora").unwrap();

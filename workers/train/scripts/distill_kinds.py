@@ -14,7 +14,10 @@ answer, and such lines beside real items are left out. Outputs that break
 their kind's format (a list kind without "- " lines, an empty text, a
 one-line summary over 40 words) or copy the transcript (over a quarter of
 their sentences hold 8+ words verbatim: recap's copy rate) are dropped and
-counted: the student is to learn the format and not to copy.
+counted: the student is to learn the format and not to copy. A "No ..."
+answer is kept only while such answers stay under --max-none-share of the
+list targets written: excerpts seldom decide or assign, and a student
+trained on two thirds "none" (the first run here) answers "none" always.
 
 Resumable: excerpts already in --out are skipped, so a killed run goes on.
 
@@ -103,6 +106,22 @@ def unfit(kind, text, copy_rate):
     return None
 
 
+def admit_none(lists, share):
+    """Whether one more "No ..." target keeps them within share of the list
+    targets (counts in lists: "none" and "all" written so far).
+
+    >>> admit_none({"none": 0, "all": 0}, 0.2)
+    False
+    >>> admit_none({"none": 0, "all": 4}, 0.2)
+    True
+    >>> admit_none({"none": 1, "all": 5}, 0.2)
+    False
+    >>> admit_none({"none": 9, "all": 9}, 1.0)
+    True
+    """
+    return lists["none"] + 1 <= share * (lists["all"] + 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recap", default="target/debug/recap")
@@ -113,6 +132,8 @@ def main():
     p.add_argument("--min-words", type=int, default=200)
     p.add_argument("--max-words", type=int, default=450)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-none-share", type=float, default=0.2,
+                   help='largest share of "No ..." answers among list targets')
     p.add_argument("--out", required=True)
     args = p.parse_args()
     if "val" in args.qmsum or "test" in args.qmsum:
@@ -122,9 +143,16 @@ def main():
     random.Random(args.seed).shuffle(pool)
     chosen = pool[: args.excerpts]
     done = set()
+    lists = {"none": 0, "all": 0}
     try:
         with open(args.out) as f:
-            done = {json.loads(l)["id"].rsplit(":", 1)[0] for l in f if l.strip()}
+            for l in f:
+                if l.strip():
+                    line = json.loads(l)
+                    done.add(line["id"].rsplit(":", 1)[0])
+                    if line["kind"] in NONE_ANSWER:
+                        lists["all"] += 1
+                        lists["none"] += line["target"] == NONE_ANSWER[line["kind"]]
     except FileNotFoundError:
         pass
     dropped = {}
@@ -147,9 +175,16 @@ def main():
             for s in json.loads(run.stdout)["summaries"]:
                 text = clean(s["kind"], s["text"])
                 why = unfit(s["kind"], text, s["copy_rate"])
+                if not why and text == NONE_ANSWER.get(s["kind"]):
+                    if not admit_none(lists, args.max_none_share):
+                        why = "no items, over --max-none-share"
+                    else:
+                        lists["none"] += 1
                 if why:
                     dropped[why] = dropped.get(why, 0) + 1
                     continue
+                if s["kind"] in NONE_ANSWER:
+                    lists["all"] += 1
                 line = {"id": f"{key}:{s['kind']}", "transcript": utts, "kind": s["kind"],
                         "target": text}
                 out.write(json.dumps(line) + "\n")
