@@ -33,6 +33,26 @@ LORA_ID = "smollm2-135m-qmsum-lora"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def catalog_entry(model_id, adapter_dir, merge):
+    """A user catalog entry serving adapter_dir on the SmolLM2 base."""
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    sha256 = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    return f"""
+[[model]]
+id = "{model_id}"
+base = "{BASE_ID}"
+family = "llama"
+format = "gguf"
+context_length = 8192
+chat_template = "gguf"
+prompt_order = "task_first"
+price_per_1k_input = 0.00001
+price_per_1k_output = 0.00004
+licence = "test"
+adapter = {{ path = "{adapter_dir}", sha256 = "{sha256}", merge = {str(merge).lower()} }}
+"""
+
+
 def recap_logits(recap, config, model_id, ids_path, work, env=None):
     out = os.path.join(work, f"{model_id}.logits")
     run = subprocess.run(
@@ -142,22 +162,9 @@ def main():
     lora_t = torch_logits(peft, ids)
     greedy_t = torch_greedy(peft, ids, 16)
     catalog = os.path.join(work, "catalog.toml")
-    sha = hashlib.sha256(open(os.path.join(args.adapter, "adapter_model.safetensors"), "rb").read()).hexdigest()
     adapter_dir = os.path.abspath(args.adapter)
     with open(catalog, "w") as f:
-        f.write(f"""[[model]]
-id = "roundtrip-merged"
-base = "{BASE_ID}"
-family = "llama"
-format = "gguf"
-context_length = 8192
-chat_template = "gguf"
-prompt_order = "task_first"
-price_per_1k_input = 0.00001
-price_per_1k_output = 0.00004
-licence = "test"
-adapter = {{ path = "{adapter_dir}", sha256 = "{sha}", merge = true }}
-""")
+        f.write(catalog_entry("roundtrip-merged", adapter_dir, merge=True))
     env = dict(os.environ, RECAP_MODELS_CATALOG=catalog)
     for model_id, how in [(LORA_ID, "unmerged"), ("roundtrip-merged", "merged")]:
         lora_r, greedy_r = recap_logits(args.recap, args.config, model_id, ids_path, work, env)
@@ -177,22 +184,8 @@ adapter = {{ path = "{adapter_dir}", sha256 = "{sha}", merge = true }}
     peft_dir = os.path.join(work, "peft-made")
     made.save_pretrained(peft_dir)
     made_t = torch_logits(made, ids)
-    sha = hashlib.sha256(open(os.path.join(peft_dir, "adapter_model.safetensors"), "rb").read()).hexdigest()
     with open(catalog, "a") as f:
-        f.write(f"""
-[[model]]
-id = "peft-made"
-base = "{BASE_ID}"
-family = "llama"
-format = "gguf"
-context_length = 8192
-chat_template = "gguf"
-prompt_order = "task_first"
-price_per_1k_input = 0.00001
-price_per_1k_output = 0.00004
-licence = "test"
-adapter = {{ path = "{peft_dir}", sha256 = "{sha}" }}
-""")
+        f.write(catalog_entry("peft-made", peft_dir, merge=False))
     made_r, greedy_r = recap_logits(args.recap, args.config, "peft-made", ids_path, work, env)
     row = compare("PEFT-made adapter, recap vs PEFT", base_r, made_r, base_t, made_t)
     row["greedy_tokens_agreeing"] = agreeing_prefix(greedy_r, torch_greedy(made, ids, 16))
