@@ -29,6 +29,7 @@ Resumable: excerpts already in --out are skipped, so a killed run goes on.
 import argparse
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ NONE_ANSWER = {"action_items": "No action items.", "decisions": "No decisions."}
 
 
 def excerpts(path, min_words, max_words):
-    """Each distinct gold span of a specific query, as utterances."""
+    """Each distinct gold span of a specific query, as (key, utterances, query)."""
     seen = set()
     with open(path) as f:
         for n, line in enumerate(f):
@@ -58,7 +59,7 @@ def excerpts(path, min_words, max_words):
                 words = sum(len(u["text"].split()) for u in utts)
                 if min_words <= words <= max_words:
                     key = f"qmsum-train-{n}-" + "-".join(f"{a}_{b}" for a, b in spans)
-                    yield key, utts
+                    yield key, utts, q["query"]
 
 
 def clean(kind, text):
@@ -132,6 +133,8 @@ def main():
     p.add_argument("--min-words", type=int, default=200)
     p.add_argument("--max-words", type=int, default=450)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prefer", help="regex: excerpts whose QMSum query matches it come first "
+                   "(e.g. 'decid|agree|action|next step': where a meeting decides or assigns)")
     p.add_argument("--max-none-share", type=float, default=0.2,
                    help='largest share of "No ..." answers among list targets')
     p.add_argument("--out", required=True)
@@ -141,7 +144,11 @@ def main():
 
     pool = list(excerpts(args.qmsum, args.min_words, args.max_words))
     random.Random(args.seed).shuffle(pool)
-    chosen = pool[: args.excerpts]
+    if args.prefer:
+        # Stable: the preferred excerpts first, each group in seeded order.
+        wanted = re.compile(args.prefer, re.I)
+        pool.sort(key=lambda e: not wanted.search(e[2]))
+    chosen = [(key, utts) for key, utts, _ in pool[: args.excerpts]]
     done = set()
     lists = {"none": 0, "all": 0}
     try:
