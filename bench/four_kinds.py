@@ -68,23 +68,19 @@ def speakers(path):
 
 
 def qmsum_excerpts(path, n, seed):
-    """n seeded gold-span excerpts of the meetings in path, as QMSum-shaped files."""
-    pool, seen = [], set()
-    for m, line in enumerate(open(path)):
-        meeting = json.loads(line)
-        turns = meeting["meeting_transcripts"]
-        for q in meeting["specific_query_list"]:
-            spans = tuple((int(a), int(b)) for a, b in q["relevant_text_span"])
-            chosen = [t for a, b in spans for t in turns[a : b + 1] if t["content"].strip()]
-            if (m, spans) not in seen and 200 <= sum(len(t["content"].split()) for t in chosen) <= 450:
-                seen.add((m, spans))
-                pool.append((f"qmsum-{m}-" + "-".join(f"{a}_{b}" for a, b in spans), chosen))
+    """n seeded gold-span excerpts of the meetings in path (the teacher-data
+    script's reader), as QMSum-shaped files."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../workers/train/scripts"))
+    from distill_kinds import excerpts
+
+    pool = list(excerpts(path, 200, 450, name="qmsum"))
     random.Random(seed).shuffle(pool)
     folder = tempfile.mkdtemp(prefix="four-kinds-")
     files = []
-    for name, chosen in pool[:n]:
-        files.append(os.path.join(folder, name + ".json"))
-        json.dump({"meeting_transcripts": chosen}, open(files[-1], "w"))
+    for key, utts, _ in pool[:n]:
+        files.append(os.path.join(folder, key + ".json"))
+        turns = [{"speaker": u["speaker"], "content": u["text"]} for u in utts]
+        json.dump({"meeting_transcripts": turns}, open(files[-1], "w"))
     return files
 
 

@@ -38,8 +38,9 @@ KINDS = ["overview", "action_items", "decisions", "short"]
 NONE_ANSWER = {"action_items": "No action items.", "decisions": "No decisions."}
 
 
-def excerpts(path, min_words, max_words):
-    """Each distinct gold span of a specific query, as (key, utterances, query)."""
+def excerpts(path, min_words, max_words, name="qmsum-train"):
+    """Each distinct gold span of a specific query, as (key, utterances, query);
+    bench/four_kinds.py takes its val excerpts here too."""
     seen = set()
     with open(path) as f:
         for n, line in enumerate(f):
@@ -58,7 +59,7 @@ def excerpts(path, min_words, max_words):
                 ]
                 words = sum(len(u["text"].split()) for u in utts)
                 if min_words <= words <= max_words:
-                    key = f"qmsum-train-{n}-" + "-".join(f"{a}_{b}" for a, b in spans)
+                    key = f"{name}-{n}-" + "-".join(f"{a}_{b}" for a, b in spans)
                     yield key, utts, q["query"]
 
 
