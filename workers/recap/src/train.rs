@@ -12,7 +12,7 @@ use recap_eval::rouge::Rouge;
 use recap_eval::stats::mean;
 use recap_policy::copying::copy_rate;
 use recap_train::data::{self, Example};
-use recap_train::model::{LoraSpec, TrainModel};
+use recap_train::model::{LoraSpec, Pass, TrainModel};
 use recap_train::optim::Decay;
 use recap_train::trainer::{self, DataSource, RunPaths, Tokenized, TrainConfig, ValScores};
 use sha2::{Digest, Sha256};
@@ -242,14 +242,18 @@ pub fn tokenize(
     Ok((items, skipped))
 }
 
-/// A training step allocates and frees gigabytes of activations and
-/// gradients; with trimming the heap goes back to the kernel after each
-/// example and the next one faults it in again (a third of the run's time
-/// was the kernel zeroing pages). -1 turns trimming off (mallopt(3)).
+/// A training step allocates and frees large buffers: the GEMM's packed
+/// operands (megabytes, on every product) and, in the autograd passes, the
+/// activations. Memory the heap returns to the kernel, or maps afresh, is
+/// faulted in and zeroed again on its next use. So the heap keeps what it
+/// frees (no trimming), and buffers up to glibc's largest mmap threshold
+/// (32 MiB) come from the heap; setting either turns off glibc's dynamic
+/// threshold, which would otherwise stay at 128 KiB (mallopt(3)).
 fn keep_the_heap() {
     // SAFETY: mallopt only changes allocator tunables.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
 }
 
@@ -460,14 +464,22 @@ pub struct BenchTrainArgs {
     pub seq_len: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
-    /// Interleaved rounds of both loops.
+    /// Interleaved rounds of the three loops.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// The loops to run (for profiling one alone).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "recap,candle_autograd_fused_ops,plain_candle"
+    )]
+    pub loops: Vec<String>,
 }
 
 /// `recap bench train`: tokens/s of forward + backward (loss on the last
-/// quarter of each sequence) for recap's ops and for plain candle ops, on
-/// one model with LoRA of `--rank` on all seven projections.
+/// quarter of each sequence) for recap's hand-written pass, candle's
+/// autograd over recap's fused ops, and candle's autograd over plain ops,
+/// on one model with LoRA of `--rank` on all seven projections.
 pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
     keep_the_heap();
     let catalog = config.catalog()?;
@@ -512,14 +524,21 @@ pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
     let mut model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, 1)?;
     let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..args.rounds {
-        for (name, plain) in [("recap", false), ("plain_candle", true)] {
-            model.plain_ops = plain;
+        for (name, pass) in [
+            ("recap", Pass::HandWritten),
+            ("candle_autograd_fused_ops", Pass::Autograd),
+            ("plain_candle", Pass::PlainCandle),
+        ] {
+            if !args.loops.iter().any(|l| l == name) {
+                continue;
+            }
+            model.pass = pass;
             let started = std::time::Instant::now();
             let mut tokens = 0;
+            let mut grads = model.zero_grads();
             for ids in &items {
                 let mut dropout = recap_train::model::Dropout::new(0.0, 0);
-                let loss = model.loss(ids, ids.len() * 3 / 4, &mut dropout)?;
-                loss.backward()?;
+                model.loss_and_grads(ids, ids.len() * 3 / 4, &mut dropout, 1.0, &mut grads)?;
                 tokens += ids.len();
             }
             results
@@ -528,12 +547,17 @@ pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
                 .push(tokens as f64 / started.elapsed().as_secs_f64());
         }
     }
-    let best = |k: &str| results[k].iter().cloned().fold(0.0, f64::max);
+    let best = |k: &str| {
+        results
+            .get(k)
+            .map_or(f64::NAN, |r| r.iter().cloned().fold(0.0, f64::max))
+    };
     println!(
         "{}",
         serde_json::json!({
             "model": args.model, "examples": items.len(), "seq_len": args.seq_len, "rank": args.rank,
             "tokens_per_s": results, "ratio_recap_over_plain": best("recap") / best("plain_candle"),
+            "ratio_recap_over_autograd": best("recap") / best("candle_autograd_fused_ops"),
             "peak_rss_mib": trainer::peak_rss_mib(),
         })
     );

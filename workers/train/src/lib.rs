@@ -3,13 +3,15 @@
 //!
 //! - [`data`]: training examples (QMSum, a company's JSONL, shadow outputs).
 //! - [`model`]: the frozen base with trainable adapters, and its loss.
-//! - [`ops`]: the differentiable operations the forward pass needs.
+//! - [`backprop`]: the training step on the CPU, forward and backward by hand.
+//! - [`ops`]: the differentiable operations the autograd pass needs.
 //! - [`optim`]: AdamW, the learning-rate schedule, gradient clipping.
 //! - [`trainer`]: the loop (accumulation, checkpoints, resume, validation).
 //! - [`checkpoint`]: checkpoints written then renamed.
 //! - [`report`]: the loss curve as SVG.
 //! - [`testing`]: tiny GGUF decoders for tests.
 
+pub mod backprop;
 pub mod checkpoint;
 pub mod data;
 pub mod model;

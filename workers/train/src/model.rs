@@ -23,31 +23,44 @@ pub struct LoraSpec {
     pub layers: Option<Vec<usize>>,
 }
 
-struct FrozenLayer {
-    w: BTreeMap<Target, Tensor>,
-    bias: BTreeMap<Target, Tensor>,
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+pub(crate) struct FrozenLayer {
+    pub(crate) w: BTreeMap<Target, Tensor>,
+    pub(crate) bias: BTreeMap<Target, Tensor>,
+    pub(crate) attn_norm: Tensor,
+    pub(crate) ffn_norm: Tensor,
 }
 
 /// A frozen base with trainable adapters.
 pub struct TrainModel {
-    embed: Tensor,
-    layers: Vec<FrozenLayer>,
-    norm: Tensor,
-    output: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    eps: f64,
-    rope_neox: bool,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<FrozenLayer>,
+    pub(crate) norm: Tensor,
+    pub(crate) output: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) eps: f64,
+    pub(crate) rope_neox: bool,
     pub layout: BaseLayout,
     pub spec: LoraSpec,
     /// (A: rank × in, B: out × rank) per adapted projection.
     pub lora: BTreeMap<(usize, Target), (Var, Var)>,
-    /// Plain candle ops instead of `crate::ops` (the speed benchmark's
-    /// anchor: a plain candle autograd loop on the same shapes).
-    pub plain_ops: bool,
+    /// How the training step computes gradients.
+    pub pass: Pass,
     device: Device,
+    workspace: std::sync::Mutex<crate::backprop::Workspace>,
+}
+
+/// How a training step computes gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// On the CPU, the hand-written forward and backward pass
+    /// ([`crate::backprop`]); elsewhere, as `Autograd`.
+    HandWritten,
+    /// candle's autograd over recap's fused ops (`crate::ops`).
+    Autograd,
+    /// candle's autograd over plain candle ops: the speed benchmark's
+    /// anchor, a plain candle loop on the same shapes.
+    PlainCandle,
 }
 
 fn gguf_name(t: Target) -> &'static str {
@@ -82,22 +95,32 @@ impl Dropout {
         }
     }
 
-    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+    /// The next mask of `n` values (0, or 1/keep where kept); None when
+    /// dropout is off. Both passes draw their masks here, in the same order.
+    pub(crate) fn mask(&mut self, n: usize) -> Option<Vec<f32>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return None;
         }
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if self.rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+        Some(
+            (0..n)
+                .map(|_| {
+                    if self.rng.random::<f64>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.elem_count()) {
+            None => Ok(x.clone()),
+            Some(mask) => x * Tensor::from_vec(mask, x.shape(), x.device())?,
+        }
     }
 }
 
@@ -178,8 +201,9 @@ impl TrainModel {
             layout,
             spec: spec.clone(),
             lora: BTreeMap::new(),
-            plain_ops: false,
+            pass: Pass::HandWritten,
             device: device.clone(),
+            workspace: Default::default(),
         };
         model.init_adapters(seed)?;
         Ok(model)
@@ -268,8 +292,54 @@ impl TrainModel {
         candle_nn::loss::cross_entropy(&logits, &targets)
     }
 
+    /// One example's mean loss on its targets, with `loss_scale ×` its
+    /// gradient with respect to each adapter added to `grads` (one buffer
+    /// per [`TrainModel::vars`] entry, of its size).
+    pub fn loss_and_grads(
+        &self,
+        ids: &[u32],
+        target_start: usize,
+        dropout: &mut Dropout,
+        loss_scale: f64,
+        grads: &mut [Vec<f32>],
+    ) -> Result<f64> {
+        if self.pass == Pass::HandWritten && self.device.is_cpu() {
+            let mut ws = self
+                .workspace
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("a training step panicked".into()))?;
+            return self.backprop(ids, target_start, dropout, loss_scale, grads, &mut ws);
+        }
+        let loss = self.loss(ids, target_start, dropout)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let g = (loss * loss_scale)?.backward()?;
+        let vars = self.vars();
+        if grads.len() != vars.len() {
+            candle_core::bail!(
+                "{} gradient buffers for {} tensors",
+                grads.len(),
+                vars.len()
+            );
+        }
+        for ((_, var), acc) in vars.iter().zip(grads.iter_mut()) {
+            if let Some(gk) = g.get(var) {
+                let gk = gk.flatten_all()?.to_vec1::<f32>()?;
+                acc.iter_mut().zip(gk).for_each(|(a, g)| *a += g);
+            }
+        }
+        Ok(value)
+    }
+
+    /// Zeroed gradient buffers for [`TrainModel::loss_and_grads`].
+    pub fn zero_grads(&self) -> Vec<Vec<f32>> {
+        self.vars()
+            .iter()
+            .map(|(_, v)| vec![0.0; v.elem_count()])
+            .collect()
+    }
+
     fn frozen(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.plain_ops {
+        if self.pass == Pass::PlainCandle {
             x.matmul(&w.t()?)
         } else {
             frozen_linear(x, w)
@@ -309,7 +379,7 @@ impl TrainModel {
             let k = heads(self.linear(&h, i, Target::K, hd.as_ref())?, l.n_kv_head)?;
             let v = heads(self.linear(&h, i, Target::V, hd.as_ref())?, l.n_kv_head)?;
             let rotate = |x: &Tensor| {
-                if self.plain_ops {
+                if self.pass == Pass::PlainCandle {
                     crate::ops::rope_by_tensor_ops(x, &cos, &sin, self.rope_neox)
                 } else {
                     rope(x, &cos, &sin, self.rope_neox)
@@ -320,7 +390,7 @@ impl TrainModel {
             // of keys and values), as in the serving decoder.
             let q = q.reshape((1, l.n_kv_head, n_rep * t, d))?;
             let scores = q.matmul(&k.t()?.contiguous()?)?;
-            let p = if self.plain_ops {
+            let p = if self.pass == Pass::PlainCandle {
                 let mask = crate::ops::causal_mask(t, t, &self.device)?;
                 let s = (scores.reshape((l.n_kv_head * n_rep, t, t))? * scale as f64)?;
                 candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?.reshape((

@@ -326,14 +326,19 @@ pub fn train(
         let within = step % steps_per_epoch;
         let batch = &order[within * accum..((within + 1) * accum).min(items.len())];
         let step_started = Instant::now();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut sums = model.zero_grads();
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
         for (j, &ix) in batch.iter().enumerate() {
             let item = &items[ix];
             let mut dropout = Dropout::new(config.lora.dropout, micro_seed(config.seed, step, j));
-            let loss = model.loss(&item.ids, item.target_start, &mut dropout)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let value = model.loss_and_grads(
+                &item.ids,
+                item.target_start,
+                &mut dropout,
+                1.0 / batch.len() as f64,
+                &mut sums,
+            )?;
             if !value.is_finite() {
                 bar.abandon();
                 return Err(TrainError::NonFinite {
@@ -344,20 +349,11 @@ pub fn train(
             }
             loss_sum += value;
             tokens += item.ids.len();
-            let g = (loss / batch.len() as f64)?.backward()?;
-            for (k, var) in vars.iter().enumerate() {
-                if let Some(gk) = g.get(var) {
-                    grads[k] = Some(match grads[k].take() {
-                        Some(acc) => (acc + gk)?,
-                        None => gk.clone(),
-                    });
-                }
-            }
         }
-        let mut grads: Vec<Tensor> = grads
+        let mut grads: Vec<Tensor> = sums
             .into_iter()
             .zip(&vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .map(|(g, v)| Tensor::from_vec(g, v.shape(), v.device()))
             .collect::<candle_core::Result<_>>()?;
         let grad_norm = clip(&mut grads, config.max_grad_norm)?;
         if !grad_norm.is_finite() {
