@@ -68,6 +68,62 @@ pub(super) fn rope(
         });
 }
 
+/// e^x to within 2 ulp of `f32::exp` (tested below) for x in [-87, 88]:
+/// e^x = 2^n · e^r with |r| ≤ ln2/2 and a degree-6 polynomial for e^r,
+/// the method of Cephes' expf. Branch-free, so the compiler vectorizes the
+/// loops that call it; libm's expf is a call per element, and no kept
+/// crate offers a vectorizable one on stable Rust.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Σ x, in 16 lanes (the compiler vectorizes it; a single running sum
+/// cannot be reordered, so it would not).
+pub(super) fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v);
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// Σ a·b over two slices of one length, in 16 lanes as [`sum`].
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of unequal lengths");
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
 /// Softmax of `scale · row` over keys 0..=i of each query row i of a
 /// (t, t) block; the masked keys get 0 (their scores, which the blocked
 /// products leave unwritten, are not read).
@@ -77,12 +133,8 @@ fn causal_softmax(p: &mut [f32], t: usize, scale: f32) {
         let max = seen
             .iter()
             .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-        let mut sum = 0f32;
-        for v in seen.iter_mut() {
-            *v = (*v * scale - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        seen.iter_mut().for_each(|v| *v = exp(*v * scale - max));
+        let inv = 1.0 / sum(seen);
         seen.iter_mut().for_each(|v| *v *= inv);
         masked.fill(0.0);
     });
@@ -97,7 +149,7 @@ fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
         .enumerate()
         .for_each(|(i, (dp, p))| {
             let (seen, masked) = dp.split_at_mut(i + 1);
-            let dot: f32 = seen.iter().zip(p).map(|(g, y)| g * y).sum();
+            let dot = dot(seen, &p[..seen.len()]);
             for (g, y) in seen.iter_mut().zip(p) {
                 *g = scale * y * (*g - dot);
             }
@@ -124,23 +176,23 @@ pub(super) fn cross_entropy(
 ) -> f64 {
     let n = targets.len();
     let per_row = grad_scale / n as f32;
-    let total: f64 = logits
+    // Per row, then summed in order: a parallel sum's order (so its last
+    // bit) would vary from run to run, and a seed fixes the loss curve.
+    let per_target: Vec<f64> = logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let shifted_target = (row[target as usize] - max) as f64;
-            let mut sum = 0f64;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
+            row.iter_mut().for_each(|v| *v = exp(*v - max));
+            let sum: f64 = row.iter().map(|&v| v as f64).sum();
             let scale = (1.0 / sum) as f32 * per_row;
             row.iter_mut().for_each(|v| *v *= scale);
             row[target as usize] -= per_row;
             sum.ln() - shifted_target
         })
-        .sum();
+        .collect();
+    let total: f64 = per_target.iter().sum();
     total / n as f64
 }
 
@@ -280,5 +332,36 @@ pub(super) fn attention_backward(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_2_ulp_of_libm_over_its_range() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (ours, libm) = (exp(x), x.exp());
+            worst = worst.max(ours.to_bits().abs_diff(libm.to_bits()));
+            x += 0.000_37;
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1e9) < 1e-37 && exp(-1e9) >= 0.0);
+    }
+
+    #[test]
+    fn lane_sums_equal_the_plain_sums() {
+        for n in [0, 1, 15, 16, 17, 100, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f32 = a.iter().sum();
+            assert!((sum(&a) - plain).abs() < 1e-4, "{n}");
+            let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - plain).abs() < 1e-4, "{n}");
+        }
     }
 }

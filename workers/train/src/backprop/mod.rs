@@ -19,7 +19,7 @@ mod matmul;
 use crate::model::{Dropout, TrainModel};
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use kernels::{
-    attention_backward, attention_forward, cross_entropy, rms_backward, rms_forward, rope,
+    attention_backward, attention_forward, cross_entropy, exp, rms_backward, rms_forward, rope,
     HeadScratch,
 };
 use matmul::{matmul, View, ViewMut};
@@ -450,7 +450,7 @@ impl Pass<'_> {
             .par_iter_mut()
             .zip(sv.g[..t * ff].par_iter())
             .zip(sv.u[..t * ff].par_iter())
-            .for_each(|((m, &g), &u)| *m = g / (1.0 + (-g).exp()) * u);
+            .for_each(|((m, &g), &u)| *m = g / (1.0 + exp(-g)) * u);
         sv.inputs.drop_out(M, t * ff, dropout);
         self.residual(proj(Target::Down), sv, M, x, tmp);
     }
@@ -528,7 +528,7 @@ impl Pass<'_> {
             .zip(dm.par_iter())
             .zip(sv.g[..t * ff].par_iter().zip(sv.u[..t * ff].par_iter()))
             .for_each(|(((dg, du), &dm), (&g, &u))| {
-                let sg = 1.0 / (1.0 + (-g).exp());
+                let sg = 1.0 / (1.0 + exp(-g));
                 *du = dm * g * sg;
                 *dg = dm * u * sg * (1.0 + g * (1.0 - sg));
             });
