@@ -470,10 +470,22 @@ pub struct BenchTrainArgs {
     /// The loops to run (for profiling one alone).
     #[arg(
         long,
+        value_enum,
         value_delimiter = ',',
-        default_value = "recap,candle_autograd_fused_ops,plain_candle"
+        default_value = "recap,autograd,plain-candle"
     )]
-    pub loops: Vec<String>,
+    pub loops: Vec<TrainLoop>,
+}
+
+/// The training loops `recap bench train` compares.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainLoop {
+    /// recap's hand-written pass.
+    Recap,
+    /// candle's autograd over recap's fused ops.
+    Autograd,
+    /// candle's autograd over plain candle ops.
+    PlainCandle,
 }
 
 /// `recap bench train`: tokens/s of forward + backward (loss on the last
@@ -524,12 +536,16 @@ pub fn bench(config: &Config, args: BenchTrainArgs) -> Result<()> {
     let mut model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, 1)?;
     let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..args.rounds {
-        for (name, pass) in [
-            ("recap", Pass::HandWritten),
-            ("candle_autograd_fused_ops", Pass::Autograd),
-            ("plain_candle", Pass::PlainCandle),
+        for (which, name, pass) in [
+            (TrainLoop::Recap, "recap", Pass::HandWritten),
+            (
+                TrainLoop::Autograd,
+                "candle_autograd_fused_ops",
+                Pass::Autograd,
+            ),
+            (TrainLoop::PlainCandle, "plain_candle", Pass::PlainCandle),
         ] {
-            if !args.loops.iter().any(|l| l == name) {
+            if !args.loops.contains(&which) {
                 continue;
             }
             model.pass = pass;

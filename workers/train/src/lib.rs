@@ -1,5 +1,6 @@
 //! Fine-tuning for recap's compact tier: LoRA adapters trained on a frozen
-//! GGUF decoder with candle's autograd.
+//! GGUF decoder, by a hand-written forward and backward pass on the CPU
+//! and candle's autograd elsewhere.
 //!
 //! - [`data`]: training examples (QMSum, a company's JSONL, shadow outputs).
 //! - [`model`]: the frozen base with trainable adapters, and its loss.

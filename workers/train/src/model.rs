@@ -48,6 +48,8 @@ pub struct TrainModel {
     pub pass: Pass,
     device: Device,
     workspace: std::sync::Mutex<crate::backprop::Workspace>,
+    /// The frozen weights transposed, for the hand-written pass.
+    pub(crate) transposed: std::sync::OnceLock<Vec<BTreeMap<Target, Vec<f32>>>>,
 }
 
 /// How a training step computes gradients.
@@ -204,6 +206,7 @@ impl TrainModel {
             pass: Pass::HandWritten,
             device: device.clone(),
             workspace: Default::default(),
+            transposed: Default::default(),
         };
         model.init_adapters(seed)?;
         Ok(model)

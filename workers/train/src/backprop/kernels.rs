@@ -196,10 +196,31 @@ pub(super) fn cross_entropy(
     total / n as f64
 }
 
+/// Head `h`'s attention probabilities (t, t) into `ph`: softmax of the
+/// scaled scores over keys 0..=i for each query i (the rest 0). Query block
+/// [b0, b1) sees keys [0, b1) only, so the products skip most of the
+/// masked half.
+fn probabilities(dims: Dims, (q, k): (&[f32], &[f32]), h: usize, ph: &mut [f32]) {
+    let (t, e, d, kv) = (dims.t, dims.e, dims.d, dims.kv());
+    let g = h / (dims.heads / dims.kv_heads);
+    for (b0, b1) in blocks(t) {
+        matmul_here(
+            ViewMut::strided(&mut ph[b0 * t..], b1 - b0, b1, t),
+            View::strided(&q[b0 * e + h * d..], b1 - b0, d, e),
+            View::strided(&k[g * d..], b1, d, kv).t(),
+            false,
+            1.0,
+        );
+    }
+    causal_softmax(ph, t, 1.0 / (d as f32).sqrt());
+}
+
 /// Causal attention of each query head over its key-value head, the heads
-/// in parallel: `p` gets each head's probabilities (heads, t, t), `y` the
-/// heads' outputs side by side (t, heads · d), by way of `heads_out`
-/// (heads, t, d).
+/// in parallel: `y` gets the heads' outputs side by side (t, heads · d),
+/// by way of `heads_out` (heads, t, d); `p` (heads, t, t) is scratch. The
+/// probabilities are not kept: the backward pass computes them again,
+/// which costs a sixth of the attention's products and saves holding
+/// layers · heads · t² values (gigabytes at 2,048 tokens).
 pub(super) fn attention_forward(
     dims: Dims,
     (q, k, v): (&[f32], &[f32], &[f32]),
@@ -209,23 +230,12 @@ pub(super) fn attention_forward(
 ) {
     let (t, e, d, kv) = (dims.t, dims.e, dims.d, dims.kv());
     let rep = dims.heads / dims.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
     p.par_chunks_mut(t * t)
         .zip(heads_out.par_chunks_mut(t * d))
         .enumerate()
         .for_each(|(h, (ph, yh))| {
             let g = h / rep;
-            // Query block [b0, b1) sees keys [0, b1) only.
-            for (b0, b1) in blocks(t) {
-                matmul_here(
-                    ViewMut::strided(&mut ph[b0 * t..], b1 - b0, b1, t),
-                    View::strided(&q[b0 * e + h * d..], b1 - b0, d, e),
-                    View::strided(&k[g * d..], b1, d, kv).t(),
-                    false,
-                    1.0,
-                );
-            }
-            causal_softmax(ph, t, scale);
+            probabilities(dims, (q, k), h, ph);
             for (b0, b1) in blocks(t) {
                 matmul_here(
                     ViewMut::new(&mut yh[b0 * d..], b1 - b0, d),
@@ -246,7 +256,8 @@ pub(super) fn attention_forward(
 
 /// Per-head buffers of the attention's backward pass.
 pub(super) struct HeadScratch<'a> {
-    /// (heads, t, t)
+    /// (heads, t, t) each
+    pub(super) p: &'a mut [f32],
     pub(super) dp: &'a mut [f32],
     /// (heads, t, d) each
     pub(super) dq: &'a mut [f32],
@@ -256,12 +267,12 @@ pub(super) struct HeadScratch<'a> {
 
 /// The backward pass of [`attention_forward`]: from the output's gradient
 /// `dy` (t, heads · d), the gradients of the queries, keys and values
-/// (after RoPE). Heads run in parallel; the query heads of a group add up
-/// their key and value gradients at the end.
+/// (after RoPE). Heads run in parallel, each computing its probabilities
+/// again; the query heads of a group add up their key and value gradients
+/// at the end.
 pub(super) fn attention_backward(
     dims: Dims,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    p: &[f32],
     dy: &[f32],
     scratch: HeadScratch,
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
@@ -270,15 +281,17 @@ pub(super) fn attention_backward(
     let rep = dims.heads / dims.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     scratch
-        .dp
+        .p
         .par_chunks_mut(t * t)
+        .zip(scratch.dp.par_chunks_mut(t * t))
         .zip(scratch.dq.par_chunks_mut(t * d))
         .zip(scratch.dk.par_chunks_mut(t * d))
         .zip(scratch.dv.par_chunks_mut(t * d))
         .enumerate()
-        .for_each(|(h, (((dp, dqh), dkh), dvh))| {
+        .for_each(|(h, ((((ph, dp), dqh), dkh), dvh))| {
             let g = h / rep;
-            let ph = &p[h * t * t..(h + 1) * t * t];
+            probabilities(dims, (q, k), h, ph);
+            let ph = &*ph;
             for (b0, b1) in blocks(t) {
                 matmul_here(
                     ViewMut::strided(&mut dp[b0 * t..], b1 - b0, b1, t),

@@ -67,7 +67,14 @@ impl<'a> ViewMut<'a> {
 /// The last element a matrix reaches must lie inside its slice: with it,
 /// `gemm` reads and writes only inside the borrowed slices.
 fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
-    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1)
+        .checked_mul(rs)
+        .zip((cols - 1).checked_mul(cs))
+        .and_then(|(a, b)| a.checked_add(b));
+    last.is_some_and(|last| last < len)
 }
 
 /// `out = alpha · a·b`, or `out += alpha · a·b` when `accumulate`, on
@@ -107,6 +114,8 @@ fn product(
         out.cols
     );
     assert!(fits(out.data.len(), out.rows, out.cols, out.rs, 1));
+    // Rows of the output must not overlap: gemm's threads write them.
+    assert!(out.rows <= 1 || out.rs >= out.cols);
     assert!(fits(a.data.len(), a.rows, a.cols, a.rs, a.cs));
     assert!(fits(b.data.len(), b.rows, b.cols, b.rs, b.cs));
     if out.rows == 0 || out.cols == 0 {
@@ -144,6 +153,76 @@ fn product(
             false,
             false,
             parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_through_strides_and_transposes_equal_the_plain_ones() {
+        // a: 3×4 inside a 3×6 row-major block, b: 5×4 read transposed.
+        let a: Vec<f32> = (0..18).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..20).map(|i| (i as f32).sin()).collect();
+        let mut out = vec![1.0f32; 3 * 7];
+        let av = View::strided(&a[1..], 3, 4, 6);
+        let bv = View::new(&b, 5, 4).t();
+        for accumulate in [false, true] {
+            let before = out.clone();
+            matmul(
+                ViewMut::strided(&mut out[2..], 3, 5, 7),
+                av,
+                bv,
+                accumulate,
+                0.5,
+            );
+            for i in 0..3 {
+                for j in 0..5 {
+                    let want: f32 = (0..4).map(|k| a[1 + i * 6 + k] * b[j * 4 + k]).sum();
+                    let base = if accumulate {
+                        before[2 + i * 7 + j]
+                    } else {
+                        0.0
+                    };
+                    let got = out[2 + i * 7 + j];
+                    assert!((got - (base + 0.5 * want)).abs() < 1e-5, "{i},{j}");
+                }
+            }
+            // Outside the output block nothing changes.
+            assert_eq!(&out[..2], &before[..2]);
+            assert_eq!(out[7], before[7]);
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn a_view_past_its_slice_is_refused() {
+        let a = vec![0f32; 11];
+        let b = vec![0f32; 4];
+        let mut out = vec![0f32; 3];
+        matmul(
+            ViewMut::new(&mut out, 3, 1),
+            View::new(&a, 3, 4),
+            View::new(&b, 4, 1),
+            false,
+            1.0,
+        );
+    }
+
+    #[test]
+    #[should_panic]
+    fn overlapping_output_rows_are_refused() {
+        let a = vec![0f32; 4];
+        let b = vec![0f32; 4];
+        let mut out = vec![0f32; 4];
+        matmul(
+            ViewMut::strided(&mut out, 2, 2, 1),
+            View::new(&a, 2, 2),
+            View::new(&b, 2, 2),
+            false,
+            1.0,
         );
     }
 }

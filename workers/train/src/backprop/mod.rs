@@ -3,8 +3,10 @@
 //! step to step, and a backward pass that computes the adapters' gradients
 //! and the activations' (never the frozen weights'). Candle's autograd holds
 //! every intermediate of the graph in fresh allocations, seeds each gradient
-//! with zeros and adds to it; this pass allocates nothing once its buffers
-//! have grown to the longest example.
+//! with zeros and adds to it; this pass keeps its large buffers from step
+//! to step, grown to the longest example. The attention probabilities are
+//! computed again in the backward pass rather than kept, so memory grows
+//! with t² for one layer only.
 //!
 //! - [`matmul`]: products over slices with strides, by `gemm`;
 //! - [`kernels`]: RMS norm, RoPE, causal attention (in query blocks, so the
@@ -24,7 +26,7 @@ use kernels::{
 };
 use matmul::{matmul, View, ViewMut};
 use rayon::prelude::*;
-use recap_engine::adapter::Target;
+use recap_engine::adapter::{BaseLayout, Target};
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
@@ -85,16 +87,6 @@ struct Dims {
 impl Dims {
     fn kv(&self) -> usize {
         self.kv_heads * self.d
-    }
-
-    /// (out, in) of a projection.
-    fn shape(&self, t: Target) -> (usize, usize) {
-        match t {
-            Target::Q | Target::O => (self.e, self.e),
-            Target::K | Target::V => (self.kv(), self.e),
-            Target::Gate | Target::Up => (self.ff, self.e),
-            Target::Down => (self.e, self.ff),
-        }
     }
 }
 
@@ -157,8 +149,6 @@ struct Saved {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Attention probabilities, (heads, t, t).
-    p: Vec<f32>,
     /// The residual after attention and its inverse RMS.
     x2: Vec<f32>,
     r2: Vec<f32>,
@@ -176,6 +166,8 @@ struct Scratch {
     dx: Vec<f32>,
     dh: Vec<f32>,
     dy: Vec<f32>,
+    /// Attention probabilities, (heads, t, t), of one layer at a time.
+    p: Vec<f32>,
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
@@ -205,7 +197,15 @@ pub struct Workspace {
 }
 
 fn slot(t: Target) -> usize {
-    Target::ALL.iter().position(|&x| x == t).unwrap_or(0)
+    match t {
+        Target::Q => 0,
+        Target::K => 1,
+        Target::V => 2,
+        Target::O => 3,
+        Target::Gate => 4,
+        Target::Up => 5,
+        Target::Down => 6,
+    }
 }
 
 /// One adapter as the pass sees it: its values, and where its gradients
@@ -216,9 +216,11 @@ struct Lora {
     index: usize,
 }
 
-/// A projection: its frozen weight (out, in), bias and adapter.
+/// A projection: its frozen weight (out, in) and the same transposed
+/// (in, out), bias and adapter.
 struct Proj<'a> {
     w: &'a [f32],
+    wt: &'a [f32],
     bias: Option<&'a [f32]>,
     lora: Option<&'a Lora>,
     n_out: usize,
@@ -233,7 +235,7 @@ impl Proj<'_> {
         matmul(
             ViewMut::new(out, t, n_out),
             View::new(x, t, n_in),
-            View::new(self.w, n_out, n_in).t(),
+            View::new(self.wt, n_in, n_out),
             false,
             1.0,
         );
@@ -364,6 +366,13 @@ struct Pass<'a> {
 /// Vocabulary rows of the lm head per product.
 const VOCAB_SLICE: usize = 8192;
 
+/// The forward pass's scratch buffers (none is kept for the backward).
+struct ForwardScratch<'a> {
+    tmp: &'a mut Vec<f32>,
+    heads_out: &'a mut Vec<f32>,
+    probs: &'a mut Vec<f32>,
+}
+
 impl Pass<'_> {
     /// One layer forward: `x` goes in as the layer's input and comes out
     /// as its output; `sv` keeps what the backward pass reads.
@@ -372,73 +381,72 @@ impl Pass<'_> {
         layer: &Layer,
         sv: &mut Saved,
         x: &mut [f32],
-        (tmp, heads_out): (&mut Vec<f32>, &mut Vec<f32>),
+        mut scratch: ForwardScratch,
         dropout: &mut Dropout,
     ) {
-        let Dims { t, e, ff, d, .. } = self.dims;
-        let kv = self.dims.kv();
         let mut dropout = layer.adapted.then_some(dropout);
-        let proj = |target: Target| &layer.proj[&target];
+        self.forward_attention(layer, sv, x, &mut scratch, dropout.as_deref_mut());
+        self.forward_mlp(layer, sv, x, scratch.tmp, dropout);
+    }
+
+    /// `x += o(attention(q(h1), k(h1), v(h1)))`, h1 = norm(x).
+    fn forward_attention(
+        &self,
+        layer: &Layer,
+        sv: &mut Saved,
+        x: &mut [f32],
+        scratch: &mut ForwardScratch,
+        mut dropout: Option<&mut Dropout>,
+    ) {
+        let Dims { t, e, d, heads, .. } = self.dims;
+        let kv = self.dims.kv();
         grow(&mut sv.x, t * e).copy_from_slice(x);
-        rms_forward(
-            x,
-            layer.attn_norm,
-            self.eps,
-            grow(&mut sv.r1, t),
-            grow(&mut sv.inputs.values[H1], t * e),
-        );
+        let h1 = grow(&mut sv.inputs.values[H1], t * e);
+        rms_forward(x, layer.attn_norm, self.eps, grow(&mut sv.r1, t), h1);
         sv.inputs.drop_out(H1, t * e, dropout.as_deref_mut());
-        for (target, out, n_out) in [
-            (Target::Q, &mut sv.q, e),
-            (Target::K, &mut sv.k, kv),
-            (Target::V, &mut sv.v, kv),
+        for (target, out) in [
+            (Target::Q, &mut sv.q),
+            (Target::K, &mut sv.k),
+            (Target::V, &mut sv.v),
         ] {
-            proj(target).forward(
+            let proj = &layer.proj[&target];
+            proj.forward(
                 self.dims,
                 &sv.inputs.values[H1][..t * e],
                 sv.inputs.for_adapter(H1, t * e),
-                grow(out, t * n_out),
+                grow(out, t * proj.n_out),
                 &mut sv.xa[slot(target)],
             );
         }
-        rope(
-            &mut sv.q[..t * e],
-            self.dims.heads,
-            d,
-            self.cos,
-            self.sin,
-            self.neox,
-            false,
-        );
-        rope(
-            &mut sv.k[..t * kv],
-            self.dims.kv_heads,
-            d,
-            self.cos,
-            self.sin,
-            self.neox,
-            false,
-        );
+        self.rope(&mut sv.q[..t * e], heads, false);
+        self.rope(&mut sv.k[..t * kv], self.dims.kv_heads, false);
         attention_forward(
             self.dims,
             (&sv.q[..t * e], &sv.k[..t * kv], &sv.v[..t * kv]),
-            grow(&mut sv.p, self.dims.heads * t * t),
-            grow(heads_out, self.dims.heads * t * d),
+            grow(scratch.probs, heads * t * t),
+            grow(scratch.heads_out, heads * t * d),
             grow(&mut sv.inputs.values[Y], t * e),
         );
-        sv.inputs.drop_out(Y, t * e, dropout.as_deref_mut());
-        self.residual(proj(Target::O), sv, Y, x, tmp);
+        sv.inputs.drop_out(Y, t * e, dropout);
+        self.residual(&layer.proj[&Target::O], sv, Y, x, scratch.tmp);
+    }
+
+    /// `x += down(silu(gate(h2)) · up(h2))`, h2 = norm(x).
+    fn forward_mlp(
+        &self,
+        layer: &Layer,
+        sv: &mut Saved,
+        x: &mut [f32],
+        tmp: &mut Vec<f32>,
+        mut dropout: Option<&mut Dropout>,
+    ) {
+        let Dims { t, e, ff, .. } = self.dims;
         grow(&mut sv.x2, t * e).copy_from_slice(x);
-        rms_forward(
-            x,
-            layer.ffn_norm,
-            self.eps,
-            grow(&mut sv.r2, t),
-            grow(&mut sv.inputs.values[H2], t * e),
-        );
+        let h2 = grow(&mut sv.inputs.values[H2], t * e);
+        rms_forward(x, layer.ffn_norm, self.eps, grow(&mut sv.r2, t), h2);
         sv.inputs.drop_out(H2, t * e, dropout.as_deref_mut());
         for (target, out) in [(Target::Gate, &mut sv.g), (Target::Up, &mut sv.u)] {
-            proj(target).forward(
+            layer.proj[&target].forward(
                 self.dims,
                 &sv.inputs.values[H2][..t * e],
                 sv.inputs.for_adapter(H2, t * e),
@@ -452,7 +460,20 @@ impl Pass<'_> {
             .zip(sv.u[..t * ff].par_iter())
             .for_each(|((m, &g), &u)| *m = g / (1.0 + exp(-g)) * u);
         sv.inputs.drop_out(M, t * ff, dropout);
-        self.residual(proj(Target::Down), sv, M, x, tmp);
+        self.residual(&layer.proj[&Target::Down], sv, M, x, tmp);
+    }
+
+    /// RoPE over `heads` heads of each position of `x` (or back).
+    fn rope(&self, x: &mut [f32], heads: usize, inverse: bool) {
+        rope(
+            x,
+            heads,
+            self.dims.d,
+            self.cos,
+            self.sin,
+            self.neox,
+            inverse,
+        );
     }
 
     /// `x += proj(input)`.
@@ -497,30 +518,29 @@ impl Pass<'_> {
         proj.backward(self.dims, dy, saved, dx, grads, (dxa, dxd));
     }
 
-    /// One layer backward: `dx` goes in as the gradient of the layer's
-    /// output and comes out as its input's (not computed for the first
-    /// layer, whose input is the frozen embedding).
+    /// One layer backward: `s.dx` goes in as the gradient of the layer's
+    /// output and comes out as its input's (not computed for the lowest
+    /// layer that runs backward: below it nothing is trained).
     fn backward_layer(
         &self,
         layer: &Layer,
         sv: &Saved,
-        first: bool,
+        lowest: bool,
         grads: &mut [Vec<f32>],
         s: &mut Scratch,
     ) {
-        let Dims { t, e, ff, d, .. } = self.dims;
-        let kv = self.dims.kv();
+        self.backward_mlp(layer, sv, grads, s);
+        self.backward_attention(layer, sv, lowest, grads, s);
+    }
+
+    /// The backward pass of [`Pass::forward_mlp`].
+    fn backward_mlp(&self, layer: &Layer, sv: &Saved, grads: &mut [Vec<f32>], s: &mut Scratch) {
+        let Dims { t, e, ff, .. } = self.dims;
         let dx = &mut s.dx[..t * e];
-        let scratch = (&mut s.dxa, &mut s.dxd);
-        // x3 = x2 + down(m), m = silu(g) · u
         let dm = grow(&mut s.dm, t * ff);
-        self.project_back(
-            (layer, sv, Target::Down),
-            dx,
-            Some((dm, false)),
-            grads,
-            (scratch.0, scratch.1),
-        );
+        let sides = (&mut s.dxa, &mut s.dxd);
+        let down = (layer, sv, Target::Down);
+        self.project_back(down, dx, Some((dm, false)), grads, (sides.0, sides.1));
         let dg = grow(&mut s.dg, t * ff);
         let du = grow(&mut s.du, t * ff);
         dg.par_iter_mut()
@@ -533,67 +553,108 @@ impl Pass<'_> {
                 *dg = dm * u * sg * (1.0 + g * (1.0 - sg));
             });
         let dh = grow(&mut s.dh, t * e);
-        self.project_back(
-            (layer, sv, Target::Gate),
-            dg,
-            Some((&mut *dh, false)),
-            grads,
-            (scratch.0, scratch.1),
-        );
-        self.project_back(
-            (layer, sv, Target::Up),
-            du,
-            Some((&mut *dh, true)),
-            grads,
-            (scratch.0, scratch.1),
-        );
+        for (target, dout, accumulate) in [(Target::Gate, &*dg, false), (Target::Up, &*du, true)] {
+            let dh = Some((&mut *dh, accumulate));
+            self.project_back((layer, sv, target), dout, dh, grads, (sides.0, sides.1));
+        }
         rms_backward(&sv.x2[..t * e], &sv.r2[..t], layer.ffn_norm, dh, dx);
-        // x2 = x + o(y)
+    }
+
+    /// The backward pass of [`Pass::forward_attention`].
+    fn backward_attention(
+        &self,
+        layer: &Layer,
+        sv: &Saved,
+        lowest: bool,
+        grads: &mut [Vec<f32>],
+        s: &mut Scratch,
+    ) {
+        let Dims { t, e, d, heads, .. } = self.dims;
+        let kv = self.dims.kv();
+        let dx = &mut s.dx[..t * e];
+        let sides = (&mut s.dxa, &mut s.dxd);
         let dy = grow(&mut s.dy, t * e);
-        self.project_back(
-            (layer, sv, Target::O),
-            dx,
-            Some((&mut *dy, false)),
-            grads,
-            (scratch.0, scratch.1),
+        let o = (layer, sv, Target::O);
+        self.project_back(o, dx, Some((&mut *dy, false)), grads, (sides.0, sides.1));
+        let (dq, dk, dv) = (
+            grow(&mut s.dq, t * e),
+            grow(&mut s.dk, t * kv),
+            grow(&mut s.dv, t * kv),
         );
-        let dq = grow(&mut s.dq, t * e);
-        let dk = grow(&mut s.dk, t * kv);
-        let dv = grow(&mut s.dv, t * kv);
         attention_backward(
             self.dims,
             (&sv.q[..t * e], &sv.k[..t * kv], &sv.v[..t * kv]),
-            &sv.p[..self.dims.heads * t * t],
             dy,
             HeadScratch {
-                dp: grow(&mut s.dp, self.dims.heads * t * t),
-                dq: grow(&mut s.dq_heads, self.dims.heads * t * d),
-                dk: grow(&mut s.dk_heads, self.dims.heads * t * d),
-                dv: grow(&mut s.dv_heads, self.dims.heads * t * d),
+                p: grow(&mut s.p, heads * t * t),
+                dp: grow(&mut s.dp, heads * t * t),
+                dq: grow(&mut s.dq_heads, heads * t * d),
+                dk: grow(&mut s.dk_heads, heads * t * d),
+                dv: grow(&mut s.dv_heads, heads * t * d),
             },
             (&mut *dq, &mut *dk, &mut *dv),
         );
-        rope(dq, self.dims.heads, d, self.cos, self.sin, self.neox, true);
-        rope(
-            dk,
-            self.dims.kv_heads,
-            d,
-            self.cos,
-            self.sin,
-            self.neox,
-            true,
-        );
+        self.rope(dq, heads, true);
+        self.rope(dk, self.dims.kv_heads, true);
+        let dh = &mut s.dh[..t * e];
         for (target, dout, accumulate) in [
             (Target::Q, &*dq, false),
             (Target::K, &*dk, true),
             (Target::V, &*dv, true),
         ] {
-            let dh = (!first).then_some((&mut *dh, accumulate));
-            self.project_back((layer, sv, target), dout, dh, grads, (scratch.0, scratch.1));
+            let dh = (!lowest).then_some((&mut *dh, accumulate));
+            self.project_back((layer, sv, target), dout, dh, grads, (sides.0, sides.1));
         }
-        if !first {
+        if !lowest {
             rms_backward(&sv.x[..t * e], &sv.r1[..t], layer.attn_norm, dh, dx);
         }
+    }
+
+    /// The lm head on the rows that predict the targets (`from..from + n`
+    /// of the final `x`), and the loss: leaves in `s.dx` the gradient of
+    /// the final `x` (zero on the other rows).
+    fn head(
+        &self,
+        (x, from, targets): (&[f32], usize, &[u32]),
+        (norm, out_w): (&[f32], &[f32]),
+        ws_head: (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        loss_scale: f32,
+        s: &mut Scratch,
+    ) -> f64 {
+        let (t, e) = (self.dims.t, self.dims.e);
+        let n = targets.len();
+        let vocab = out_w.len() / e;
+        let rows = &x[from * e..(from + n) * e];
+        let rf = grow(ws_head.0, n);
+        let hf = grow(ws_head.1, n * e);
+        rms_forward(rows, norm, self.eps, rf, hf);
+        let logits = grow(ws_head.2, n * vocab);
+        // In slices of the vocabulary: gemm packs its right operand whole,
+        // and a slice's fits the heap (see `recap train`'s heap settings)
+        // where the whole head's would be mapped afresh on every call.
+        for c0 in (0..vocab).step_by(VOCAB_SLICE) {
+            let c1 = (c0 + VOCAB_SLICE).min(vocab);
+            matmul(
+                ViewMut::strided(&mut logits[c0..], n, c1 - c0, vocab),
+                View::new(hf, n, e),
+                View::new(&out_w[c0 * e..c1 * e], c1 - c0, e).t(),
+                false,
+                1.0,
+            );
+        }
+        let loss = cross_entropy(logits, vocab, targets, loss_scale);
+        let dh = grow(&mut s.dh, n * e);
+        matmul(
+            ViewMut::new(dh, n, e),
+            View::new(logits, n, vocab),
+            View::new(out_w, vocab, e),
+            false,
+            1.0,
+        );
+        let dx = grow(&mut s.dx, t * e);
+        dx.fill(0.0);
+        rms_backward(rows, rf, norm, dh, &mut dx[from * e..(from + n) * e]);
+        loss
     }
 }
 
@@ -626,34 +687,19 @@ impl TrainModel {
             r: self.spec.r,
             s: self.scale() as f32,
         };
-        let e = dims.e;
-        let (embed, output, norm) = (
-            Held::new(&self.embed)?,
-            Held::new(&self.output)?,
-            Held::new(&self.norm)?,
-        );
-        let (cos, sin) = (Held::new(&self.cos)?, Held::new(&self.sin)?);
-        let vocab = embed.values().len() / e;
+        let frozen = [&self.embed, &self.output, &self.norm, &self.cos, &self.sin];
+        let [embed, output, norm, cos, sin] = frozen.map(Held::new);
+        let (embed, output, norm, cos, sin) = (embed?, output?, norm?, cos?, sin?);
         let half = dims.d / 2;
-        if cos.values().len() < t * half {
-            candle_core::bail!("{t} tokens: longer than the model's context");
-        }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            candle_core::bail!("token id {bad} outside the vocabulary of {vocab}");
-        }
+        self.check_inputs(ids, &embed, &output, &cos, grads)?;
         let loras = self.lora_values()?;
-        if grads.len() != 2 * loras.len() {
-            candle_core::bail!(
-                "{} gradient buffers for {} adapters",
-                grads.len(),
-                loras.len()
-            );
-        }
         let held = self.held_layers()?;
+        let transposed = self.transposed_weights(&held);
         let layers: Vec<Layer> = held
             .iter()
+            .zip(transposed)
             .enumerate()
-            .map(|(i, h)| layer_view(dims, i, h, &loras))
+            .map(|(i, (h, wt))| layer_view(l, i, h, wt, &loras))
             .collect();
         let pass = Pass {
             dims,
@@ -664,59 +710,86 @@ impl TrainModel {
         };
 
         ws.saved.resize_with(l.n_layer, Saved::default);
+        let e = dims.e;
         let x = grow(&mut ws.x, t * e);
         for (row, &id) in x.chunks_mut(e).zip(ids) {
             let id = id as usize;
             row.copy_from_slice(&embed.values()[id * e..(id + 1) * e]);
         }
         for (layer, sv) in layers.iter().zip(ws.saved.iter_mut()) {
-            pass.forward_layer(layer, sv, x, (&mut ws.tmp, &mut ws.heads_out), dropout);
+            let scratch = ForwardScratch {
+                tmp: &mut ws.tmp,
+                heads_out: &mut ws.heads_out,
+                probs: &mut ws.scratch.p,
+            };
+            pass.forward_layer(layer, sv, x, scratch, dropout);
         }
-
-        // The head, on the rows that predict the targets only.
-        let (from, n) = (target_start - 1, t - target_start);
-        let rows = &x[from * e..(from + n) * e];
-        let rf = grow(&mut ws.rf, n);
-        let hf = grow(&mut ws.hf, n * e);
-        rms_forward(rows, norm.values(), pass.eps, rf, hf);
-        let logits = grow(&mut ws.logits, n * vocab);
-        let out_w = output.values();
-        // In slices of the vocabulary: gemm packs its right operand whole,
-        // and a slice's fits the heap (see `recap train`'s heap settings)
-        // where the whole head's would be mapped afresh on every call.
-        for c0 in (0..vocab).step_by(VOCAB_SLICE) {
-            let c1 = (c0 + VOCAB_SLICE).min(vocab);
-            matmul(
-                ViewMut::strided(&mut logits[c0..], n, c1 - c0, vocab),
-                View::new(hf, n, e),
-                View::new(&out_w[c0 * e..c1 * e], c1 - c0, e).t(),
-                false,
-                1.0,
-            );
-        }
-        let loss = cross_entropy(logits, vocab, &ids[target_start..], loss_scale as f32);
-        let s = &mut ws.scratch;
-        let dh = grow(&mut s.dh, n * e);
-        matmul(
-            ViewMut::new(dh, n, e),
-            View::new(logits, n, vocab),
-            View::new(out_w, vocab, e),
-            false,
-            1.0,
+        let loss = pass.head(
+            (x, target_start - 1, &ids[target_start..]),
+            (norm.values(), output.values()),
+            (&mut ws.rf, &mut ws.hf, &mut ws.logits),
+            loss_scale as f32,
+            &mut ws.scratch,
         );
-        let dx = grow(&mut s.dx, t * e);
-        dx.fill(0.0);
-        rms_backward(
-            rows,
-            rf,
-            norm.values(),
-            dh,
-            &mut dx[from * e..(from + n) * e],
-        );
+        // Below the lowest adapted layer nothing is trained.
+        let lowest = self.lora.keys().map(|&(li, _)| li).min().unwrap_or(0);
         for (i, (layer, sv)) in layers.iter().zip(&ws.saved).enumerate().rev() {
-            pass.backward_layer(layer, sv, i == 0, grads, s);
+            if i < lowest {
+                break;
+            }
+            pass.backward_layer(layer, sv, i == lowest, grads, &mut ws.scratch);
         }
         Ok(loss)
+    }
+
+    /// Refuses what the pass would otherwise index out of bounds: token ids
+    /// outside the vocabulary, examples past the RoPE tables, a RoPE over
+    /// part of the head, gradient buffers of other sizes.
+    fn check_inputs(
+        &self,
+        ids: &[u32],
+        embed: &Held,
+        output: &Held,
+        cos: &Held,
+        grads: &[Vec<f32>],
+    ) -> Result<()> {
+        let l = self.layout;
+        let vocab = (embed.values().len() / l.n_embd).min(output.values().len() / l.n_embd);
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token id {bad} outside the vocabulary of {vocab}");
+        }
+        let (positions, half) = self.cos.dims2()?;
+        if half != l.head_dim() / 2 {
+            candle_core::bail!(
+                "RoPE over {} of the head's {} dimensions: the hand-written pass rotates whole heads",
+                2 * half,
+                l.head_dim()
+            );
+        }
+        if ids.len() > positions || cos.values().len() < ids.len() * half {
+            candle_core::bail!(
+                "{} tokens: longer than the model's context ({positions})",
+                ids.len()
+            );
+        }
+        let vars = self.vars();
+        if grads.len() != vars.len() {
+            candle_core::bail!(
+                "{} gradient buffers for {} tensors",
+                grads.len(),
+                vars.len()
+            );
+        }
+        for ((name, var), g) in vars.iter().zip(grads) {
+            if g.len() != var.elem_count() {
+                candle_core::bail!(
+                    "gradient buffer for {name}: {} values, not {}",
+                    g.len(),
+                    var.elem_count()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The adapters' current values, each with its gradients' place.
@@ -731,6 +804,28 @@ impl TrainModel {
             loras.insert(key, lora);
         }
         Ok(loras)
+    }
+
+    /// Each frozen weight transposed, made on the first step and kept: the
+    /// forward product `x·Wᵀ` reads Wᵀ row by row, which gemm then uses
+    /// without repacking it on every call (W itself serves the backward
+    /// product `dy·W` the same way).
+    fn transposed_weights(&self, held: &[HeldLayer]) -> &[BTreeMap<Target, Vec<f32>>] {
+        self.transposed.get_or_init(|| {
+            let l = self.layout;
+            held.iter()
+                .map(|layer| {
+                    layer
+                        .w
+                        .iter()
+                        .map(|(&target, w)| {
+                            let (out, inp) = l.shape(target);
+                            (target, transpose(w.values(), out, inp))
+                        })
+                        .collect()
+                })
+                .collect()
+        })
     }
 
     fn held_layers(&self) -> Result<Vec<HeldLayer<'_>>> {
@@ -752,18 +847,20 @@ impl TrainModel {
 }
 
 fn layer_view<'a>(
-    dims: Dims,
+    layout: BaseLayout,
     i: usize,
     held: &'a HeldLayer,
+    transposed: &'a BTreeMap<Target, Vec<f32>>,
     loras: &'a BTreeMap<(usize, Target), Lora>,
 ) -> Layer<'a> {
     let proj = held
         .w
         .iter()
         .map(|(&target, w)| {
-            let (n_out, n_in) = dims.shape(target);
+            let (n_out, n_in) = layout.shape(target);
             let proj = Proj {
                 w: w.values(),
+                wt: &transposed[&target],
                 bias: held.bias.get(&target).map(|b| b.values()),
                 lora: loras.get(&(i, target)),
                 n_out,
@@ -778,4 +875,20 @@ fn layer_view<'a>(
         ffn_norm: held.ffn_norm.values(),
         adapted: loras.keys().any(|&(li, _)| li == i),
     }
+}
+
+/// `m` (rows × cols, row-major) transposed, in tiles that stay in cache.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = m[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
