@@ -2,7 +2,8 @@
 //! weights are frozen (dequantized once to f32) and whose projections carry
 //! trainable low-rank adapters (candle `Var`s). The forward pass is the
 //! serving decoder's arithmetic written with differentiable operations
-//! (`crate::ops`); only the adapters get gradients.
+//! (`crate::ops`); only the adapters get gradients. On the CPU a training
+//! step runs the same arithmetic by hand instead (`crate::backprop`).
 
 use crate::ops::{causal_softmax, frozen_linear, rope};
 use candle_core::quantized::gguf_file;
