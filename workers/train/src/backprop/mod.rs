@@ -30,7 +30,8 @@ use recap_engine::adapter::{BaseLayout, Target};
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
-/// A frozen tensor's f32 values, read in place for the whole pass.
+/// A tensor's f32 values (a frozen weight, or an adapter between optimizer
+/// steps), read in place for the whole pass.
 struct Held<'a> {
     guard: Box<dyn Deref<Target = Storage> + 'a>,
     start: usize,
@@ -41,7 +42,7 @@ impl<'a> Held<'a> {
     fn new(t: &'a Tensor) -> Result<Held<'a>> {
         let (guard, layout) = t.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("a frozen weight is not contiguous");
+            candle_core::bail!("a weight is not contiguous");
         };
         if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
             candle_core::bail!("the hand-written pass runs on f32 weights on the CPU");
@@ -210,9 +211,9 @@ fn slot(t: Target) -> usize {
 
 /// One adapter as the pass sees it: its values, and where its gradients
 /// go in the trainer's list (A at `index`, B at `index + 1`).
-struct Lora {
-    a: Vec<f32>,
-    b: Vec<f32>,
+struct Lora<'a> {
+    a: Held<'a>,
+    b: Held<'a>,
     index: usize,
 }
 
@@ -222,7 +223,7 @@ struct Proj<'a> {
     w: &'a [f32],
     wt: &'a [f32],
     bias: Option<&'a [f32]>,
-    lora: Option<&'a Lora>,
+    lora: Option<&'a Lora<'a>>,
     n_out: usize,
     n_in: usize,
 }
@@ -249,14 +250,14 @@ impl Proj<'_> {
             matmul(
                 ViewMut::new(xa, t, r),
                 View::new(xd, t, n_in),
-                View::new(&l.a, r, n_in).t(),
+                View::new(l.a.values(), r, n_in).t(),
                 false,
                 1.0,
             );
             matmul(
                 ViewMut::new(out, t, n_out),
                 View::new(xa, t, r),
-                View::new(&l.b, n_out, r).t(),
+                View::new(l.b.values(), n_out, r).t(),
                 true,
                 dims.s,
             );
@@ -302,7 +303,7 @@ impl Proj<'_> {
         matmul(
             ViewMut::new(dxa, t, r),
             View::new(dy, t, n_out),
-            View::new(&l.b, n_out, r),
+            View::new(l.b.values(), n_out, r),
             false,
             dims.s,
         );
@@ -319,7 +320,7 @@ impl Proj<'_> {
             matmul(
                 out,
                 View::new(dxa, t, r),
-                View::new(&l.a, r, n_in),
+                View::new(l.a.values(), r, n_in),
                 accumulate,
                 1.0,
             )
@@ -772,33 +773,37 @@ impl TrainModel {
                 ids.len()
             );
         }
-        let vars = self.vars();
-        if grads.len() != vars.len() {
+        // In `vars()`'s order (A then B of each adapter), whose names are
+        // only made for the error.
+        let sizes = self
+            .lora
+            .values()
+            .flat_map(|(a, b)| [a.elem_count(), b.elem_count()]);
+        if grads.len() != 2 * self.lora.len() {
             candle_core::bail!(
                 "{} gradient buffers for {} tensors",
                 grads.len(),
-                vars.len()
+                2 * self.lora.len()
             );
         }
-        for ((name, var), g) in vars.iter().zip(grads) {
-            if g.len() != var.elem_count() {
-                candle_core::bail!(
-                    "gradient buffer for {name}: {} values, not {}",
-                    g.len(),
-                    var.elem_count()
-                );
-            }
+        if let Some(i) = grads.iter().zip(sizes).position(|(g, n)| g.len() != n) {
+            let (name, var) = &self.vars()[i];
+            candle_core::bail!(
+                "gradient buffer for {name}: {} values, not {}",
+                grads[i].len(),
+                var.elem_count()
+            );
         }
         Ok(())
     }
 
-    /// The adapters' current values, each with its gradients' place.
-    fn lora_values(&self) -> Result<BTreeMap<(usize, Target), Lora>> {
+    /// The adapters, read in place, each with its gradients' place.
+    fn lora_values(&self) -> Result<BTreeMap<(usize, Target), Lora<'_>>> {
         let mut loras = BTreeMap::new();
         for (j, (&key, (a, b))) in self.lora.iter().enumerate() {
             let lora = Lora {
-                a: a.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-                b: b.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                a: Held::new(a.as_tensor())?,
+                b: Held::new(b.as_tensor())?,
                 index: 2 * j,
             };
             loras.insert(key, lora);
@@ -851,7 +856,7 @@ fn layer_view<'a>(
     i: usize,
     held: &'a HeldLayer,
     transposed: &'a BTreeMap<Target, Vec<f32>>,
-    loras: &'a BTreeMap<(usize, Target), Lora>,
+    loras: &'a BTreeMap<(usize, Target), Lora<'a>>,
 ) -> Layer<'a> {
     let proj = held
         .w
