@@ -233,6 +233,59 @@ async fn a_run_killed_mid_way_resumes_on_the_same_curve() {
     assert!(e.contains("differing keys: lr"), "{e}");
 }
 
+// `--init-adapter` starts a run from a trained adapter: its first step's
+// loss is below a fresh start's on the same first batch, train.json names
+// the adapter and its sha256, and an adapter of another scale is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_starts_from_a_trained_adapter() {
+    let env = TestEnv::new("train_init_adapter").await;
+    let data = env.dir.path().join("data.jsonl");
+    write_data(&data);
+    let first = env.dir.path().join("first");
+    run_ok(
+        train_cmd(&env, &data, &first, &["--lr", "2e-3"])
+            .output()
+            .unwrap(),
+        "first run",
+    );
+    let adapter = first.join("adapter");
+    let init = adapter.to_str().unwrap();
+    let second = env.dir.path().join("second");
+    run_ok(
+        train_cmd(&env, &data, &second, &["--init-adapter", init])
+            .output()
+            .unwrap(),
+        "run from the first run's adapter",
+    );
+    let (fresh, started) = (report(&first), report(&second));
+    let (l0_fresh, l0_started) = (losses(&fresh)[0], losses(&started)[0]);
+    assert!(
+        l0_started < 0.9 * l0_fresh,
+        "first loss {l0_started} from the adapter, {l0_fresh} fresh"
+    );
+    let recorded = &started["config"]["init_adapter"];
+    assert_eq!(recorded["dir"].as_str(), Some(init));
+    let weights = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&weights));
+    assert_eq!(recorded["sha256"].as_str(), Some(sha.as_str()));
+    assert!(fresh["config"].get("init_adapter").is_none());
+
+    let other = train_cmd(
+        &env,
+        &data,
+        &env.dir.path().join("third"),
+        &["--init-adapter", init, "--alpha", "8"],
+    )
+    .output()
+    .unwrap();
+    assert!(!other.status.success());
+    let e = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        e.contains(init) && e.contains("scale (alpha / rank): the adapter's is 8, this run's 2"),
+        "{e}"
+    );
+}
+
 // Bad data: a line that is not JSON, a line without a target, an empty
 // file, examples all longer than the limit. Each is refused with the file
 // and line named, and no output directory is left behind.

@@ -340,6 +340,37 @@ impl Adapter {
         })
     }
 
+    /// Refuses an adapter whose record names another base (sha256) or
+    /// another prompt order than the one it is put on; `base_sha256` is
+    /// asked only when the adapter records one. PEFT's own adapters carry
+    /// no record: their shapes, checked by [`Adapter::load`], are all there is.
+    pub fn check_base(
+        &self,
+        dir: &Path,
+        base: &str,
+        prompt_order: &str,
+        base_sha256: impl FnOnce() -> Result<String, String>,
+    ) -> Result<(), String> {
+        let Some(info) = &self.info else {
+            return Ok(());
+        };
+        if let Some(order) = info.prompt_order.as_deref().filter(|o| *o != prompt_order) {
+            return Err(format!(
+                "adapter {} was trained with prompt order {order}, but {base} serves {prompt_order}",
+                dir.display()
+            ));
+        }
+        let base_sha = base_sha256()?;
+        if info.base_sha256 != base_sha {
+            return Err(format!(
+                "adapter {} was trained on the base with sha256 {}, but {base} has sha256 {base_sha}",
+                dir.display(),
+                info.base_sha256
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes the PEFT layout into `dir` (created), each file written then
     /// renamed, so a reader never sees half an adapter.
     pub fn save(&self, dir: &Path, base: &BaseLayout) -> Result<(), AdapterError> {

@@ -159,32 +159,22 @@ fn apply_adapter(
     let layout = dense.layout().map_err(|e| bad_model(base_path, e))?;
     let adapter =
         Adapter::load(&a.dir, &layout).map_err(|e| EngineError::BadModel(e.to_string()))?;
-    if let Some(info) = &adapter.info {
-        let base_sha = match &opts.sha256 {
-            Some(s) => s.clone(),
-            None => sha256_file(base_path).map_err(|e| bad_model(base_path, e))?,
-        };
-        let order = if opts.transcript_first {
-            "transcript_first"
-        } else {
-            "task_first"
-        };
-        if info.prompt_order.as_deref().is_some_and(|o| o != order) {
-            return Err(EngineError::BadModel(format!(
-                "adapter {} was trained with prompt order {}, but this entry serves {order}",
-                a.dir.display(),
-                info.prompt_order.as_deref().unwrap_or_default()
-            )));
-        }
-        if info.base_sha256 != base_sha {
-            return Err(EngineError::BadModel(format!(
-                "adapter {} was trained on the base with sha256 {}, but {} has sha256 {base_sha}",
-                a.dir.display(),
-                info.base_sha256,
-                base_path.display()
-            )));
-        }
-    }
+    let order = if opts.transcript_first {
+        "transcript_first"
+    } else {
+        "task_first"
+    };
+    adapter
+        .check_base(
+            &a.dir,
+            &base_path.display().to_string(),
+            order,
+            || match &opts.sha256 {
+                Some(s) => Ok(s.clone()),
+                None => sha256_file(base_path).map_err(|e| format!("{}: {e}", base_path.display())),
+            },
+        )
+        .map_err(EngineError::BadModel)?;
     dense
         .apply_adapter(&adapter, a.merge)
         .map_err(|e| bad_model(&a.dir, e))

@@ -14,7 +14,9 @@ use recap_policy::copying::copy_rate;
 use recap_train::data::{self, Example};
 use recap_train::model::{LoraSpec, Pass, TrainModel};
 use recap_train::optim::Decay;
-use recap_train::trainer::{self, DataSource, RunPaths, Tokenized, TrainConfig, ValScores};
+use recap_train::trainer::{
+    self, DataSource, RunPaths, StartingAdapter, Tokenized, TrainConfig, ValScores,
+};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +81,10 @@ pub struct TrainArgs {
     /// Optimizer steps between checkpoints (each epoch's end writes one too).
     #[arg(long, default_value_t = 20)]
     pub checkpoint_every: usize,
+    /// Start from this trained adapter (a PEFT directory for the same base,
+    /// with the same rank, alpha, targets and layers) instead of fresh weights.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     /// Continue from the latest checkpoint in --out (same config only).
     #[arg(long)]
     pub resume: bool,
@@ -242,6 +248,34 @@ pub fn tokenize(
     Ok((items, skipped))
 }
 
+/// Puts `--init-adapter`'s weights on the model, after the checks that
+/// serving makes (base sha256, prompt order, shapes) and the run's own
+/// (rank, scale, adapted projections).
+fn start_from(
+    model: &TrainModel,
+    dir: &Path,
+    config: &TrainConfig,
+    base_path: &Path,
+) -> Result<StartingAdapter> {
+    let context = || format!("--init-adapter {}", dir.display());
+    let adapter = recap_engine::adapter::Adapter::load(dir, &model.layout).with_context(context)?;
+    adapter
+        .check_base(
+            dir,
+            &base_path.display().to_string(),
+            &config.prompt_order,
+            || Ok(config.base_sha256.clone()),
+        )
+        .map_err(anyhow::Error::msg)
+        .with_context(context)?;
+    model.start_from(&adapter).with_context(context)?;
+    let weights = dir.join(recap_engine::adapter::WEIGHTS_FILE);
+    Ok(StartingAdapter {
+        dir: dir.display().to_string(),
+        sha256: recap_engine::llm::sha256_file(&weights).with_context(context)?,
+    })
+}
+
 /// A training step allocates and frees large buffers: the GEMM's packed
 /// operands (megabytes, on every product) and, in the autograd passes, the
 /// activations. Memory the heap returns to the kernel, or maps afresh, is
@@ -334,7 +368,7 @@ fn train_on(
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout must be in [0, 1)");
     }
-    let train_config = TrainConfig {
+    let mut train_config = TrainConfig {
         base_model: model_id.clone(),
         base_sha256: base_sha256.clone(),
         prompt_order: if opts.transcript_first {
@@ -358,12 +392,16 @@ fn train_on(
         seed: args.seed,
         data: sources,
         max_examples: args.max_examples,
+        init_adapter: None,
     };
     let mut f = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
         .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
     let model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, args.seed)
         .with_context(|| format!("loading {} for training", path.display()))?;
+    if let Some(dir) = &args.init_adapter {
+        train_config.init_adapter = Some(start_from(&model, dir, &train_config, &path)?);
+    }
 
     let val_cases = match &args.val {
         Some(p) => {

@@ -465,6 +465,43 @@ impl TrainModel {
         })
     }
 
+    /// Starts from a trained adapter instead of fresh weights: a second
+    /// pass over the data, or a company's summaries on top of a shipped
+    /// adapter. Its rank, scale and adapted projections must be this run's;
+    /// the error names each that differs.
+    pub fn start_from(&self, adapter: &Adapter) -> Result<()> {
+        let mut differ = Vec::new();
+        if adapter.config.r != self.spec.r {
+            differ.push(format!(
+                "rank: the adapter's is {}, this run's {}",
+                adapter.config.r, self.spec.r
+            ));
+        }
+        if (adapter.scale() - self.scale()).abs() > 1e-9 * self.scale().abs().max(1.0) {
+            differ.push(format!(
+                "scale (alpha / rank): the adapter's is {}, this run's {}",
+                adapter.scale(),
+                self.scale()
+            ));
+        }
+        let name = |&(layer, t): &(usize, Target)| format!("layer {layer} {}", t.peft_name());
+        if let Some(k) = self.lora.keys().find(|k| !adapter.pairs.contains_key(k)) {
+            differ.push(format!("{} is adapted here, not in the adapter", name(k)));
+        }
+        if let Some(k) = adapter.pairs.keys().find(|k| !self.lora.contains_key(k)) {
+            differ.push(format!("{} is adapted in the adapter, not here", name(k)));
+        }
+        if !differ.is_empty() {
+            candle_core::bail!("the adapter does not fit this run: {}", differ.join("; "));
+        }
+        for (k, (a, b)) in &self.lora {
+            let pair = &adapter.pairs[k];
+            a.set(&pair.a.to_device(&self.device)?)?;
+            b.set(&pair.b.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
     /// Sets the adapters' values (a resumed checkpoint).
     pub fn set(&self, values: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         for (name, var) in self.vars() {

@@ -47,6 +47,16 @@ pub struct TrainConfig {
     pub data: Vec<DataSource>,
     /// A seeded subset of this many examples (all if None).
     pub max_examples: Option<usize>,
+    /// The adapter the run starts from (`--init-adapter`); fresh weights if None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<StartingAdapter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartingAdapter {
+    pub dir: String,
+    /// sha256 of its `adapter_model.safetensors`.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -205,6 +205,71 @@ fn a_fresh_adapter_is_the_base_and_merged_equals_unmerged() {
     }
 }
 
+// A run can start from a saved adapter: its weights come back exactly
+// (the same loss), and one of another rank, scale or set of adapted
+// projections is refused, naming what differs.
+#[test]
+fn a_run_starts_from_a_saved_adapter_of_its_own_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), "llama");
+    let trained = train_model(&path, &spec(2), 1);
+    perturb(&trained, 5);
+    let adir = dir.path().join("adapter");
+    trained
+        .adapter()
+        .unwrap()
+        .save(&adir, &trained.layout)
+        .unwrap();
+    let saved = Adapter::load(&adir, &trained.layout).unwrap();
+
+    let next = train_model(&path, &spec(2), 9);
+    let loss = |m: &TrainModel| {
+        let mut dropout = Dropout::new(0.0, 1);
+        m.loss(&ids(), 30, &mut dropout)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_ne!(loss(&next), loss(&trained), "the two starts already agree");
+    next.start_from(&saved).unwrap();
+    assert_eq!(loss(&next), loss(&trained));
+    for ((name, a), (_, b)) in next.vars().iter().zip(trained.vars().iter()) {
+        assert_eq!(values(a.as_tensor()), values(b.as_tensor()), "{name}");
+    }
+
+    let refused = |s: LoraSpec| match train_model(&path, &s, 1).start_from(&saved) {
+        Ok(()) => panic!("an adapter of another shape was taken"),
+        Err(e) => e.to_string(),
+    };
+    let e = refused(spec(4));
+    assert!(e.contains("rank: the adapter's is 2, this run's 4"), "{e}");
+    let e = refused(LoraSpec {
+        alpha: 1.0,
+        ..spec(2)
+    });
+    assert!(
+        e.contains("scale (alpha / rank): the adapter's is 2, this run's 0.5")
+            && !e.contains("rank:"),
+        "{e}"
+    );
+    let e = refused(LoraSpec {
+        layers: Some(vec![0]),
+        ..spec(2)
+    });
+    assert!(
+        e.contains("layer 1 q_proj is adapted in the adapter, not here"),
+        "{e}"
+    );
+    let e = refused(LoraSpec {
+        targets: vec![Target::Q, Target::V, Target::Down, Target::Up],
+        ..spec(2)
+    });
+    assert!(
+        e.contains("k_proj is adapted in the adapter, not here"),
+        "{e}"
+    );
+}
+
 fn examples(n: usize) -> Vec<Tokenized> {
     (0..n)
         .map(|i| {
@@ -241,6 +306,7 @@ fn config(seed: u64, lr: f64) -> TrainConfig {
         seed,
         data: vec![],
         max_examples: None,
+        init_adapter: None,
     }
 }
 
