@@ -147,3 +147,189 @@ async fn a_worker_whose_model_will_not_load_stays_up_and_not_ready() {
         env.logs()
     );
 }
+
+/// A user catalog entry for a FLAN-T5 directory.
+fn t5_entry(id: &str, dir: &std::path::Path, sha256: &str) -> String {
+    format!(
+        "[[model]]\nid = \"{id}\"\nfamily = \"t5\"\nformat = \"t5\"\nfile = \"file://{}\"\nsha256 = \"{sha256}\"\ncontext_length = 512\ndtype = \"f32\"\nprice_per_1k_input = 0.0001\nprice_per_1k_output = 0.0002\nlicence = \"Apache-2.0\"\n",
+        dir.display()
+    )
+}
+
+// A FLAN-T5 directory (tiny weights under the real names, the real
+// config keys) named in a user catalog: the router counts its tokens, the
+// compact worker serves it, and the row says t5 made the summary and what
+// it cost. `recap summarize` serves it too. A sha256 that is not the
+// weights', or weights that do not fit config.json, is refused naming the
+// entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flan_t5_directory_serves_jobs_from_queue_to_row() {
+    use recap_engine::testing::{write_tiny_flan_t5, TINY_T5_VOCAB};
+    let mut env = TestEnv::new("t5").await;
+    env.migrate();
+    let flan = env.dir.path().join("flan-t5-tiny");
+    std::fs::create_dir(&flan).unwrap();
+    write_tiny_flan_t5(&flan).unwrap();
+    let weights = std::fs::read(flan.join("model.safetensors")).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&weights));
+    // The same weights under a config with a third layer, which they lack.
+    let misfit = env.dir.path().join("flan-t5-misfit");
+    std::fs::create_dir(&misfit).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(flan.join(file), misfit.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(misfit.join("config.json")).unwrap();
+    std::fs::write(
+        misfit.join("config.json"),
+        config.replace("\"num_layers\": 2", "\"num_layers\": 3"),
+    )
+    .unwrap();
+    let catalog = env.dir.path().join("models.toml");
+    std::fs::write(
+        &catalog,
+        [
+            t5_entry("flan-t5-tiny", &flan, &sha),
+            t5_entry("flan-t5-damaged", &flan, &"0".repeat(64)),
+            t5_entry("flan-t5-misfit", &misfit, &sha),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let catalog = catalog.to_str().unwrap();
+    // Routing and the model path only: random weights would fail the
+    // cascade's checks and go on to a large tier this test does not run.
+    let policy = env.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = \"t5\"\nrules = [\"quality\"]\n").unwrap();
+    let models = [
+        ("RECAP_MODELS_CATALOG", catalog),
+        ("RECAP_COMPACT_MODEL", "flan-t5-tiny"),
+        ("RECAP_POLICY", policy.to_str().unwrap()),
+    ];
+    env.spawn(&["router"], &models);
+    env.spawn(&["worker", "--tier", "compact"], &models);
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    let id = Uuid::new_v4();
+    publish(
+        &ch,
+        "ingest",
+        &job_json(id, "acme", &["short", "decisions"]),
+        Some(&id.to_string()),
+    )
+    .await;
+    let done = env
+        .wait_count(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            1,
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    let rows: Vec<(String, String, String, i32, i32)> = sqlx::query_as(
+        "SELECT kind, engine, model, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (kind, engine, model, input_tokens, output_tokens) in &rows {
+        assert_eq!((engine.as_str(), model.as_str()), ("t5", "flan-t5-tiny"));
+        // The FLAN prompt and the transcript went in; random weights say
+        // words of the tiny vocabulary.
+        assert!(
+            *input_tokens > 20 && *output_tokens > 0,
+            "{kind}: {input_tokens} in, {output_tokens} out"
+        );
+    }
+    let texts: Vec<String> = sqlx::query_scalar("SELECT text FROM summaries WHERE job_id = $1")
+        .bind(id)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    for text in &texts {
+        let words: Vec<&str> = text
+            .split_whitespace()
+            .map(|w| w.trim_start_matches("- "))
+            .filter(|w| *w != "-")
+            .collect();
+        assert!(!words.is_empty(), "empty summary");
+        assert!(
+            words
+                .iter()
+                .all(|w| TINY_T5_VOCAB.split_whitespace().any(|v| v == *w)),
+            "not the tiny model's words: {text}"
+        );
+    }
+    let (tier, cost): (String, f64) =
+        sqlx::query_as("SELECT tier, cost_usd::float8 FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(tier, "compact");
+    assert!(cost > 0.0, "cost {cost}");
+
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/formats/teams.vtt");
+    let summarize = |model: &str| {
+        let out = env
+            .command(&[
+                "summarize",
+                sample.to_str().unwrap(),
+                "--model",
+                model,
+                "--kinds",
+                "short",
+            ])
+            .env("RECAP_MODELS_CATALOG", catalog)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = summarize("flan-t5-tiny");
+    assert!(
+        ok && out.contains("== short (flan-t5-tiny via t5) =="),
+        "{out}"
+    );
+    let (ok, out) = summarize("flan-t5-damaged");
+    assert!(
+        !ok && out.contains("flan-t5-damaged")
+            && out.contains(&sha)
+            && out.contains(&"0".repeat(64)),
+        "{out}"
+    );
+    // `models fetch` verifies a directory by its weights, and reports a
+    // user's directory that does not match, leaving it in place.
+    let fetch = |model: &str| {
+        env.command(&["models", "fetch", model])
+            .env("RECAP_MODELS_CATALOG", catalog)
+            .output()
+            .unwrap()
+    };
+    let out = fetch("flan-t5-tiny");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("flan-t5-tiny: installed and verified"),
+        "{text}"
+    );
+    let out = fetch("flan-t5-damaged");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains(&sha), "{text}");
+    assert!(
+        flan.join("model.safetensors").exists(),
+        "the user's weights were deleted"
+    );
+    let (ok, out) = summarize("flan-t5-misfit");
+    assert!(
+        !ok && out.contains("flan-t5-misfit") && out.contains("block.2"),
+        "{out}"
+    );
+}

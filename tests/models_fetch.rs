@@ -191,3 +191,150 @@ fn a_user_catalog_serves_a_local_gguf_and_refuses_bad_entries_by_name() {
         "{out}"
     );
 }
+
+// `recap models add` describes a local GGUF file and a FLAN-T5 directory
+// from what their files say, checks that each loads, and writes the entry
+// to the user catalog, which then serves it. A source that does not load,
+// is not a model, or takes an id already there leaves the catalog as it was.
+#[test]
+fn models_add_writes_a_checked_entry_for_a_gguf_file_and_a_t5_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("team model.gguf");
+    std::fs::copy(cached_smol(), &own).unwrap();
+    let flan = dir.path().join("flan");
+    std::fs::create_dir(&flan).unwrap();
+    recap_engine::testing::write_tiny_flan_t5(&flan).unwrap();
+    let catalog = dir.path().join("etc/models.toml");
+    let recap = |args: &[&str]| {
+        let out = Command::new(common::bin())
+            .args(args)
+            .env("RECAP_MODELS_DIR", dir.path().join("models"))
+            .env_remove("RECAP_CONFIG")
+            .env_remove("RECAP_MODELS_CATALOG")
+            .output()
+            .expect("run recap");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let add = |source: &str, id: &str| {
+        recap(&[
+            "models",
+            "add",
+            source,
+            "--id",
+            id,
+            "--licence",
+            "Apache-2.0",
+            "--price-in",
+            "0.00002",
+            "--price-out",
+            "0.00004",
+            "--catalog",
+            catalog.to_str().unwrap(),
+        ])
+    };
+    let (ok, out) = add(&format!("file://{}", own.display()), "team-smol");
+    assert!(ok && out.contains("team-smol: added to"), "{out}");
+    let (ok, out) = add(flan.to_str().unwrap(), "team-flan");
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    let c = recap_engine::catalog::Catalog::with_user(&text, "models.toml").unwrap();
+    let smol = c.get("team-smol").unwrap();
+    assert_eq!(
+        (smol.family.as_str(), smol.format.as_str()),
+        ("llama", "gguf")
+    );
+    assert_eq!(
+        smol.sha256.as_deref(),
+        Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+    );
+    assert_eq!(smol.context_length, 8192);
+    assert_eq!(smol.chat_template.as_deref(), Some("gguf"));
+    assert_eq!(smol.price_per_1k_output, 0.00004);
+    let t5 = c.get("team-flan").unwrap();
+    assert_eq!(
+        (t5.family.as_str(), t5.format.as_str(), t5.dtype.as_deref()),
+        ("t5", "t5", Some("f32"))
+    );
+    assert_eq!(t5.context_length, 512);
+
+    // Served from the written catalog.
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/formats/teams.vtt");
+    for id in ["team-smol", "team-flan"] {
+        let out = Command::new(common::bin())
+            .args([
+                "summarize",
+                sample.to_str().unwrap(),
+                "--model",
+                id,
+                "--kinds",
+                "short",
+            ])
+            .env("RECAP_MODELS_CATALOG", &catalog)
+            .env("RECAP_MODELS_DIR", dir.path().join("models"))
+            .env_remove("RECAP_CONFIG")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&format!("== short ({id} via")), "{text}");
+    }
+
+    // Refused, the catalog unchanged: an id already there, a file that is
+    // not a model, a directory of another model type, weights that do not
+    // fit their config.json, a missing file.
+    let before = std::fs::read_to_string(&catalog).unwrap();
+    let (ok, out) = add(own.to_str().unwrap(), "team-smol");
+    assert!(
+        !ok && out.contains("already has a model `team-smol`"),
+        "{out}"
+    );
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "Alice: hello\n").unwrap();
+    let (ok, out) = add(notes.to_str().unwrap(), "notes");
+    assert!(!ok && out.contains("not a GGUF file"), "{out}");
+    let llama_dir = dir.path().join("hf-llama");
+    std::fs::create_dir(&llama_dir).unwrap();
+    std::fs::write(llama_dir.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let (ok, out) = add(llama_dir.to_str().unwrap(), "hf-llama");
+    assert!(
+        !ok && out.contains("model_type `llama`") && out.contains("GGUF"),
+        "{out}"
+    );
+    let misfit = dir.path().join("misfit");
+    std::fs::create_dir(&misfit).unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(flan.join(file), misfit.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(flan.join("config.json")).unwrap();
+    std::fs::write(
+        misfit.join("config.json"),
+        config.replace("\"num_layers\": 2", "\"num_layers\": 3"),
+    )
+    .unwrap();
+    let (ok, out) = add(misfit.to_str().unwrap(), "misfit");
+    assert!(
+        !ok && out.contains("does not load") && out.contains("block.2"),
+        "{out}"
+    );
+    let (ok, out) = add("file:///nowhere/model.gguf", "nowhere");
+    assert!(!ok && out.contains("/nowhere/model.gguf"), "{out}");
+    assert_eq!(std::fs::read_to_string(&catalog).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(catalog.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "staged files left behind: {left:?}");
+}

@@ -2,26 +2,28 @@
 //! they are checked, and what it costs. Shipped in the repo
 //! (`workers/engine/catalog.toml`); pure data, no IO beyond parsing.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const CATALOG_TOML: &str = include_str!("../catalog.toml");
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
-    #[serde(rename = "model")]
+    #[serde(rename = "model", default)]
     pub models: Vec<ModelEntry>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     pub id: String,
-    /// Architecture family: `llama`, `qwen2`, `gemma3`, `t5`, `extractive`.
+    /// Architecture family: `llama`, `qwen2`, `gemma3` (format `gguf`),
+    /// `t5` (format `t5`), `extractive` (format `builtin`).
     pub family: String,
-    /// `gguf`, `safetensors` (HF layout directory) or `builtin`.
+    /// `gguf` (one file), `t5` (a Hugging Face directory: `config.json`,
+    /// `model.safetensors`, `tokenizer.json`) or `builtin`.
     pub format: String,
-    /// File name in the models directory (a directory for safetensors).
+    /// File name in the models directory (a directory for `t5`).
     #[serde(default)]
     pub file: Option<String>,
     #[serde(default)]
@@ -42,10 +44,14 @@ pub struct ModelEntry {
     pub price_per_1k_input: f64,
     pub price_per_1k_output: f64,
     pub licence: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
+    /// `t5` entries: the weights' dtype in memory, `f32` (the default) or
+    /// `bf16` (FLAN-T5 overflows in f16).
+    #[serde(default)]
+    pub dtype: Option<String>,
     /// The catalog id whose weights this entry serves, with `adapter` on
     /// them; its file, size, sha256 and parts are the base's.
     #[serde(default)]
@@ -56,7 +62,7 @@ pub struct ModelEntry {
 
 /// A LoRA adapter in PEFT's layout (`adapter_config.json`,
 /// `adapter_model.safetensors`) served on the entry's base.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterRef {
     /// The adapter's directory: absolute, or relative to the models
@@ -71,7 +77,7 @@ pub struct AdapterRef {
 }
 
 /// One piece of a model's weights inside a PyPI package.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Part {
     pub package: String,
@@ -88,6 +94,42 @@ pub enum CatalogError {
     Parse(String),
     #[error("unknown model `{id}`; the catalog has: {known}")]
     Unknown { id: String, known: String },
+}
+
+/// The formats served, each with the families it serves.
+pub const FORMATS: [(&str, &[&str]); 3] = [
+    ("gguf", &["llama", "qwen2", "gemma3"]),
+    ("t5", &["t5"]),
+    ("builtin", &["extractive"]),
+];
+
+fn check_format(m: &ModelEntry) -> Result<(), CatalogError> {
+    let bad = |msg: String| Err(CatalogError::Parse(format!("model {}: {msg}", m.id)));
+    let Some((_, families)) = FORMATS.iter().find(|(f, _)| *f == m.format) else {
+        let known: Vec<&str> = FORMATS.iter().map(|(f, _)| *f).collect();
+        return bad(format!(
+            "unknown format `{}` (known: {})",
+            m.format,
+            known.join(", ")
+        ));
+    };
+    if !families.contains(&m.family.as_str()) {
+        return bad(format!(
+            "format `{}` serves the families {}, not `{}`",
+            m.format,
+            families.join(", "),
+            m.family
+        ));
+    }
+    match (m.dtype.as_deref(), m.format.as_str()) {
+        (None, _) | (Some("f32" | "bf16"), "t5") => Ok(()),
+        (Some(d), "t5") => bad(format!(
+            "dtype `{d}`: f32 or bf16 (FLAN-T5 overflows in f16)"
+        )),
+        (Some(d), format) => bad(format!(
+            "dtype `{d}` is a key of t5 entries; `{format}` files carry their own"
+        )),
+    }
 }
 
 impl Catalog {
@@ -155,6 +197,7 @@ impl Catalog {
                     m.id
                 )));
             }
+            check_format(m)?;
             if m.format != "builtin" && m.file.is_none() {
                 return Err(CatalogError::Parse(format!("model {}: no file", m.id)));
             }
@@ -397,5 +440,33 @@ mod tests {
             .contains("negative"));
         let unknown = "[[model]]\nid='x'\nfamily='llama'\nformat='gguf'\nfile='f'\ncontext_length=1\nprice_per_1k_input=1.0\nprice_per_1k_output=0.0\nlicence='l'\ncolour='red'\n";
         assert!(Catalog::parse(unknown).is_err());
+        let entry = |family: &str, format: &str, extra: &str| {
+            format!("[[model]]\nid='x'\nfamily='{family}'\nformat='{format}'\nfile='f'\ncontext_length=512\nprice_per_1k_input=1.0\nprice_per_1k_output=0.0\nlicence='l'\n{extra}")
+        };
+        let refused = |text: String| Catalog::parse(&text).unwrap_err().to_string();
+        let e = refused(entry("llama", "onnx", ""));
+        assert!(
+            e.contains("model x: unknown format `onnx`") && e.contains("gguf, t5, builtin"),
+            "{e}"
+        );
+        let e = refused(entry("mamba", "gguf", ""));
+        assert!(
+            e.contains(
+                "model x: format `gguf` serves the families llama, qwen2, gemma3, not `mamba`"
+            ),
+            "{e}"
+        );
+        let e = refused(entry("llama", "t5", ""));
+        assert!(
+            e.contains("format `t5` serves the families t5, not `llama`"),
+            "{e}"
+        );
+        let e = refused(entry("t5", "t5", "dtype='f16'\n"));
+        assert!(e.contains("dtype `f16`: f32 or bf16"), "{e}");
+        let e = refused(entry("llama", "gguf", "dtype='bf16'\n"));
+        assert!(e.contains("dtype `bf16` is a key of t5 entries"), "{e}");
+        for dtype in ["", "dtype='f32'\n", "dtype='bf16'\n"] {
+            assert!(Catalog::parse(&entry("t5", "t5", dtype)).is_ok(), "{dtype}");
+        }
     }
 }

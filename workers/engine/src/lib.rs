@@ -12,6 +12,7 @@
 //! - [`llm`]: GGUF decoder models (llama, qwen2) as a `Summarizer`.
 //! - [`t5`]: T5 / FLAN-T5 seq2seq models (Hugging Face safetensors layout).
 //! - [`mapreduce`]: one summary over a transcript of any length.
+//! - [`testing`]: tiny models in the real formats, written by tests.
 
 pub mod adapter;
 pub mod attention;
@@ -31,6 +32,7 @@ pub mod qdot;
 pub mod spm;
 pub mod summarizer;
 pub mod t5;
+pub mod testing;
 pub mod tokenizer;
 
 pub use extractive::Extractive;

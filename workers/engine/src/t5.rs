@@ -25,10 +25,56 @@ pub struct T5Options {
     pub max_input_tokens: usize,
 }
 
+/// A T5 directory's tokenizer (`tokenizer.json`), ending every input with
+/// the model's end-of-sequence id as T5 was trained; the router loads it
+/// alone to count tokens.
+pub struct T5Tokenizer {
+    tokenizer: Tokenizer,
+    eos: u32,
+}
+
+impl T5Tokenizer {
+    pub fn load(dir: &Path) -> Result<T5Tokenizer, EngineError> {
+        Ok(T5Tokenizer {
+            tokenizer: read_tokenizer(dir)?,
+            eos: read_config(dir)?.eos_token_id as u32,
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let mut ids = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        if ids.last() != Some(&self.eos) {
+            ids.push(self.eos);
+        }
+        Ok(ids)
+    }
+}
+
+fn read_config(dir: &Path) -> Result<t5::Config, EngineError> {
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| bad(dir, format!("config.json: {e}")))?;
+    let config: t5::Config =
+        serde_json::from_slice(&bytes).map_err(|e| bad(dir, format!("config.json: {e}")))?;
+    if !config.is_encoder_decoder {
+        return Err(bad(dir, "config.json: not an encoder-decoder model"));
+    }
+    Ok(config)
+}
+
+fn read_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
+    Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| bad(dir, format!("tokenizer.json: {e}")))
+}
+
 pub struct T5Summarizer {
     id: String,
     model: Mutex<t5::T5ForConditionalGeneration>,
-    tokenizer: Tokenizer,
+    tokenizer: T5Tokenizer,
     config: t5::Config,
     device: Device,
     max_input: usize,
@@ -59,16 +105,11 @@ impl T5Summarizer {
         if opts.dtype == DType::F16 {
             return Err(bad(dir, "FLAN-T5 produces NaNs in f16: use bf16 or f32"));
         }
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| bad(dir, format!("{name}: {e}")))
+        let config = read_config(dir)?;
+        let tokenizer = T5Tokenizer {
+            tokenizer: read_tokenizer(dir)?,
+            eos: config.eos_token_id as u32,
         };
-        let config: t5::Config = serde_json::from_slice(&read("config.json")?)
-            .map_err(|e| bad(dir, format!("config.json: {e}")))?;
-        if !config.is_encoder_decoder {
-            return Err(bad(dir, "config.json: not an encoder-decoder model"));
-        }
-        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| bad(dir, format!("tokenizer.json: {e}")))?;
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
             return Err(bad(dir, "model.safetensors is missing"));
@@ -90,17 +131,7 @@ impl T5Summarizer {
     }
 
     fn encode_ids(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        let mut ids = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
-        let eos = self.config.eos_token_id as u32;
-        if ids.last() != Some(&eos) {
-            ids.push(eos);
-        }
-        Ok(ids)
+        self.tokenizer.encode(text)
     }
 
     fn count(&self, text: &str) -> usize {
@@ -136,6 +167,7 @@ impl T5Summarizer {
             .unwrap_or(self.config.pad_token_id) as u32;
         let decode = |t: &[u32]| {
             self.tokenizer
+                .tokenizer
                 .decode(t, true)
                 .map_err(|e| EngineError::Tokenizer(e.to_string()))
         };

@@ -4,8 +4,10 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use recap_engine::catalog::ModelEntry;
-use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
+use recap_engine::llm::{sha256_file, AdapterOptions, GgufModel, GgufOptions};
+use recap_engine::t5::{T5Options, T5Summarizer};
 use recap_engine::{Extractive, Summarizer};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub fn device(config: &Config) -> Result<Device> {
@@ -71,16 +73,48 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
     let model: Arc<dyn Summarizer> = match entry.format.as_str() {
         "builtin" => Arc::new(Extractive::default()),
         "gguf" => {
-            let file = entry
-                .file
-                .as_deref()
-                .context("catalog entry without a file")?;
-            let path = config.models_dir().join(file);
+            let path = weights_path(&entry, config)?;
             Arc::new(GgufModel::load(&path, &gguf_options(&entry, config)?)?)
         }
+        "t5" => Arc::new(load_t5(&entry, config).with_context(|| format!("model {model_id}"))?),
         other => bail!("model {model_id}: format `{other}` cannot be served by this build"),
     };
     Ok((model, entry))
+}
+
+/// The entry's file (a directory for `t5`) in the models directory.
+fn weights_path(entry: &ModelEntry, config: &Config) -> Result<PathBuf> {
+    let file = entry
+        .file
+        .as_deref()
+        .with_context(|| format!("model {}: catalog entry without a file", entry.id))?;
+    Ok(config.models_dir().join(file))
+}
+
+/// A T5 / FLAN-T5 directory; the entry's sha256 is its `model.safetensors`'.
+fn load_t5(entry: &ModelEntry, config: &Config) -> Result<T5Summarizer> {
+    let dir = weights_path(entry, config)?;
+    if let Some(want) = &entry.sha256 {
+        let weights = dir.join("model.safetensors");
+        let got = sha256_file(&weights).with_context(|| weights.display().to_string())?;
+        if &got != want {
+            bail!(
+                "{} has sha256 {got}, the catalog says {want}",
+                weights.display()
+            );
+        }
+    }
+    let dtype = match entry.dtype.as_deref() {
+        Some("bf16") => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    let opts = T5Options {
+        id: entry.id.clone(),
+        dtype,
+        device: device(config)?,
+        max_input_tokens: entry.context_length,
+    };
+    Ok(T5Summarizer::load(&dir, &opts)?)
 }
 
 /// Counts tokens as a model does, without loading its weights: the router
@@ -92,11 +126,7 @@ pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
     let entry = catalog.get(model_id)?;
     match entry.format.as_str() {
         "gguf" => {
-            let file = entry
-                .file
-                .as_deref()
-                .context("catalog entry without a file")?;
-            let path = config.models_dir().join(file);
+            let path = weights_path(entry, config)?;
             let mut f = std::fs::File::open(&path)
                 .with_context(|| format!("{}: run `recap models fetch`", path.display()))?;
             let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
@@ -108,6 +138,13 @@ pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
                 tk.encode(text, false)
                     .map(|v| v.len())
                     .unwrap_or(text.len() / 4)
+            }))
+        }
+        "t5" => {
+            let tk = recap_engine::t5::T5Tokenizer::load(&weights_path(entry, config)?)
+                .with_context(|| format!("model {model_id}"))?;
+            Ok(Arc::new(move |text: &str| {
+                tk.encode(text).map(|v| v.len()).unwrap_or(text.len() / 4)
             }))
         }
         _ => Ok(Arc::new(|text: &str| text.split_whitespace().count())),

