@@ -8,15 +8,9 @@ use std::process::Command;
 const SMOL: &str = "smollm2-135m-instruct-q4_1";
 const SMOL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-fn fetch(dir: &std::path::Path, path_env: Option<&str>) -> (bool, String) {
-    let mut c = Command::new(common::bin());
-    c.args(["models", "fetch", SMOL])
-        .env("RECAP_MODELS_DIR", dir)
-        .env_remove("RECAP_CONFIG");
-    if let Some(p) = path_env {
-        c.env("PATH", p);
-    }
-    let out = c.output().expect("run recap");
+/// A run's success and its stdout and stderr together.
+fn outcome(out: std::io::Result<std::process::Output>) -> (bool, String) {
+    let out = out.expect("run recap");
     (
         out.status.success(),
         format!(
@@ -25,6 +19,17 @@ fn fetch(dir: &std::path::Path, path_env: Option<&str>) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+fn fetch(dir: &std::path::Path, path_env: Option<&str>) -> (bool, String) {
+    let mut c = Command::new(common::bin());
+    c.args(["models", "fetch", SMOL])
+        .env("RECAP_MODELS_DIR", dir)
+        .env_remove("RECAP_CONFIG");
+    if let Some(p) = path_env {
+        c.env("PATH", p);
+    }
+    outcome(c.output())
 }
 
 #[test]
@@ -124,20 +129,13 @@ fn a_user_catalog_serves_a_local_gguf_and_refuses_bad_entries_by_name() {
     )
     .unwrap();
     let recap = |args: &[&str], catalog: &std::path::Path| {
-        let out = Command::new(common::bin())
-            .args(args)
-            .env("RECAP_MODELS_CATALOG", catalog)
-            .env("RECAP_MODELS_DIR", dir.path().join("models"))
-            .env_remove("RECAP_CONFIG")
-            .output()
-            .expect("run recap");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        outcome(
+            Command::new(common::bin())
+                .args(args)
+                .env("RECAP_MODELS_CATALOG", catalog)
+                .env("RECAP_MODELS_DIR", dir.path().join("models"))
+                .env_remove("RECAP_CONFIG")
+                .output(),
         )
     };
     // Listed beside the built-in models, installed where it lies.
@@ -206,20 +204,13 @@ fn models_add_writes_a_checked_entry_for_a_gguf_file_and_a_t5_directory() {
     recap_engine::testing::write_tiny_flan_t5(&flan).unwrap();
     let catalog = dir.path().join("etc/models.toml");
     let recap = |args: &[&str]| {
-        let out = Command::new(common::bin())
-            .args(args)
-            .env("RECAP_MODELS_DIR", dir.path().join("models"))
-            .env_remove("RECAP_CONFIG")
-            .env_remove("RECAP_MODELS_CATALOG")
-            .output()
-            .expect("run recap");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        outcome(
+            Command::new(common::bin())
+                .args(args)
+                .env("RECAP_MODELS_DIR", dir.path().join("models"))
+                .env_remove("RECAP_CONFIG")
+                .env_remove("RECAP_MODELS_CATALOG")
+                .output(),
         )
     };
     let add = |source: &str, id: &str| {
@@ -337,4 +328,231 @@ fn models_add_writes_a_checked_entry_for_a_gguf_file_and_a_t5_directory() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(left.len(), 1, "staged files left behind: {left:?}");
+}
+
+/// A loopback server in the Hugging Face Hub's resolve layout
+/// (`/{org}/{repo}/resolve/{revision}/{file}`), answering as the Hub does
+/// for what hf-hub 0.4 reads: ranged GETs (206 with `Content-Range`),
+/// `X-Repo-Commit`, and the file's sha256 as `X-Linked-Etag` (a large file's
+/// ETag on the Hub). `team/private` needs `Authorization: Bearer
+/// hub-token`; anything else unknown is 404. It counts the GETs of each path.
+struct HubServer {
+    addr: String,
+    hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+const HUB_COMMIT: &str = "4f1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+
+impl HubServer {
+    fn start(repos: Vec<(&'static str, std::path::PathBuf)>) -> HubServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let counted = hits.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let repos = repos.clone();
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut out = stream;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let (mut range, mut auth) = (None, None);
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                                break;
+                            }
+                            let (k, v) = h.split_once(':').unwrap_or(("", ""));
+                            match k.to_ascii_lowercase().as_str() {
+                                "range" => range = Some(v.trim().to_string()),
+                                "authorization" => auth = Some(v.trim().to_string()),
+                                _ => {}
+                            }
+                        }
+                        *counted.lock().unwrap().entry(path.clone()).or_default() += 1;
+                        let found = path.strip_prefix('/').and_then(|p| {
+                            let parts: Vec<&str> = p.splitn(5, '/').collect();
+                            let [org, name, "resolve", rev, file] = parts[..] else {
+                                return None;
+                            };
+                            let repo = format!("{org}/{name}");
+                            let dir = repos.iter().find(|(r, _)| *r == repo)?.1.clone();
+                            (rev == "main" || rev == HUB_COMMIT).then(|| (repo, dir.join(file)))
+                        });
+                        let reply = |out: &mut std::net::TcpStream,
+                                     status: &str,
+                                     headers: String,
+                                     body: &[u8]| {
+                            let _ = write!(
+                                out,
+                                "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{headers}\r\n",
+                                body.len()
+                            );
+                            let _ = out.write_all(body);
+                        };
+                        let Some((repo, file)) = found.filter(|(_, f)| f.is_file()) else {
+                            reply(
+                                &mut out,
+                                "404 Not Found",
+                                "X-Error-Code: EntryNotFound\r\n".into(),
+                                b"Entry not found",
+                            );
+                            continue;
+                        };
+                        if repo == "team/private" && auth.as_deref() != Some("Bearer hub-token") {
+                            reply(
+                                &mut out,
+                                "401 Unauthorized",
+                                String::new(),
+                                b"Invalid credentials",
+                            );
+                            continue;
+                        }
+                        let bytes = std::fs::read(&file).unwrap();
+                        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+                        let size = bytes.len();
+                        let (start, stop) = range
+                            .as_deref()
+                            .and_then(|r| r.strip_prefix("bytes="))
+                            .and_then(|r| r.split_once('-'))
+                            .map(|(a, b)| (a.parse().unwrap_or(0), b.parse().unwrap_or(size - 1)))
+                            .unwrap_or((0, size - 1));
+                        let stop = std::cmp::min(stop, size - 1);
+                        reply(
+                            &mut out,
+                            "206 Partial Content",
+                            format!(
+                                "Content-Range: bytes {start}-{stop}/{size}\r\nX-Repo-Commit: {HUB_COMMIT}\r\nX-Linked-Etag: \"{sha}\"\r\nETag: \"{sha}\"\r\nAccept-Ranges: bytes\r\n"
+                            ),
+                            &bytes[start..=stop],
+                        );
+                    }
+                });
+            }
+        });
+        HubServer { addr, hits }
+    }
+
+    fn gets(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+// `recap models add hf://...` through hf-hub against a loopback server in
+// the Hub's layout: a GGUF file and a FLAN-T5 directory land in HF_HOME's
+// cache, pinned to the commit the revision resolved to and checked against
+// the Hub's sha256; a second add is served from the cache; a private repo
+// needs HF_TOKEN (401 otherwise) and a missing file is a 404, each named.
+#[test]
+fn models_add_fetches_from_the_hub_pinned_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let smol = dir.path().join("repo-smol");
+    std::fs::create_dir(&smol).unwrap();
+    recap_train::testing::write_tiny_gguf(&cached_smol(), &smol.join("tiny.gguf"), "llama", 3)
+        .unwrap();
+    let flan = dir.path().join("repo-flan");
+    std::fs::create_dir(&flan).unwrap();
+    recap_engine::testing::write_tiny_flan_t5(&flan).unwrap();
+    let hub = HubServer::start(vec![
+        ("team/smol", smol.clone()),
+        ("team/flan-t5-tiny", flan.clone()),
+        ("team/private", smol.clone()),
+    ]);
+    let catalog = dir.path().join("models.toml");
+    let hf_home = dir.path().join("hf");
+    let add = |source: &str, id: &str, token: Option<&str>| {
+        let mut c = Command::new(common::bin());
+        c.args([
+            "models",
+            "add",
+            source,
+            "--id",
+            id,
+            "--licence",
+            "Apache-2.0",
+            "--catalog",
+            catalog.to_str().unwrap(),
+        ])
+        .env("HF_ENDPOINT", &hub.addr)
+        .env("HF_HOME", &hf_home)
+        .env("RECAP_MODELS_DIR", dir.path().join("models"))
+        .env_remove("HF_TOKEN")
+        .env_remove("RECAP_CONFIG")
+        .env_remove("RECAP_MODELS_CATALOG");
+        if let Some(t) = token {
+            c.env("HF_TOKEN", t);
+        }
+        outcome(c.output())
+    };
+    let (ok, out) = add("hf://team/smol@main/tiny.gguf", "hub-smol", None);
+    assert!(ok, "{out}");
+    let (ok, out) = add("hf://team/flan-t5-tiny@main", "hub-flan", None);
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    let c = recap_engine::catalog::Catalog::with_user(&text, "models.toml").unwrap();
+    let s = c.get("hub-smol").unwrap();
+    assert_eq!(
+        s.source.as_deref(),
+        Some(format!("hf://team/smol@{HUB_COMMIT}/tiny.gguf").as_str())
+    );
+    let file = std::path::PathBuf::from(s.file.as_deref().unwrap());
+    assert!(
+        file.starts_with(
+            hf_home
+                .join("hub/models--team--smol/snapshots")
+                .join(HUB_COMMIT)
+        ),
+        "{}",
+        file.display()
+    );
+    let bytes = std::fs::read(smol.join("tiny.gguf")).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(s.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(s.family, "llama");
+    let f = c.get("hub-flan").unwrap();
+    assert_eq!((f.format.as_str(), f.family.as_str()), ("t5", "t5"));
+    assert_eq!(
+        f.source.as_deref(),
+        Some(format!("hf://team/flan-t5-tiny@{HUB_COMMIT}").as_str())
+    );
+
+    // Cached: a second entry from the same revision asks the Hub nothing.
+    let path = "/team/smol/resolve/main/tiny.gguf";
+    let before = hub.gets(path);
+    assert!(before >= 2, "{before} GETs");
+    let (ok, out) = add("hf://team/smol@main/tiny.gguf", "hub-smol-again", None);
+    assert!(ok, "{out}");
+    assert_eq!(hub.gets(path), before);
+
+    let (ok, out) = add("hf://team/private@main/tiny.gguf", "private", None);
+    assert!(
+        !ok && out.contains("401") && out.contains("HF_TOKEN"),
+        "{out}"
+    );
+    let (ok, out) = add(
+        "hf://team/private@main/tiny.gguf",
+        "private",
+        Some("hub-token"),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = add("hf://team/smol@main/missing.gguf", "missing", None);
+    assert!(
+        !ok && out.contains("404") && out.contains("hf://team/smol@main/missing.gguf"),
+        "{out}"
+    );
+    let (ok, out) = add("hf://team/smol/tiny.gguf", "unpinned", None);
+    assert!(!ok && out.contains("name the revision"), "{out}");
+    let c = recap_engine::catalog::Catalog::with_user(
+        &std::fs::read_to_string(&catalog).unwrap(),
+        "models.toml",
+    )
+    .unwrap();
+    assert!(c.get("missing").is_err() && c.get("private").is_ok());
 }

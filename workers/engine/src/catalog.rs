@@ -48,6 +48,10 @@ pub struct ModelEntry {
     pub default: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
+    /// Where the weights came from, for people: `recap models add` records
+    /// a Hub source pinned to its commit (`hf://org/repo@commit/path`).
+    #[serde(default)]
+    pub source: Option<String>,
     /// `t5` entries: the weights' dtype in memory, `f32` (the default) or
     /// `bf16` (FLAN-T5 overflows in f16).
     #[serde(default)]

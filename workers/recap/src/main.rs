@@ -8,6 +8,7 @@ mod engines;
 mod enqueue;
 mod eval;
 mod gateway;
+mod hub;
 mod metrics;
 mod models;
 mod policy;

@@ -31,8 +31,10 @@ pub enum ModelsCommand {
 
 #[derive(clap::Args)]
 pub struct AddArgs {
-    /// `file:///abs/path/model.gguf`, a path to a GGUF file, or a directory
-    /// with `config.json`, `model.safetensors` and `tokenizer.json`.
+    /// `file:///abs/path/model.gguf`, a path to a GGUF file, a directory
+    /// with `config.json`, `model.safetensors` and `tokenizer.json`, or the
+    /// Hub: `hf://org/repo@revision/file.gguf`, `hf://org/repo@revision` (a
+    /// T5 directory), read with HF_ENDPOINT, HF_TOKEN and HF_HOME.
     pub source: String,
     /// The new entry's catalog id.
     #[arg(long)]
@@ -106,14 +108,25 @@ fn add(config: &Config, args: AddArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => bail!("models add: name the catalog to write with --catalog or models.catalog (RECAP_MODELS_CATALOG)"),
     };
-    let path = PathBuf::from(args.source.strip_prefix("file://").unwrap_or(&args.source));
-    if !path.is_absolute() && args.source.starts_with("file://") {
-        bail!("{}: a file:// URL names an absolute path", args.source);
-    }
-    let path = path
-        .canonicalize()
-        .with_context(|| format!("models add: {}", args.source))?;
+    let (path, pinned) = if args.source.starts_with("hf://") {
+        let src = crate::hub::HubSource::parse(&args.source)?;
+        let (local, commit) = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(crate::hub::download(&src))
+        })
+        .context("models add")?;
+        (local, Some(src.pinned(&commit)))
+    } else {
+        let path = PathBuf::from(args.source.strip_prefix("file://").unwrap_or(&args.source));
+        if !path.is_absolute() && args.source.starts_with("file://") {
+            bail!("{}: a file:// URL names an absolute path", args.source);
+        }
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("models add: {}", args.source))?;
+        (path, None)
+    };
     let mut entry = describe(&path).with_context(|| format!("models add: {}", path.display()))?;
+    entry.source = pinned;
     entry.id = args.id.clone();
     entry.licence = args.licence.clone();
     entry.price_per_1k_input = args.price_in;
@@ -186,6 +199,7 @@ fn describe(path: &Path) -> Result<ModelEntry> {
         licence: String::new(),
         default: false,
         parts: Vec::new(),
+        source: None,
         dtype: None,
         base: None,
         adapter: None,
