@@ -18,10 +18,12 @@ pub struct Catalog {
 pub struct ModelEntry {
     pub id: String,
     /// Architecture family: `llama`, `qwen2`, `gemma3` (format `gguf`),
-    /// `t5` (format `t5`), `extractive` (format `builtin`).
+    /// `t5` (format `t5`), `openai` (format `openai`), `extractive`
+    /// (format `builtin`).
     pub family: String,
     /// `gguf` (one file), `t5` (a Hugging Face directory: `config.json`,
-    /// `model.safetensors`, `tokenizer.json`) or `builtin`.
+    /// `model.safetensors`, `tokenizer.json`), `openai` (an OpenAI-compatible
+    /// endpoint, see `endpoint`) or `builtin`.
     pub format: String,
     /// File name in the models directory (a directory for `t5`).
     #[serde(default)]
@@ -56,6 +58,9 @@ pub struct ModelEntry {
     /// `bf16` (FLAN-T5 overflows in f16).
     #[serde(default)]
     pub dtype: Option<String>,
+    /// `openai` entries: where the endpoint's settings come from.
+    #[serde(default)]
+    pub endpoint: Option<EndpointRef>,
     /// The catalog id whose weights this entry serves, with `adapter` on
     /// them; its file, size, sha256 and parts are the base's.
     #[serde(default)]
@@ -80,6 +85,63 @@ pub struct AdapterRef {
     pub merge: bool,
 }
 
+/// An OpenAI-compatible chat-completions endpoint. Its base URL, model
+/// name and API key are read from the environment variables named here
+/// (so that no secret sits in the catalog), when the tier loads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRef {
+    /// The variable holding the API base, `.../v1`.
+    #[serde(default = "default_base_url_env")]
+    pub base_url_env: String,
+    /// The variable holding the model name the endpoint serves.
+    #[serde(default = "default_model_env")]
+    pub model_env: String,
+    /// The variable holding the API key (unset: no key is sent).
+    #[serde(default = "default_api_key_env")]
+    pub api_key_env: String,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Retries on 429, 5xx, timeouts and refused connections.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Calls in flight at once, per process.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+impl Default for EndpointRef {
+    fn default() -> EndpointRef {
+        EndpointRef {
+            base_url_env: default_base_url_env(),
+            model_env: default_model_env(),
+            api_key_env: default_api_key_env(),
+            timeout_s: default_timeout_s(),
+            max_retries: default_max_retries(),
+            max_concurrency: default_max_concurrency(),
+        }
+    }
+}
+
+fn default_base_url_env() -> String {
+    "OPENAI_BASE_URL".into()
+}
+fn default_model_env() -> String {
+    "OPENAI_MODEL".into()
+}
+fn default_api_key_env() -> String {
+    "OPENAI_API_KEY".into()
+}
+fn default_timeout_s() -> u64 {
+    120
+}
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_max_concurrency() -> usize {
+    4
+}
+
 /// One piece of a model's weights inside a PyPI package.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -101,9 +163,10 @@ pub enum CatalogError {
 }
 
 /// The formats served, each with the families it serves.
-pub const FORMATS: [(&str, &[&str]); 3] = [
+pub const FORMATS: [(&str, &[&str]); 4] = [
     ("gguf", &["llama", "qwen2", "gemma3"]),
     ("t5", &["t5"]),
+    ("openai", &["openai"]),
     ("builtin", &["extractive"]),
 ];
 
@@ -124,6 +187,15 @@ fn check_format(m: &ModelEntry) -> Result<(), CatalogError> {
             families.join(", "),
             m.family
         ));
+    }
+    if m.endpoint.is_some() && m.format != "openai" {
+        return bad("endpoint is a key of openai entries".into());
+    }
+    if m.endpoint
+        .as_ref()
+        .is_some_and(|e| e.max_concurrency == 0 || e.timeout_s == 0)
+    {
+        return bad("endpoint: max_concurrency and timeout_s must be above 0".into());
     }
     match (m.dtype.as_deref(), m.format.as_str()) {
         (None, _) | (Some("f32" | "bf16"), "t5") => Ok(()),
@@ -202,7 +274,7 @@ impl Catalog {
                 )));
             }
             check_format(m)?;
-            if m.format != "builtin" && m.file.is_none() {
+            if !matches!(m.format.as_str(), "builtin" | "openai") && m.file.is_none() {
                 return Err(CatalogError::Parse(format!("model {}: no file", m.id)));
             }
             let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -450,7 +522,7 @@ mod tests {
         let refused = |text: String| Catalog::parse(&text).unwrap_err().to_string();
         let e = refused(entry("llama", "onnx", ""));
         assert!(
-            e.contains("model x: unknown format `onnx`") && e.contains("gguf, t5, builtin"),
+            e.contains("model x: unknown format `onnx`") && e.contains("gguf, t5, openai, builtin"),
             "{e}"
         );
         let e = refused(entry("mamba", "gguf", ""));
@@ -472,5 +544,29 @@ mod tests {
         for dtype in ["", "dtype='f32'\n", "dtype='bf16'\n"] {
             assert!(Catalog::parse(&entry("t5", "t5", dtype)).is_ok(), "{dtype}");
         }
+        // An endpoint: no file, its settings' variables named (defaults
+        // otherwise), and only on openai entries.
+        let remote = "[[model]]\nid='r'\nfamily='openai'\nformat='openai'\ncontext_length=8192\nprice_per_1k_input=1.0\nprice_per_1k_output=2.0\nlicence='l'\n";
+        let c = Catalog::parse(remote).unwrap();
+        assert!(c.get("r").unwrap().endpoint.is_none());
+        let c = Catalog::parse(&format!(
+            "{remote}endpoint = {{ base_url_env = 'TEAM_URL', max_concurrency = 2 }}\n"
+        ))
+        .unwrap();
+        let e = c.get("r").unwrap().endpoint.clone().unwrap();
+        assert_eq!(
+            (e.base_url_env.as_str(), e.model_env.as_str()),
+            ("TEAM_URL", "OPENAI_MODEL")
+        );
+        assert_eq!((e.max_concurrency, e.max_retries, e.timeout_s), (2, 3, 120));
+        let e = refused(entry("llama", "gguf", "endpoint = { timeout_s = 5 }\n"));
+        assert!(e.contains("endpoint is a key of openai entries"), "{e}");
+        let e = refused(format!("{remote}endpoint = {{ max_concurrency = 0 }}\n"));
+        assert!(
+            e.contains("max_concurrency and timeout_s must be above 0"),
+            "{e}"
+        );
+        let e = refused(format!("{remote}endpoint = {{ api_key = 'sk-x' }}\n"));
+        assert!(e.contains("api_key"), "{e}");
     }
 }

@@ -129,7 +129,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-pub(crate) fn max_new_tokens(kind: SummaryKind) -> usize {
+/// The most tokens a summary of this kind may take.
+pub fn max_new_tokens(kind: SummaryKind) -> usize {
     match kind {
         SummaryKind::Overview => 200,
         SummaryKind::ActionItems | SummaryKind::Decisions => 160,
@@ -512,6 +513,7 @@ impl GgufModel {
             &mut |step| {
                 let (prefix, rest) = self.user_parts(step, &task, &suffix)?;
                 self.complete_parts(&prefix, &rest, &params, req)
+                    .map(|(text, g)| (text, (&g).into()))
             },
         )
     }
@@ -675,7 +677,8 @@ impl GgufModel {
     }
 }
 
-pub(crate) fn language_suffix(language: Option<&str>) -> String {
+/// The line that asks for the summary in the job's language (none for English).
+pub fn language_suffix(language: Option<&str>) -> String {
     match language.map(|l| l.split('-').next().unwrap_or(l).to_lowercase()) {
         None => String::new(),
         Some(l) if l == "en" => String::new(),

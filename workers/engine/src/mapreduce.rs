@@ -5,7 +5,7 @@
 
 use crate::chunking::{pack, split_oversize};
 use crate::generate::Generation;
-use crate::summarizer::{EngineError, SummaryOutput};
+use crate::summarizer::{Confidence, EngineError, SummaryOutput};
 use recap_job::{SummaryKind, Utterance};
 use std::time::Instant;
 
@@ -18,8 +18,31 @@ pub enum Step<'a> {
     Reduce(&'a str),
 }
 
-/// What a model call returns: the clean text and the generation's counts.
-pub type CallResult = Result<(String, Generation), EngineError>;
+/// What one model call cost, as `summarize_kind` adds it up: from a local
+/// generation, or from a remote endpoint's usage report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallCounts {
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub confidence: Confidence,
+}
+
+impl From<&Generation> for CallCounts {
+    fn from(g: &Generation) -> CallCounts {
+        CallCounts {
+            prompt_tokens: g.prompt_tokens,
+            output_tokens: g.tokens.len(),
+            prefill_ms: g.prefill_ms,
+            decode_ms: g.decode_ms,
+            confidence: g.confidence,
+        }
+    }
+}
+
+/// What a model call returns: the clean text and its counts.
+pub type CallResult = Result<(String, CallCounts), EngineError>;
 
 pub fn lines(us: &[Utterance]) -> String {
     us.iter()
@@ -76,7 +99,7 @@ pub fn summarize_kind(
     let mut run = |step: Step<'_>, out: &mut SummaryOutput| -> Result<String, EngineError> {
         let (text, g) = call(step)?;
         out.input_tokens += g.prompt_tokens as u32;
-        out.output_tokens += g.tokens.len() as u32;
+        out.output_tokens += g.output_tokens as u32;
         out.prefill_ms += g.prefill_ms;
         out.decode_ms += g.decode_ms;
         out.confidence.add(&g.confidence);
@@ -123,13 +146,12 @@ mod tests {
     use super::*;
     use recap_job::utterances_from_text;
 
-    fn gen(n: usize) -> Generation {
-        Generation {
-            tokens: vec![0; n],
+    fn gen(n: usize) -> CallCounts {
+        CallCounts {
             prompt_tokens: 10,
+            output_tokens: n,
             prefill_ms: 1.0,
             decode_ms: 1.0,
-            finish: "eos",
             confidence: Default::default(),
         }
     }

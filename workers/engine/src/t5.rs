@@ -212,6 +212,7 @@ impl T5Summarizer {
                 Step::Reduce(p) => prompts::flan_input(p, &task)?,
             };
             self.complete(&format!("{input}{suffix}"), &params, req)
+                .map(|(text, g)| (text, (&g).into()))
         })
     }
 }

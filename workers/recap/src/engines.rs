@@ -77,9 +77,34 @@ pub fn load(model_id: &str, config: &Config) -> Result<(Arc<dyn Summarizer>, Mod
             Arc::new(GgufModel::load(&path, &gguf_options(&entry, config)?)?)
         }
         "t5" => Arc::new(load_t5(&entry, config).with_context(|| format!("model {model_id}"))?),
+        "openai" => Arc::new(recap_openai::OpenAiSummarizer::new(endpoint(&entry)?)?),
         other => bail!("model {model_id}: format `{other}` cannot be served by this build"),
     };
     Ok((model, entry))
+}
+
+/// An `openai` entry's endpoint, its base URL, model name and key read
+/// from the variables the entry names.
+fn endpoint(entry: &ModelEntry) -> Result<recap_openai::EndpointConfig> {
+    let e = entry.endpoint.clone().unwrap_or_default();
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let need = |name: &str, what: &str| {
+        var(name).with_context(|| format!("model {}: set {name} to {what}", entry.id))
+    };
+    Ok(recap_openai::EndpointConfig {
+        id: entry.id.clone(),
+        base_url: need(
+            &e.base_url_env,
+            "the endpoint's API base (http://host:port/v1)",
+        )?,
+        model: need(&e.model_env, "the model name the endpoint serves")?,
+        api_key: var(&e.api_key_env),
+        timeout: std::time::Duration::from_secs(e.timeout_s),
+        max_retries: e.max_retries,
+        max_concurrency: e.max_concurrency,
+        context_length: entry.context_length,
+        transcript_first: entry.prompt_order.as_deref() != Some("task_first"),
+    })
 }
 
 /// The entry's file (a directory for `t5`) in the models directory.
@@ -147,6 +172,7 @@ pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
                 tk.encode(text).map(|v| v.len()).unwrap_or(text.len() / 4)
             }))
         }
+        "openai" => Ok(Arc::new(recap_openai::estimate_tokens)),
         _ => Ok(Arc::new(|text: &str| text.split_whitespace().count())),
     }
 }

@@ -201,6 +201,7 @@ fn describe(path: &Path) -> Result<ModelEntry> {
         parts: Vec::new(),
         source: None,
         dtype: None,
+        endpoint: None,
         base: None,
         adapter: None,
     };
@@ -261,7 +262,12 @@ fn describe(path: &Path) -> Result<ModelEntry> {
 /// Installs one model into `dir`, or checks it if already there.
 pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
     let Some(file) = &entry.file else {
-        println!("{}: built in, nothing to fetch", entry.id);
+        let what = if entry.format == "openai" {
+            "an endpoint"
+        } else {
+            "built in"
+        };
+        println!("{}: {what}, nothing to fetch", entry.id);
         return Ok(dir.to_path_buf());
     };
     let target = dir.join(file);
