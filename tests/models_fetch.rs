@@ -460,9 +460,17 @@ fn models_add_fetches_from_the_hub_pinned_and_cached() {
     let flan = dir.path().join("repo-flan");
     std::fs::create_dir(&flan).unwrap();
     recap_engine::testing::write_tiny_flan_t5(&flan).unwrap();
+    // The same weights as a sharded checkpoint: an index and two shards.
+    let sharded = dir.path().join("repo-flan-sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(flan.join(file), sharded.join(file)).unwrap();
+    }
+    recap_engine::testing::shard_safetensors(&sharded).unwrap();
     let hub = HubServer::start(vec![
         ("team/smol", smol.clone()),
         ("team/flan-t5-tiny", flan.clone()),
+        ("team/flan-sharded", sharded.clone()),
         ("team/private", smol.clone()),
     ]);
     let catalog = dir.path().join("models.toml");
@@ -521,6 +529,21 @@ fn models_add_fetches_from_the_hub_pinned_and_cached() {
     assert_eq!(
         f.source.as_deref(),
         Some(format!("hf://team/flan-t5-tiny@{HUB_COMMIT}").as_str())
+    );
+
+    // A sharded directory: model.safetensors is a 404, so the index and
+    // its shards come instead, pinned by their sha256sum listing.
+    let (ok, out) = add("hf://team/flan-sharded@main", "hub-flan-sharded", None);
+    assert!(ok, "{out}");
+    let c = recap_engine::catalog::Catalog::with_user(
+        &std::fs::read_to_string(&catalog).unwrap(),
+        "models.toml",
+    )
+    .unwrap();
+    let files = recap_engine::t5::weight_files(&sharded).unwrap();
+    assert_eq!(
+        c.get("hub-flan-sharded").unwrap().sha256,
+        Some(recap_engine::t5::weights_sha256(&files).unwrap())
     );
 
     // Cached: a second entry from the same revision asks the Hub nothing.

@@ -55,6 +55,59 @@ impl T5Tokenizer {
     }
 }
 
+/// The weights of a Hugging Face directory: `model.safetensors`, or the
+/// shards that `model.safetensors.index.json` maps tensors to, in name order.
+pub fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, EngineError> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|_| {
+        bad(
+            dir,
+            "neither model.safetensors nor model.safetensors.index.json is there",
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(dir, format!("model.safetensors.index.json: {e}")))?;
+    let map = value["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad(dir, "model.safetensors.index.json: no weight_map"))?;
+    let mut names = std::collections::BTreeSet::new();
+    for file in map.values() {
+        let name = file
+            .as_str()
+            .filter(|n| !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors"))
+            .ok_or_else(|| bad(dir, format!("weight_map names `{file}`, not a shard here")))?;
+        names.insert(name.to_string());
+    }
+    let files: Vec<_> = names.iter().map(|n| dir.join(n)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(bad(dir, format!("shard {} is missing", missing.display())));
+    }
+    if files.is_empty() {
+        return Err(bad(dir, "model.safetensors.index.json maps no tensor"));
+    }
+    Ok(files)
+}
+
+/// The sha256 a catalog pins for these weights: the file's own for one
+/// file; for shards, that of their `sha256sum` listing (`sha256sum
+/// model-*.safetensors | sha256sum`), so that each shard is pinned.
+pub fn weights_sha256(files: &[std::path::PathBuf]) -> Result<String, EngineError> {
+    use sha2::{Digest, Sha256};
+    if let [one] = files {
+        return Ok(crate::llm::sha256_file(one)?);
+    }
+    let mut listing = Sha256::new();
+    for f in files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        listing.update(format!("{}  {name}\n", crate::llm::sha256_file(f)?));
+    }
+    Ok(hex::encode(listing.finalize()))
+}
+
 fn read_config(dir: &Path) -> Result<t5::Config, EngineError> {
     let path = dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| bad(dir, format!("config.json: {e}")))?;
@@ -110,14 +163,10 @@ impl T5Summarizer {
             tokenizer: read_tokenizer(dir)?,
             eos: config.eos_token_id as u32,
         };
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            return Err(bad(dir, "model.safetensors is missing"));
-        }
-        // SAFETY: the file is mapped read-only and not modified while loaded.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], opts.dtype, &opts.device) }
-                .map_err(|e| bad(dir, format!("model.safetensors: {e}")))?;
+        let weights = weight_files(dir)?;
+        // SAFETY: the files are mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, opts.dtype, &opts.device) }
+            .map_err(|e| bad(dir, format!("the safetensors weights: {e}")))?;
         let model = t5::T5ForConditionalGeneration::load(vb, &config)
             .map_err(|e| bad(dir, format!("loading T5 weights: {e}")))?;
         Ok(T5Summarizer {

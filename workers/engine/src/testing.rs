@@ -103,3 +103,36 @@ pub fn write_tiny_flan_t5(dir: &Path) -> candle_core::Result<()> {
     )?;
     Ok(())
 }
+
+/// Splits a directory's `model.safetensors` into two shards and the
+/// `model.safetensors.index.json` that maps each tensor to its shard, as
+/// Hugging Face writes larger checkpoints, then removes the single file.
+pub fn shard_safetensors(dir: &Path) -> candle_core::Result<Vec<String>> {
+    let single = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let half = names.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&names[..half], &names[half..]].into_iter().enumerate() {
+        let shard: HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(files[i]))?;
+        for n in part {
+            weight_map.insert((*n).clone(), files[i].into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index).map_err(candle_core::Error::wrap)?,
+    )?;
+    std::fs::remove_file(single)?;
+    Ok(files.iter().map(|f| f.to_string()).collect())
+}

@@ -144,3 +144,55 @@ fn bad_t5_directories_are_clear_errors() {
         .unwrap();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
+
+// A sharded checkpoint (an index and its shards) loads and writes what the
+// single file does; its pinned sha256 is that of the shards' `sha256sum`
+// listing; a missing shard, or an index naming a path out of the
+// directory, is refused naming it.
+#[test]
+fn sharded_weights_load_as_the_single_file_does() {
+    use recap_engine::t5::{weight_files, weights_sha256};
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_flan_t5(dir.path()).unwrap();
+    let transcript = utterances_from_text("Alice: we agreed to ship on friday\nBob: budget launch");
+    let run = |m: &T5Summarizer| {
+        m.summarize(&SummarizeRequest {
+            transcript: &transcript,
+            kinds: &[SummaryKind::Short],
+            language: None,
+            query: None,
+            deadline: None,
+            cancel: Cancel::default(),
+        })
+        .unwrap()[0]
+            .text
+            .clone()
+    };
+    let whole = run(&T5Summarizer::load(dir.path(), &opts(DType::F32)).unwrap());
+    let shards = recap_engine::testing::shard_safetensors(dir.path()).unwrap();
+    assert!(!dir.path().join("model.safetensors").exists());
+    let sharded = T5Summarizer::load(dir.path(), &opts(DType::F32)).unwrap();
+    assert_eq!(run(&sharded), whole);
+
+    let files = weight_files(dir.path()).unwrap();
+    assert_eq!(files.len(), 2);
+    let mut listing = String::new();
+    for s in &shards {
+        let bytes = std::fs::read(dir.path().join(s)).unwrap();
+        listing.push_str(&format!("{}  {s}\n", hex::encode(Sha256::digest(&bytes))));
+    }
+    assert_eq!(
+        weights_sha256(&files).unwrap(),
+        hex::encode(Sha256::digest(listing.as_bytes()))
+    );
+
+    std::fs::remove_file(dir.path().join(&shards[1])).unwrap();
+    let e = weight_files(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(&shards[1]) && e.contains("missing"), "{e}");
+    let index = dir.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replace(&shards[1], "../outside.safetensors")).unwrap();
+    let e = weight_files(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("../outside.safetensors"), "{e}");
+}

@@ -4,7 +4,7 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use recap_engine::catalog::ModelEntry;
-use recap_engine::llm::{sha256_file, AdapterOptions, GgufModel, GgufOptions};
+use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
 use recap_engine::t5::{T5Options, T5Summarizer};
 use recap_engine::{Extractive, Summarizer};
 use std::path::PathBuf;
@@ -116,16 +116,17 @@ fn weights_path(entry: &ModelEntry, config: &Config) -> Result<PathBuf> {
     Ok(config.models_dir().join(file))
 }
 
-/// A T5 / FLAN-T5 directory; the entry's sha256 is its `model.safetensors`'.
+/// A T5 / FLAN-T5 directory; the entry's sha256 is its weights'
+/// (`recap_engine::t5::weights_sha256`).
 fn load_t5(entry: &ModelEntry, config: &Config) -> Result<T5Summarizer> {
     let dir = weights_path(entry, config)?;
     if let Some(want) = &entry.sha256 {
-        let weights = dir.join("model.safetensors");
-        let got = sha256_file(&weights).with_context(|| weights.display().to_string())?;
+        let files = recap_engine::t5::weight_files(&dir)?;
+        let got = recap_engine::t5::weights_sha256(&files)?;
         if &got != want {
             bail!(
-                "{} has sha256 {got}, the catalog says {want}",
-                weights.display()
+                "the weights in {} have sha256 {got}, the catalog says {want}",
+                dir.display()
             );
         }
     }

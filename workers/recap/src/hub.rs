@@ -1,6 +1,7 @@
 //! Models from the Hugging Face Hub: `hf://org/repo@revision/path` (a file)
 //! or `hf://org/repo@revision` (a T5 directory: `config.json`,
-//! `model.safetensors`, `tokenizer.json`), through hf-hub 0.4, the client
+//! `tokenizer.json`, and `model.safetensors` or the shards of
+//! `model.safetensors.index.json`), through hf-hub 0.4, the client
 //! candle's own examples use. It reads `HF_ENDPOINT` and `HF_HOME` (the
 //! cache, shared with Python's huggingface_hub), and the token from
 //! `HF_TOKEN` or `$HF_HOME/token`; files land in the Hub cache layout,
@@ -8,12 +9,12 @@
 //! is not asked for again.
 
 use anyhow::{bail, Context, Result};
-use hf_hub::api::tokio::{ApiBuilder, ApiError};
+use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Repo, RepoType};
 use std::path::{Path, PathBuf};
 
-/// The files a T5 directory is read from.
-const T5_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+/// The files a T5 directory is read from besides its weights.
+const T5_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HubSource {
@@ -88,15 +89,26 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
         RepoType::Model,
         src.revision.clone(),
     ));
-    let files: Vec<&str> = match &src.path {
-        Some(p) => vec![p.as_str()],
-        None => T5_FILES.to_vec(),
-    };
     let mut got = Vec::new();
-    for file in files {
-        let local = repo.get(file).await.map_err(|e| explain(e, src, file))?;
-        check_blob(&local)?;
-        got.push(local);
+    match &src.path {
+        Some(p) => got.push(fetch(&repo, src, p).await?),
+        None => {
+            for file in T5_FILES {
+                got.push(fetch(&repo, src, file).await?);
+            }
+            // One file of weights, or the shards an index names.
+            match fetch_status(&repo, src, "model.safetensors").await {
+                Ok(local) => got.push(local),
+                Err((Some(404), _)) => {
+                    let index = fetch(&repo, src, "model.safetensors.index.json").await?;
+                    for shard in shard_names(&index)? {
+                        got.push(fetch(&repo, src, &shard).await?);
+                    }
+                    got.push(index);
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
     }
     let first = got.first().context("nothing downloaded")?;
     let commit = snapshot_commit(first)
@@ -111,13 +123,56 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
     Ok((local, commit))
 }
 
+/// One file into the cache, checked; the Hub's status on failure.
+async fn fetch_status(
+    repo: &ApiRepo,
+    src: &HubSource,
+    file: &str,
+) -> std::result::Result<PathBuf, (Option<u16>, anyhow::Error)> {
+    let local = repo
+        .get(file)
+        .await
+        .map_err(|e| (status(&e), explain(e, src, file)))?;
+    check_blob(&local).map_err(|e| (None, e))?;
+    Ok(local)
+}
+
+async fn fetch(repo: &ApiRepo, src: &HubSource, file: &str) -> Result<PathBuf> {
+    fetch_status(repo, src, file).await.map_err(|(_, e)| e)
+}
+
+/// The shards a `model.safetensors.index.json` names: plain file names
+/// beside it, never a path out of the snapshot.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| index.display().to_string())?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| index.display().to_string())?;
+    let map = value["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let mut names = std::collections::BTreeSet::new();
+    for v in map.values() {
+        match v.as_str() {
+            Some(n) if !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors") => {
+                names.insert(n.to_string());
+            }
+            _ => bail!("{}: weight_map names `{v}`, not a shard", index.display()),
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+fn status(e: &ApiError) -> Option<u16> {
+    match e {
+        ApiError::RequestError(r) => r.status().map(|s| s.as_u16()),
+        _ => None,
+    }
+}
+
 /// What the Hub's answer means for the user: 401 and 404 name the fix.
 fn explain(e: ApiError, src: &HubSource, file: &str) -> anyhow::Error {
     let what = format!("hf://{}@{}/{file}", src.repo, src.revision);
-    let status = match &e {
-        ApiError::RequestError(r) => r.status().map(|s| s.as_u16()),
-        _ => None,
-    };
+    let status = status(&e);
     match status {
         Some(401) | Some(403) => anyhow::anyhow!(
             "{what}: the Hub refused access ({}): set HF_TOKEN to a token that can read {}",

@@ -219,17 +219,15 @@ fn describe(path: &Path) -> Result<ModelEntry> {
                 config.display()
             );
         }
-        let weights = path.join("model.safetensors");
-        if !weights.exists() {
-            bail!(
-                "{}: no model.safetensors (sharded checkpoints are not read yet)",
-                path.display()
-            );
-        }
+        let weights = recap_engine::t5::weight_files(path)?;
         entry.family = "t5".into();
         entry.format = "t5".into();
-        entry.sha256 = Some(sha256_file(&weights)?);
-        entry.size = Some(std::fs::metadata(&weights)?.len());
+        entry.sha256 = Some(recap_engine::t5::weights_sha256(&weights)?);
+        let mut size = 0;
+        for w in &weights {
+            size += std::fs::metadata(w)?.len();
+        }
+        entry.size = Some(size);
         entry.context_length = hf["n_positions"].as_u64().unwrap_or(512) as usize;
         entry.dtype = Some(
             match hf["torch_dtype"].as_str() {
@@ -272,16 +270,17 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
     };
     let target = dir.join(file);
     if target.exists() {
-        // A t5 entry is a directory; its sha256 is that of its weights.
-        let hashed = if entry.format == "t5" {
-            target.join("model.safetensors")
-        } else {
-            target.clone()
-        };
         match &entry.sha256 {
             Some(want) => {
-                let got = sha256_file(&hashed)
-                    .with_context(|| format!("{}: {}", entry.id, hashed.display()))?;
+                // A t5 entry is a directory; its sha256 is that of its weights.
+                let got = if entry.format == "t5" {
+                    recap_engine::t5::weight_files(&target)
+                        .and_then(|f| recap_engine::t5::weights_sha256(&f))
+                        .with_context(|| entry.id.clone())?
+                } else {
+                    sha256_file(&target)
+                        .with_context(|| format!("{}: {}", entry.id, target.display()))?
+                };
                 if &got == want {
                     println!(
                         "{}: installed and verified ({})",
@@ -296,7 +295,7 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
                     bail!(
                         "{}: {} has sha256 {got}, the catalog says {want}",
                         entry.id,
-                        hashed.display()
+                        target.display()
                     );
                 }
                 eprintln!(
