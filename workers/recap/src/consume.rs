@@ -173,9 +173,19 @@ impl<H: Handler> Consumer<H> {
         let cancel = Cancel::default();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let in_flight = usize::from(self.config.amqp.batches_in_flight.max(1));
+        // The connection's own errors end the session even while every
+        // task slot is taken: tasks awaiting an ack or a confirm on a dead
+        // connection never finish, and the consumer stream is not polled
+        // while the slots are full.
+        let mut events = Box::pin(conn.events_listener());
         let broken = loop {
             tokio::select! {
                 _ = shutdown.wait() => break None,
+                Some(event) = events.next() => {
+                    if let lapin::Event::Error(e) = event {
+                        break Some(anyhow::anyhow!("connection error: {e}"));
+                    }
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 next = consumer.next(), if tasks.len() < in_flight => match next {
                     Some(Ok(delivery)) => {
