@@ -273,8 +273,8 @@ async fn a_flan_t5_directory_serves_jobs_from_queue_to_row() {
     let sample =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/formats/teams.vtt");
     let summarize = |model: &str| {
-        let out = env
-            .command(&[
+        outcome(
+            env.command(&[
                 "summarize",
                 sample.to_str().unwrap(),
                 "--model",
@@ -283,15 +283,7 @@ async fn a_flan_t5_directory_serves_jobs_from_queue_to_row() {
                 "short",
             ])
             .env("RECAP_MODELS_CATALOG", catalog)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            .output(),
         )
     };
     let (ok, out) = summarize("flan-t5-tiny");

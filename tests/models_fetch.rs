@@ -8,19 +8,6 @@ use std::process::Command;
 const SMOL: &str = "smollm2-135m-instruct-q4_1";
 const SMOL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// A run's success and its stdout and stderr together.
-fn outcome(out: std::io::Result<std::process::Output>) -> (bool, String) {
-    let out = out.expect("run recap");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn fetch(dir: &std::path::Path, path_env: Option<&str>) -> (bool, String) {
     let mut c = Command::new(common::bin());
     c.args(["models", "fetch", SMOL])
@@ -29,7 +16,7 @@ fn fetch(dir: &std::path::Path, path_env: Option<&str>) -> (bool, String) {
     if let Some(p) = path_env {
         c.env("PATH", p);
     }
-    outcome(c.output())
+    common::outcome(c.output())
 }
 
 #[test]
@@ -129,7 +116,7 @@ fn a_user_catalog_serves_a_local_gguf_and_refuses_bad_entries_by_name() {
     )
     .unwrap();
     let recap = |args: &[&str], catalog: &std::path::Path| {
-        outcome(
+        common::outcome(
             Command::new(common::bin())
                 .args(args)
                 .env("RECAP_MODELS_CATALOG", catalog)
@@ -204,7 +191,7 @@ fn models_add_writes_a_checked_entry_for_a_gguf_file_and_a_t5_directory() {
     recap_engine::testing::write_tiny_flan_t5(&flan).unwrap();
     let catalog = dir.path().join("etc/models.toml");
     let recap = |args: &[&str]| {
-        outcome(
+        common::outcome(
             Command::new(common::bin())
                 .args(args)
                 .env("RECAP_MODELS_DIR", dir.path().join("models"))
@@ -497,7 +484,7 @@ fn models_add_fetches_from_the_hub_pinned_and_cached() {
         if let Some(t) = token {
             c.env("HF_TOKEN", t);
         }
-        outcome(c.output())
+        common::outcome(c.output())
     };
     let (ok, out) = add("hf://team/smol@main/tiny.gguf", "hub-smol", None);
     assert!(ok, "{out}");

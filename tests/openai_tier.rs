@@ -158,8 +158,8 @@ async fn best_jobs_go_to_an_openai_compatible_endpoint() {
     let sample =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/product-sync.txt");
     let summarize = |url: &str, key: &str| {
-        let out = env
-            .command(&[
+        outcome(
+            env.command(&[
                 "summarize",
                 sample.to_str().unwrap(),
                 "--model",
@@ -171,15 +171,7 @@ async fn best_jobs_go_to_an_openai_compatible_endpoint() {
             .env("TEAM_LLM_URL", url)
             .env("TEAM_LLM_MODEL", "smollm2-135m")
             .env("TEAM_LLM_KEY", key)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            .output(),
         )
     };
     let (ok, out) = summarize(&base, KEY);

@@ -24,6 +24,19 @@ pub fn free_port() -> u16 {
         .expect("a free local port")
 }
 
+/// A run's success and its stdout and stderr together.
+pub fn outcome(out: std::io::Result<std::process::Output>) -> (bool, String) {
+    let out = out.expect("run recap");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_recap"))
 }
