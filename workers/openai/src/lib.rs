@@ -41,7 +41,7 @@ impl std::fmt::Debug for EndpointConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointConfig")
             .field("id", &self.id)
-            .field("base_url", &self.base_url)
+            .field("base_url", &shown(&self.base_url))
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
@@ -92,13 +92,12 @@ pub fn parse_completion(body: &[u8]) -> Result<Completion, String> {
         .into_iter()
         .next()
         .ok_or("the response has no choices")?;
+    let text = choice
+        .message
+        .content
+        .ok_or("the response's message has no content")?;
     Ok(Completion {
-        text: choice
-            .message
-            .content
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        text: text.trim().to_string(),
         prompt_tokens: wire.usage.as_ref().and_then(|u| u.prompt_tokens),
         completion_tokens: wire.usage.as_ref().and_then(|u| u.completion_tokens),
         finish_reason: choice.finish_reason,
@@ -149,10 +148,26 @@ pub fn retry_delay(
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Tokens of a text, estimated as the usual four bytes a token: the
-/// endpoint's tokenizer is not here, and this sizes only the map-reduce.
+/// Tokens of a text, estimated: the endpoint's tokenizer is not here, and
+/// this sizes only the map-reduce. Four ASCII bytes a token, as for
+/// English; a token for every other character, which errs high for
+/// accented Latin and holds for CJK, so that chunks stay inside the window.
 pub fn estimate_tokens(text: &str) -> usize {
-    text.len().div_ceil(4)
+    let ascii = text.bytes().filter(u8::is_ascii).count();
+    let other = text.chars().filter(|c| !c.is_ascii()).count();
+    ascii.div_ceil(4) + other
+}
+
+/// A URL as it may be shown: without the `user:password@` it may carry.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// A tier on an OpenAI-compatible endpoint.
@@ -160,6 +175,20 @@ pub struct OpenAiSummarizer {
     config: EndpointConfig,
     client: reqwest::Client,
     slots: Arc<tokio::sync::Semaphore>,
+    /// The calls' own runtime: the engine's interface is synchronous and
+    /// is called from a worker's blocking threads, from a command's main
+    /// thread, or from no runtime at all; the client's pooled connections
+    /// belong to this one runtime whichever it is.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for OpenAiSummarizer {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl OpenAiSummarizer {
@@ -168,7 +197,7 @@ impl OpenAiSummarizer {
         if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
             return Err(bad(format!(
                 "base URL `{}` is not http(s)",
-                config.base_url
+                shown(&config.base_url)
             )));
         }
         if config.model.trim().is_empty() {
@@ -178,10 +207,17 @@ impl OpenAiSummarizer {
             .timeout(config.timeout)
             .build()
             .map_err(|e| bad(format!("HTTP client: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("recap-openai")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(format!("its runtime: {e}")))?;
         Ok(OpenAiSummarizer {
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1))),
             config,
             client,
+            runtime: Some(runtime),
         })
     }
 
@@ -192,12 +228,14 @@ impl OpenAiSummarizer {
         )
     }
 
-    /// One chat completion, retried as [`retry_delay`] says.
+    /// One chat completion, retried as [`retry_delay`] says, given up at
+    /// the request's deadline or when it is cancelled.
     pub async fn complete(
         &self,
         system: &str,
         user: &str,
         max_tokens: usize,
+        req: &SummarizeRequest<'_>,
     ) -> Result<Completion, EngineError> {
         let _slot = self
             .slots
@@ -208,27 +246,39 @@ impl OpenAiSummarizer {
         let id = &self.config.id;
         let mut attempt = 0;
         loop {
-            let mut req = self.client.post(self.url()).json(&body);
-            if let Some(key) = &self.config.api_key {
-                req = req.bearer_auth(key);
+            if req.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
             }
-            let (status, retry_after, failure) = match req.send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    let bytes = resp.bytes().await.map_err(|e| {
-                        EngineError::Model(format!("{id}: reading the response: {e}"))
-                    })?;
+            let left = match req.deadline {
+                Some(d) => d
+                    .checked_duration_since(Instant::now())
+                    .ok_or(EngineError::DeadlineExceeded(0))?,
+                None => self.config.timeout,
+            };
+            let mut call = self.client.post(self.url()).json(&body);
+            if let Some(key) = &self.config.api_key {
+                call = call.bearer_auth(key);
+            }
+            let sent = tokio::time::timeout(left, async {
+                let resp = call.send().await?;
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let bytes = resp.bytes().await?;
+                Ok::<_, reqwest::Error>((status, retry_after, bytes))
+            })
+            .await
+            .map_err(|_| EngineError::DeadlineExceeded(0))?;
+            let (status, retry_after, failure) = match sent {
+                Ok((status, _, bytes)) if status.is_success() => {
                     return parse_completion(&bytes)
                         .map_err(|e| EngineError::Model(format!("{id}: {e}")));
                 }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let text = resp.text().await.unwrap_or_default();
-                    let text: String = text.chars().take(300).collect();
+                Ok((status, retry_after, bytes)) => {
+                    let text: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
                     let hint = match status.as_u16() {
                         401 | 403 => " (check the tier's API key)",
                         404 => " (check the base URL and the model name)",
@@ -242,12 +292,15 @@ impl OpenAiSummarizer {
                 }
                 Err(e) => (None, None, format!("{id}: {}", without_url(&e))),
             };
-            match retry_delay(
+            let wait = retry_delay(
                 status,
                 attempt,
                 self.config.max_retries,
                 retry_after.as_deref(),
-            ) {
+            )
+            // No wait that would end past the deadline.
+            .filter(|w| req.deadline.is_none_or(|d| Instant::now() + *w < d));
+            match wait {
                 Some(wait) => {
                     tracing::warn!(model = %id, attempt, ?status, "endpoint call failed; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -289,7 +342,7 @@ impl OpenAiSummarizer {
             };
             let user = format!("{user}{suffix}");
             let started = Instant::now();
-            let c = block_on(self.complete(system, &user, max_tokens))?;
+            let c = self.run(self.complete(system, &user, max_tokens, req))??;
             let counts = CallCounts {
                 prompt_tokens: c
                     .prompt_tokens
@@ -324,17 +377,20 @@ fn without_url(e: &reqwest::Error) -> String {
     msg
 }
 
-/// Runs a future to its end from the engine's synchronous interface: on
-/// the runtime the caller is in (a worker's blocking thread, or a command's
-/// main thread), or on a small one of its own outside any.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(f)),
-        Err(_) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime starts")
-            .block_on(f),
+impl OpenAiSummarizer {
+    /// Runs a call on this tier's runtime from the engine's synchronous
+    /// interface, on a short-lived plain thread: that works from inside
+    /// any runtime (a thread of one may not block on another) and outside.
+    fn run<T: Send>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send,
+    ) -> Result<T, EngineError> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| EngineError::Model("the tier's runtime is gone".into()))?;
+        std::thread::scope(|s| s.spawn(|| rt.block_on(f)).join())
+            .map_err(|_| EngineError::Model(format!("{}: a call panicked", self.config.id)))
     }
 }
 
@@ -372,6 +428,10 @@ mod tests {
         assert_eq!((c.prompt_tokens, c.completion_tokens), (Some(120), Some(7)));
         assert_eq!(c.finish_reason.as_deref(), Some("stop"));
         let no_usage = br#"{"choices":[{"message":{"content":"ok"},"finish_reason":"length"}]}"#;
+        let no_content = br#"{"choices":[{"message":{"role":"assistant","content":null}}]}"#;
+        assert!(parse_completion(no_content)
+            .unwrap_err()
+            .contains("no content"));
         assert_eq!(parse_completion(no_usage).unwrap().prompt_tokens, None);
         assert!(parse_completion(br#"{"choices":[]}"#)
             .unwrap_err()
@@ -411,10 +471,30 @@ mod tests {
     }
 
     #[test]
+    fn estimates_err_high_outside_ascii() {
+        assert_eq!(estimate_tokens("abcdefgh"), 2);
+        assert_eq!(estimate_tokens("会议纪要"), 4);
+        assert_eq!(estimate_tokens("café"), 2);
+    }
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        assert_eq!(
+            shown("https://user:pa55@llm.example/v1"),
+            "https://llm.example/v1"
+        );
+        assert_eq!(
+            shown("http://127.0.0.1:8000/v1"),
+            "http://127.0.0.1:8000/v1"
+        );
+        assert_eq!(shown("http://a@b@host"), "http://host");
+    }
+
+    #[test]
     fn the_key_is_not_in_debug_output() {
         let c = EndpointConfig {
             id: "t".into(),
-            base_url: "http://127.0.0.1:1/v1".into(),
+            base_url: "http://admin:hunter2@127.0.0.1:1/v1".into(),
             model: "m".into(),
             api_key: Some("sk-secret-value".into()),
             timeout: Duration::from_secs(1),
@@ -423,7 +503,8 @@ mod tests {
             context_length: 4096,
             transcript_first: true,
         };
-        assert!(!format!("{c:?}").contains("sk-secret-value"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk-secret-value") && !shown.contains("hunter2"));
     }
 
     proptest! {

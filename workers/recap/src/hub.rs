@@ -113,6 +113,20 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
     let first = got.first().context("nothing downloaded")?;
     let commit = snapshot_commit(first)
         .with_context(|| format!("{}: not in the Hub cache layout", first.display()))?;
+    // Each file is resolved on its own (a cached one from the revision's
+    // cached commit): a branch that moved between them mixes two commits.
+    if let Some(other) = got
+        .iter()
+        .filter_map(|f| snapshot_commit(f))
+        .find(|c| *c != commit)
+    {
+        bail!(
+            "hf://{}@{}: its files came from two commits ({commit} and {other}); the revision moved: add it again pinned to one, hf://{}@{other}",
+            src.repo,
+            src.revision,
+            src.repo
+        );
+    }
     let local = match &src.path {
         Some(_) => first.clone(),
         None => first
@@ -120,6 +134,9 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
             .context("a snapshot file without a directory")?
             .to_path_buf(),
     };
+    // A relative HF_HOME would make the catalog's path relative to the
+    // models directory.
+    let local = std::path::absolute(&local).context("the cached path")?;
     Ok((local, commit))
 }
 
