@@ -89,57 +89,33 @@ pub struct AdapterRef {
 /// name and API key are read from the environment variables named here
 /// (so that no secret sits in the catalog), when the tier loads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EndpointRef {
     /// The variable holding the API base, `.../v1`.
-    #[serde(default = "default_base_url_env")]
     pub base_url_env: String,
     /// The variable holding the model name the endpoint serves.
-    #[serde(default = "default_model_env")]
     pub model_env: String,
     /// The variable holding the API key (unset: no key is sent).
-    #[serde(default = "default_api_key_env")]
     pub api_key_env: String,
-    #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Retries on 429, 5xx, timeouts and refused connections.
-    #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// Calls in flight at once, per process.
-    #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
 }
 
+/// The defaults of every key not given: OpenAI's clients' variable names.
 impl Default for EndpointRef {
     fn default() -> EndpointRef {
         EndpointRef {
-            base_url_env: default_base_url_env(),
-            model_env: default_model_env(),
-            api_key_env: default_api_key_env(),
-            timeout_s: default_timeout_s(),
-            max_retries: default_max_retries(),
-            max_concurrency: default_max_concurrency(),
+            base_url_env: "OPENAI_BASE_URL".into(),
+            model_env: "OPENAI_MODEL".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            timeout_s: 120,
+            max_retries: 3,
+            max_concurrency: 4,
         }
     }
-}
-
-fn default_base_url_env() -> String {
-    "OPENAI_BASE_URL".into()
-}
-fn default_model_env() -> String {
-    "OPENAI_MODEL".into()
-}
-fn default_api_key_env() -> String {
-    "OPENAI_API_KEY".into()
-}
-fn default_timeout_s() -> u64 {
-    120
-}
-fn default_max_retries() -> u32 {
-    3
-}
-fn default_max_concurrency() -> usize {
-    4
 }
 
 /// One piece of a model's weights inside a PyPI package.

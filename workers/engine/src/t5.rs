@@ -23,6 +23,8 @@ pub struct T5Options {
     pub device: Device,
     /// Tokens of input one call may hold; FLAN-T5 was trained on 512.
     pub max_input_tokens: usize,
+    /// The weights' pinned sha256 ([`weights_sha256`]), checked at load.
+    pub sha256: Option<String>,
 }
 
 /// A T5 directory's tokenizer (`tokenizer.json`), ending every input with
@@ -69,19 +71,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, EngineError> 
             "neither model.safetensors nor model.safetensors.index.json is there",
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| bad(dir, format!("model.safetensors.index.json: {e}")))?;
-    let map = value["weight_map"]
-        .as_object()
-        .ok_or_else(|| bad(dir, "model.safetensors.index.json: no weight_map"))?;
-    let mut names = std::collections::BTreeSet::new();
-    for file in map.values() {
-        let name = file
-            .as_str()
-            .filter(|n| !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors"))
-            .ok_or_else(|| bad(dir, format!("weight_map names `{file}`, not a shard here")))?;
-        names.insert(name.to_string());
-    }
+    let names =
+        shard_names(&text).map_err(|e| bad(dir, format!("model.safetensors.index.json: {e}")))?;
     let files: Vec<_> = names.iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
         return Err(bad(dir, format!("shard {} is missing", missing.display())));
@@ -90,6 +81,27 @@ pub fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, EngineError> 
         return Err(bad(dir, "model.safetensors.index.json maps no tensor"));
     }
     Ok(files)
+}
+
+/// The shards a `model.safetensors.index.json` maps tensors to, in name
+/// order: plain file names beside the index, never a path out of it.
+pub fn shard_names(index_json: &str) -> Result<Vec<String>, String> {
+    let value: serde_json::Value = serde_json::from_str(index_json).map_err(|e| e.to_string())?;
+    let map = value["weight_map"].as_object().ok_or("no weight_map")?;
+    let mut names = std::collections::BTreeSet::new();
+    for file in map.values() {
+        let name = file
+            .as_str()
+            .filter(|n| !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors"))
+            .ok_or_else(|| format!("weight_map names `{file}`, not a shard here"))?;
+        names.insert(name.to_string());
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// The sha256 a catalog pins for a directory's weights.
+pub fn dir_sha256(dir: &Path) -> Result<String, EngineError> {
+    weights_sha256(&weight_files(dir)?)
 }
 
 /// The sha256 a catalog pins for these weights: the file's own for one
@@ -164,6 +176,15 @@ impl T5Summarizer {
             eos: config.eos_token_id as u32,
         };
         let weights = weight_files(dir)?;
+        if let Some(want) = &opts.sha256 {
+            let got = weights_sha256(&weights)?;
+            if &got != want {
+                return Err(bad(
+                    dir,
+                    format!("the weights have sha256 {got}, the catalog says {want}"),
+                ));
+            }
+        }
         // SAFETY: the files are mapped read-only and not modified while loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, opts.dtype, &opts.device) }
             .map_err(|e| bad(dir, format!("the safetensors weights: {e}")))?;

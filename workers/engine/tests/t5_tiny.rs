@@ -14,6 +14,7 @@ fn opts(dtype: DType) -> T5Options {
         dtype,
         device: Device::Cpu,
         max_input_tokens: 512,
+        sha256: None,
     }
 }
 
@@ -195,4 +196,24 @@ fn sharded_weights_load_as_the_single_file_does() {
     std::fs::write(&index, text.replace(&shards[1], "../outside.safetensors")).unwrap();
     let e = weight_files(dir.path()).unwrap_err().to_string();
     assert!(e.contains("../outside.safetensors"), "{e}");
+}
+
+// The pinned sha256 is checked at load: the right one loads, another is
+// refused naming both.
+#[test]
+fn a_pinned_sha256_is_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_flan_t5(dir.path()).unwrap();
+    let sha = recap_engine::t5::dir_sha256(dir.path()).unwrap();
+    let pinned = |sha256: &str| T5Options {
+        sha256: Some(sha256.to_string()),
+        ..opts(DType::F32)
+    };
+    assert!(T5Summarizer::load(dir.path(), &pinned(&sha)).is_ok());
+    let wrong = "0".repeat(64);
+    let e = match T5Summarizer::load(dir.path(), &pinned(&wrong)) {
+        Ok(_) => panic!("loaded with a wrong sha256"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&sha) && e.contains(&wrong), "{e}");
 }

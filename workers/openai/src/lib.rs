@@ -325,13 +325,8 @@ impl OpenAiSummarizer {
         let overhead = estimate_tokens(system) + estimate_tokens(&task) + 64 + max_tokens;
         let budget = self.config.context_length.saturating_sub(overhead).max(256);
         let count = |s: &str| estimate_tokens(s);
+        // `complete` checks the cancel flag and the deadline before each attempt.
         mapreduce::summarize_kind(req.transcript, kind, budget, &count, &mut |step| {
-            if req.cancel.is_cancelled() {
-                return Err(EngineError::Cancelled);
-            }
-            if req.deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(EngineError::DeadlineExceeded(0));
-            }
             let user = match step {
                 Step::Map(t) if self.config.transcript_first => {
                     let (head, rest) = prompts::user_turn_parts(t, &task)?;

