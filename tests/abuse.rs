@@ -743,14 +743,7 @@ async fn each_role_runs_with_only_its_broker_permissions() {
     )
     .await;
     publish(&ch, "ingest", b"{not a job", None).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            2,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(done, 2, "logs:\n{}", env.logs());
+    env.wait_succeeded(2, Duration::from_secs(60)).await;
     let guest = env.amqp().await;
     let dead = drain_dead(&guest, 1, Duration::from_secs(30)).await;
     assert_eq!(dead.len(), 1, "logs:\n{}", env.logs());

@@ -42,14 +42,7 @@ async fn real_models_summarize_jobs_from_both_tiers() {
     )
     .await;
 
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            2,
-            Duration::from_secs(300),
-        )
-        .await;
-    assert_eq!(done, 2, "logs:\n{}", env.logs());
+    env.wait_succeeded(2, Duration::from_secs(300)).await;
     for (id, tier, model) in [
         (compact, "compact", "smollm2-135m-instruct-q4_1"),
         (large, "large", "qwen2.5-coder-0.5b-instruct-q4_k_m"),
@@ -217,14 +210,7 @@ async fn a_flan_t5_directory_serves_jobs_from_queue_to_row() {
         Some(&id.to_string()),
     )
     .await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            1,
-            Duration::from_secs(120),
-        )
-        .await;
-    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    env.wait_succeeded(1, Duration::from_secs(120)).await;
     let rows: Vec<(String, String, String, i32, i32)> = sqlx::query_as(
         "SELECT kind, engine, model, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
     )

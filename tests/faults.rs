@@ -165,14 +165,7 @@ async fn a_broker_restart_under_load_loses_nothing_and_doubles_nothing() {
         "the restart came mid-load ({before} done before, {during_outage} during, of {total})"
     );
     rabbit.start();
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            total,
-            Duration::from_secs(180),
-        )
-        .await;
-    assert_eq!(done, total, "logs:\n{}", env.logs());
+    env.wait_succeeded(total, Duration::from_secs(180)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 2 * total);
@@ -697,14 +690,7 @@ async fn postgres_down_for_30_seconds_under_load_loses_nothing() {
         .connect(&env.db_url)
         .await
         .unwrap();
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            total,
-            Duration::from_secs(240),
-        )
-        .await;
-    assert_eq!(done, total, "logs:\n{}", env.logs());
+    env.wait_succeeded(total, Duration::from_secs(240)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, total);
@@ -778,13 +764,6 @@ async fn graceful_shutdown_turns_unready_first_and_finishes_in_flight_work() {
         .await;
     assert!(finished >= 1, "the in-flight job finished before exit");
     env.spawn(&["worker", "--tier", "compact"], &vars);
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            3,
-            Duration::from_secs(240),
-        )
-        .await;
-    assert_eq!(done, 3, "logs:\n{}", env.logs());
+    env.wait_succeeded(3, Duration::from_secs(240)).await;
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 6);
 }

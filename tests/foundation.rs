@@ -93,14 +93,7 @@ async fn the_same_job_twice_gives_one_job_and_one_set_of_summaries() {
     let id = Uuid::new_v4();
     let body = job_json(id, "acme", &["overview", "short"]);
     publish(&ch, "ingest", &body, Some(&id.to_string())).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            1,
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    env.wait_succeeded(1, Duration::from_secs(30)).await;
     // And once more straight onto the tier queue after success, as a late
     // redelivery would arrive, and once more on ingest.
     publish(&ch, "compact", &body, Some(&id.to_string())).await;
@@ -149,14 +142,7 @@ async fn jobs_published_straight_onto_a_tier_are_recorded_whole_once() {
         })
         .collect();
     publish_jobs(&ch, "compact", &jobs).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            50,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(done, 50, "logs:\n{}", env.logs());
+    env.wait_succeeded(50, Duration::from_secs(60)).await;
     // The copies arrive after every job has ended, and are all settled.
     publish_jobs(&ch, "compact", &jobs[..10]).await;
     env.wait_drained(&["recap.compact"], Duration::from_secs(30))
@@ -409,14 +395,7 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_doubles_nothing() {
     assert!(states.iter().all(|s| s == "succeeded"), "{states:?}");
 
     env.spawn(&["worker", "--tier", "compact"], &vars);
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            total,
-            Duration::from_secs(240),
-        )
-        .await;
-    assert_eq!(done, total, "logs:\n{}", env.logs());
+    env.wait_succeeded(total, Duration::from_secs(240)).await;
     env.wait_drained(&["recap.ingest", "recap.compact"], Duration::from_secs(30))
         .await;
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, total);

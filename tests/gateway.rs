@@ -258,14 +258,7 @@ async fn a_thousand_concurrent_submissions_and_retries_make_a_thousand_jobs() {
         &["worker", "--tier", "compact"],
         &[("RECAP_AMQP_PREFETCH", "32")],
     );
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            1000,
-            Duration::from_secs(120),
-        )
-        .await;
-    assert_eq!(done, 1000, "logs:\n{}", env.logs());
+    env.wait_succeeded(1000, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.count("SELECT count(*) FROM summaries").await, 1000);
     assert_eq!(
@@ -697,12 +690,5 @@ async fn a_teams_vtt_and_a_whisper_json_come_back_as_summaries_naming_the_speake
             res.text().await.unwrap_or_default()
         );
     }
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            4,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(done, 4, "logs:\n{}", env.logs());
+    env.wait_succeeded(4, Duration::from_secs(60)).await;
 }

@@ -106,14 +106,7 @@ async fn best_jobs_go_to_an_openai_compatible_endpoint() {
         Some(&id.to_string()),
     )
     .await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            1,
-            Duration::from_secs(300),
-        )
-        .await;
-    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    env.wait_succeeded(1, Duration::from_secs(300)).await;
     let rows: Vec<(String, String, String, String, i32, i32)> = sqlx::query_as(
         "SELECT kind, engine, model, text, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
     )

@@ -269,14 +269,7 @@ max_words = 2
     let ch = confirm_channel(&conn).await;
     let (id, body) = job("acme", "balanced", &["short"], 1);
     publish(&ch, "ingest", &body, Some(&id.to_string())).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            1,
-            Duration::from_secs(300),
-        )
-        .await;
-    assert_eq!(done, 1, "logs:\n{}", env.logs());
+    env.wait_succeeded(1, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         reasons(&env, id).await,
@@ -556,14 +549,7 @@ threshold = 0.5
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (id, body) = sample_job("acme", 5);
     publish(&ch, "ingest", &body, Some(&id.to_string())).await;
-    let done = env
-        .wait_count(
-            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
-            25,
-            Duration::from_secs(300),
-        )
-        .await;
-    assert_eq!(done, 25, "logs:\n{}", env.logs());
+    env.wait_succeeded(25, Duration::from_secs(300)).await;
     assert_eq!(
         reasons(&env, id).await,
         vec![

@@ -266,6 +266,19 @@ impl TestEnv {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Waits until exactly `want` jobs have succeeded, failing the test with
+    /// the processes' logs if that does not happen in time.
+    pub async fn wait_succeeded(&self, want: i64, timeout: Duration) {
+        let done = self
+            .wait_count(
+                "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+                want,
+                timeout,
+            )
+            .await;
+        assert_eq!(done, want, "logs:\n{}", self.logs());
+    }
 }
 
 impl Drop for TestEnv {
