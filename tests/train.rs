@@ -286,6 +286,67 @@ async fn a_run_starts_from_a_trained_adapter() {
     );
 }
 
+// --max-target-copy: an example whose target copies a transcript line is
+// left out, counted under its reason, and the share is in the run's config;
+// without the flag the same example trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_that_copy_the_transcript_are_left_out_and_counted() {
+    let env = TestEnv::new("train_copy").await;
+    let data = env.dir.path().join("data.jsonl");
+    write_data(&data);
+    let copying = serde_json::json!({
+        "transcript": "Sofia: Yes, that would save about thirty percent of its cost.\nChen: Good.",
+        "kind": "short",
+        "target": "Sofia said that would save about thirty percent of its cost.",
+        "id": "copies",
+    });
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push('\n');
+    text.push_str(&copying.to_string());
+    std::fs::write(&data, text).unwrap();
+    let kept = |dir: &Path, extra: &[&str]| {
+        run_ok(train_cmd(&env, &data, dir, extra).output().unwrap(), "run");
+        report(dir)
+    };
+    let strict = kept(
+        &env.dir.path().join("strict"),
+        &["--max-target-copy", "0.5"],
+    );
+    let reason = "target copies over --max-target-copy 0.5";
+    assert_eq!(
+        strict["skipped"][reason].as_u64(),
+        Some(1),
+        "{}",
+        strict["skipped"]
+    );
+    assert_eq!(strict["config"]["max_target_copy"].as_f64(), Some(0.5));
+    let all = kept(&env.dir.path().join("all"), &[]);
+    assert!(all["skipped"].get(reason).is_none(), "{}", all["skipped"]);
+    assert!(all["config"].get("max_target_copy").is_none());
+    assert_eq!(
+        all["examples"].as_u64().map(|n| n - 1),
+        strict["examples"].as_u64(),
+        "{} against {}",
+        all["examples"],
+        strict["examples"]
+    );
+
+    let bad = train_cmd(
+        &env,
+        &data,
+        &env.dir.path().join("bad"),
+        &["--max-target-copy", "2"],
+    )
+    .output()
+    .unwrap();
+    assert!(!bad.status.success());
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        e.contains("--max-target-copy") && e.contains("not a share in [0, 1]"),
+        "{e}"
+    );
+}
+
 // Bad data: a line that is not JSON, a line without a target, an empty
 // file, examples all longer than the limit. Each is refused with the file
 // and line named, and no output directory is left behind.

@@ -76,6 +76,11 @@ pub struct TrainArgs {
     /// A seeded subset of this many examples.
     #[arg(long)]
     pub max_examples: Option<usize>,
+    /// Leave out examples whose target copies more than this share of its
+    /// sentences from the transcript (recap's copy rate: 8+ words verbatim),
+    /// so that the model learns to summarize rather than copy; counted.
+    #[arg(long, value_parser = share)]
+    pub max_target_copy: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Optimizer steps between checkpoints (each epoch's end writes one too).
@@ -103,6 +108,13 @@ pub struct TrainArgs {
 pub enum ScheduleArg {
     Cosine,
     Linear,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{text}` is not a share in [0, 1]")),
+    }
 }
 
 fn parse_layers(spec: &str) -> Result<Vec<usize>> {
@@ -214,10 +226,20 @@ pub fn tokenize(
     model: &GgufModel,
     examples: &[Example],
     max_seq_len: usize,
+    max_target_copy: Option<f64>,
 ) -> Result<(Vec<Tokenized>, BTreeMap<String, usize>)> {
     let mut items = Vec::new();
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     for ex in examples {
+        if let Some(most) = max_target_copy {
+            let copied = copy_rate(&ex.target, &recap_engine::mapreduce::lines(&ex.transcript));
+            if copied > most {
+                *skipped
+                    .entry(format!("target copies over --max-target-copy {most}"))
+                    .or_default() += 1;
+                continue;
+            }
+        }
         let prompt = model.single_call_prompt(
             &ex.transcript,
             ex.kind,
@@ -342,7 +364,7 @@ fn train_on(
         keep.sort_unstable();
         examples = keep.into_iter().map(|i| examples[i].clone()).collect();
     }
-    let (items, skipped) = tokenize(&serving, &examples, args.max_seq_len)?;
+    let (items, skipped) = tokenize(&serving, &examples, args.max_seq_len, args.max_target_copy)?;
     let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
     eprintln!(
         "{} examples read, {} kept ({tokens} tokens), skipped: {skipped:?}",
@@ -392,6 +414,7 @@ fn train_on(
         seed: args.seed,
         data: sources,
         max_examples: args.max_examples,
+        max_target_copy: args.max_target_copy,
         init_adapter: None,
     };
     let mut f = std::fs::File::open(&path).with_context(|| path.display().to_string())?;

@@ -14,7 +14,10 @@ answer, and such lines beside real items are left out. Outputs that break
 their kind's format (a list kind without "- " lines, an empty text, a
 one-line summary over 40 words) or copy the transcript (over a quarter of
 their sentences hold 8+ words verbatim: recap's copy rate) are dropped and
-counted: the student is to learn the format and not to copy. A "No ..."
+counted: the student is to learn the format and not to copy. A list line
+that holds 8+ words of the transcript verbatim is left out as well (a
+list of only such lines is dropped): a student that saw lists written
+from transcript lines copies lines into its own. A "No ..."
 answer is kept only while such answers stay under --max-none-share of the
 list targets written: excerpts seldom decide or assign, and a student
 trained on two thirds "none" (the first run here) answers "none" always.
@@ -63,8 +66,41 @@ def excerpts(path, min_words, max_words, name="qmsum-train"):
                     yield key, utts, q["query"]
 
 
-def clean(kind, text):
-    r"""The teacher's text with its "nothing here" lines settled.
+RUN = 8  # words in a row that make a copy (recap_policy::copying::RUN)
+
+
+def words(text):
+    """Lower-case words as recap's copy rate splits them.
+
+    >>> words("Don't ship it, Ann!")
+    ["don't", 'ship', 'it', 'ann']
+    """
+    return [w.lower() for w in re.findall(r"(?:[^\W_]|')+", text)]
+
+
+def runs(transcript):
+    """Every run of RUN words of the transcript."""
+    w = words(transcript)
+    return {tuple(w[i : i + RUN]) for i in range(len(w) - RUN + 1)}
+
+
+def copies(line, source_runs):
+    """Whether the line holds RUN words of the transcript in a row.
+
+    >>> src = runs("Ann: we will move the launch to the second week of March")
+    >>> copies("- Move the launch to the second week of March.", src)
+    True
+    >>> copies("- Launch moves to mid-March.", src)
+    False
+    """
+    w = words(line)
+    return any(tuple(w[i : i + RUN]) in source_runs for i in range(len(w) - RUN + 1))
+
+
+def clean(kind, text, source_runs=frozenset()):
+    r"""The teacher's text with its "nothing here" lines settled and, in a
+    list, the lines that copy the transcript left out ("" when only such
+    lines were there).
 
     >>> clean("action_items", "- - Ann: No action items.\n- Bo: No action items.")
     'No action items.'
@@ -72,6 +108,11 @@ def clean(kind, text):
     '- Ship on Friday.'
     >>> clean("overview", "  Ann opened. ")
     'Ann opened.'
+    >>> src = runs("Bo: I will send the budget numbers to finance by Thursday")
+    >>> clean("action_items", "- Bo: I will send the budget numbers to finance by Thursday.\n- Ann: book a room.", src)
+    '- Ann: book a room.'
+    >>> clean("action_items", "- I will send the budget numbers to finance by Thursday.", src)
+    ''
     """
     text = text.strip()
     if kind not in NONE_ANSWER:
@@ -79,7 +120,10 @@ def clean(kind, text):
     none = NONE_ANSWER[kind]
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     items = [l for l in lines if none.rstrip(".").lower() not in l.lower()]
-    return "\n".join(items) if items else none
+    kept = [l for l in items if not copies(l, source_runs)]
+    if items and not kept:
+        return ""
+    return "\n".join(kept) if kept else none
 
 
 def unfit(kind, text, copy_rate):
@@ -136,12 +180,19 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prefer", help="regex: excerpts whose QMSum query matches it come first "
                    "(e.g. 'decid|agree|action|next step': where a meeting decides or assigns)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="the kinds to write, comma-separated (default: all four)")
     p.add_argument("--max-none-share", type=float, default=0.2,
                    help='largest share of "No ..." answers among list targets')
+    p.add_argument("--skip", action="append", default=[],
+                   help="a JSONL this script wrote before: its excerpts are passed over (repeatable)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     if "val" in args.qmsum or "test" in args.qmsum:
         sys.exit(f"{args.qmsum}: distil from the train split only")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        sys.exit(f"--kinds {args.kinds}: each must be one of {', '.join(KINDS)}")
 
     pool = list(excerpts(args.qmsum, args.min_words, args.max_words))
     random.Random(args.seed).shuffle(pool)
@@ -151,6 +202,9 @@ def main():
         pool.sort(key=lambda e: not wanted.search(e[2]))
     chosen = [(key, utts) for key, utts, _ in pool[: args.excerpts]]
     done = set()
+    for path in args.skip:
+        with open(path) as f:
+            done.update(json.loads(l)["id"].rsplit(":", 1)[0] for l in f if l.strip())
     lists = {"none": 0, "all": 0}
     try:
         with open(args.out) as f:
@@ -175,14 +229,17 @@ def main():
                 job.flush()
                 run = subprocess.run(
                     [args.recap, "--config", args.config, "summarize", job.name, "--model", args.teacher,
-                     "--kinds", ",".join(KINDS), "--json"],
+                     "--kinds", ",".join(kinds), "--json"],
                     capture_output=True, text=True,
                 )
             if run.returncode != 0:
                 sys.exit(f"{key}: recap summarize failed:\n{run.stderr}")
+            source = runs("\n".join(f"{u['speaker']}: {u['text']}" for u in utts))
             for s in json.loads(run.stdout)["summaries"]:
-                text = clean(s["kind"], s["text"])
+                text = clean(s["kind"], s["text"], source)
                 why = unfit(s["kind"], text, s["copy_rate"])
+                if not text and s["text"].strip():
+                    why = "every line copies the transcript"
                 if not why and text == NONE_ANSWER.get(s["kind"]):
                     if not admit_none(lists, args.max_none_share):
                         why = "no items, over --max-none-share"

@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub data: Vec<DataSource>,
     /// A seeded subset of this many examples (all if None).
     pub max_examples: Option<usize>,
+    /// Examples whose target copies more than this share of its sentences
+    /// from the transcript are left out (`--max-target-copy`); all kept if None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_target_copy: Option<f64>,
     /// The adapter the run starts from (`--init-adapter`); fresh weights if None.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<StartingAdapter>,

@@ -306,6 +306,7 @@ fn config(seed: u64, lr: f64) -> TrainConfig {
         seed,
         data: vec![],
         max_examples: None,
+        max_target_copy: None,
         init_adapter: None,
     }
 }
