@@ -129,15 +129,6 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// The most tokens a summary of this kind may take.
-pub fn max_new_tokens(kind: SummaryKind) -> usize {
-    match kind {
-        SummaryKind::Overview => 200,
-        SummaryKind::ActionItems | SummaryKind::Decisions => 160,
-        SummaryKind::Short => 60,
-    }
-}
-
 /// Checks an adapter against the base (its recorded base sha256, its
 /// file's sha256, every shape) and puts it on the decoder.
 fn apply_adapter(
@@ -489,7 +480,7 @@ impl GgufModel {
     fn transcript_budget(&self, kind: SummaryKind) -> usize {
         let overhead = self.count(prompts::system()) + self.count(prompts::instruction(kind)) + 64;
         self.context
-            .saturating_sub(overhead + max_new_tokens(kind))
+            .saturating_sub(overhead + kind.max_output_tokens())
             .max(64)
     }
 
@@ -499,7 +490,7 @@ impl GgufModel {
         kind: SummaryKind,
     ) -> Result<SummaryOutput, EngineError> {
         let params = GenParams {
-            max_new_tokens: max_new_tokens(kind),
+            max_new_tokens: kind.max_output_tokens(),
             ..GenParams::default()
         };
         let suffix = language_suffix(req.language);
@@ -607,7 +598,7 @@ impl GgufModel {
         for (kind, tail) in prompts_of {
             let kind_started = std::time::Instant::now();
             let params = GenParams {
-                max_new_tokens: max_new_tokens(kind),
+                max_new_tokens: kind.max_output_tokens(),
                 ..GenParams::default()
             };
             let mut fork = snapshot.clone();

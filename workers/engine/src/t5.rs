@@ -4,7 +4,6 @@
 //! f16 is refused).
 
 use crate::generate::{finished_text, generate, Decoder, GenParams, Generation};
-use crate::llm::max_new_tokens;
 use crate::mapreduce::{self, Step};
 use crate::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
@@ -268,7 +267,7 @@ impl T5Summarizer {
         kind: SummaryKind,
     ) -> Result<SummaryOutput, EngineError> {
         let params = GenParams {
-            max_new_tokens: max_new_tokens(kind),
+            max_new_tokens: kind.max_output_tokens(),
             ..GenParams::default()
         };
         let overhead = self.count(prompts::instruction(kind)) + 16;

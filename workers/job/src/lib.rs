@@ -44,6 +44,16 @@ impl SummaryKind {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// The most tokens a summary of this kind may have: the engines stop
+    /// generating there, and the policy estimates its cost with it.
+    pub fn max_output_tokens(self) -> usize {
+        match self {
+            SummaryKind::Overview => 200,
+            SummaryKind::ActionItems | SummaryKind::Decisions => 160,
+            SummaryKind::Short => 60,
+        }
+    }
 }
 
 impl fmt::Display for SummaryKind {

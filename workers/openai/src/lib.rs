@@ -316,7 +316,7 @@ impl OpenAiSummarizer {
         req: &SummarizeRequest<'_>,
         kind: SummaryKind,
     ) -> Result<SummaryOutput, EngineError> {
-        let max_tokens = recap_engine::llm::max_new_tokens(kind);
+        let max_tokens = kind.max_output_tokens();
         let task = prompts::task(kind, req.query);
         let suffix = recap_engine::llm::language_suffix(req.language);
         let system = prompts::system();

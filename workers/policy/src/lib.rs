@@ -25,6 +25,7 @@ pub mod score;
 
 pub use config::{load_policy, PolicyConfig, PolicyError, Prices};
 
+use recap_job::SummaryKind;
 use serde::{Deserialize, Serialize};
 
 /// What the router knows about a job when it decides.
@@ -109,14 +110,59 @@ impl Tier {
     }
 }
 
+/// Why the policy chose a tier: a stable code, written as `as_str` gives
+/// it in SQL, JSON and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Default,
+    QualityBest,
+    QualityEconomy,
+    ContextOverflow,
+    ContextChunked,
+    Budget,
+    NoLargeTier,
+    NoCompactTier,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::Default,
+        Reason::QualityBest,
+        Reason::QualityEconomy,
+        Reason::ContextOverflow,
+        Reason::ContextChunked,
+        Reason::Budget,
+        Reason::NoLargeTier,
+        Reason::NoCompactTier,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Default => "default",
+            Reason::QualityBest => "quality_best",
+            Reason::QualityEconomy => "quality_economy",
+            Reason::ContextOverflow => "context_overflow",
+            Reason::ContextChunked => "context_chunked",
+            Reason::Budget => "budget",
+            Reason::NoLargeTier => "no_large_tier",
+            Reason::NoCompactTier => "no_compact_tier",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a job goes and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub tier: Tier,
     pub model: String,
-    /// A stable reason code: `default`, `quality_best`, `quality_economy`,
-    /// `context_overflow`, `budget`, `no_large_tier`, `no_compact_tier`.
-    pub reason: String,
+    pub reason: Reason,
     /// Every rule that had a say, in order, for `recap policy explain`.
     pub trail: Vec<String>,
     pub estimated_cost_usd: f64,
@@ -126,14 +172,11 @@ pub struct Decision {
     pub chunked: bool,
 }
 
-/// Expected output tokens of one summary kind (the engine's caps).
+/// Expected output tokens of one summary kind: its cap
+/// (`SummaryKind::max_output_tokens`), an overview's for a name that is no kind.
 pub fn expected_output_tokens(kind: &str) -> u64 {
-    match kind {
-        "overview" => 200,
-        "action_items" | "decisions" => 160,
-        "short" => 60,
-        _ => 200,
-    }
+    let kind = SummaryKind::parse(kind).unwrap_or(SummaryKind::Overview);
+    kind.max_output_tokens() as u64
 }
 
 /// A stable uniform number in [0, 1) from the job id: shadow sampling is
@@ -189,145 +232,206 @@ impl PolicyConfig {
         failed
     }
 
-    /// The decision for one job. `Err` only when no tier can take it.
+    /// The decision for one job: the rules in order, each its own step.
+    /// `Err` only when no tier can take it.
     pub fn decide(
         &self,
         f: &Features,
         tiers: &Tiers,
         budget: &BudgetState,
     ) -> Result<Decision, PolicyError> {
-        let mut trail = Vec::new();
-        let has = |t: Tier| tiers.model(t).is_some();
-        // 1. quality hint.
-        let (mut tier, mut reason) = match f.quality.as_str() {
+        let mut route = self.quality_rule(f, tiers);
+        self.context_fit_rule(f, tiers, &mut route);
+        route.onto_a_served_tier(tiers)?;
+        let cost = self.budget_rule(f, tiers, budget, &mut route)?;
+        let shadow = self.shadow_rule(f, tiers, &mut route);
+        if route.trail.is_empty() {
+            route.trail.push("default: compact".to_string());
+        }
+        Ok(Decision {
+            tier: route.tier,
+            model: self.model_for(tiers, route.tier, route.extractive),
+            reason: route.reason,
+            trail: route.trail,
+            estimated_cost_usd: cost,
+            shadow,
+            chunked: route.chunked,
+        })
+    }
+
+    fn model_for(&self, tiers: &Tiers, tier: Tier, extractive: bool) -> String {
+        if extractive {
+            self.extractive_model.clone().unwrap_or_default()
+        } else {
+            tiers.model(tier).unwrap_or_default().to_string()
+        }
+    }
+
+    /// Rule 1, quality: `best` asks for the large tier; `economy` for the
+    /// extractive baseline where one is configured.
+    fn quality_rule(&self, f: &Features, tiers: &Tiers) -> Route {
+        let mut route = Route::new(Tier::Compact, Reason::Default);
+        match f.quality.as_str() {
             "best"
-                if self.rules.quality && self.quality.best == Tier::Large && has(Tier::Large) =>
+                if self.rules.quality
+                    && self.quality.best == Tier::Large
+                    && tiers.model(Tier::Large).is_some() =>
             {
-                trail.push("quality: best asks for the large tier".to_string());
-                (Tier::Large, "quality_best")
+                route
+                    .trail
+                    .push("quality: best asks for the large tier".to_string());
+                route.tier = Tier::Large;
+                route.reason = Reason::QualityBest;
             }
             "economy"
                 if self.rules.quality
                     && self.quality.economy_extractive
                     && self.extractive_model.is_some() =>
             {
-                trail.push("quality: economy runs the extractive baseline".to_string());
-                (Tier::Compact, "quality_economy")
+                route
+                    .trail
+                    .push("quality: economy runs the extractive baseline".to_string());
+                route.reason = Reason::QualityEconomy;
+                route.extractive = true;
             }
-            _ => (Tier::Compact, "default"),
-        };
-        let mut extractive = reason == "quality_economy";
-        // 2. context fit.
-        let mut chunked = false;
-        if self.rules.context_fit
-            && tier == Tier::Compact
-            && !extractive
-            && f.input_tokens > self.context_fit.compact_window as u64
+            _ => {}
+        }
+        route
+    }
+
+    /// Rule 2, context fit: a transcript over the compact window goes to
+    /// the large tier, or stays compact and is chunked, as configured.
+    fn context_fit_rule(&self, f: &Features, tiers: &Tiers, route: &mut Route) {
+        let window = self.context_fit.compact_window;
+        if !self.rules.context_fit
+            || route.tier != Tier::Compact
+            || route.extractive
+            || f.input_tokens <= window as u64
         {
-            if self.context_fit.overflow == Tier::Large && has(Tier::Large) {
-                trail.push(format!(
-                    "context_fit: {} tokens exceed the compact window of {}: large",
-                    f.input_tokens, self.context_fit.compact_window
-                ));
-                tier = Tier::Large;
-                reason = "context_overflow";
-            } else {
-                trail.push(format!(
-                    "context_fit: {} tokens exceed the compact window of {}: chunked on compact",
-                    f.input_tokens, self.context_fit.compact_window
-                ));
-                chunked = true;
-                reason = "context_chunked";
-            }
+            return;
         }
-        // A tier without a model is never chosen.
-        if !has(tier) {
-            let other = if tier == Tier::Compact {
-                Tier::Large
-            } else {
-                Tier::Compact
-            };
-            if !has(other) {
-                return Err(PolicyError::NoTier);
-            }
-            trail.push(format!(
-                "tier {} has no model: {}",
-                tier.as_str(),
-                other.as_str()
+        let tokens = f.input_tokens;
+        if self.context_fit.overflow == Tier::Large && tiers.model(Tier::Large).is_some() {
+            route.trail.push(format!(
+                "context_fit: {tokens} tokens exceed the compact window of {window}: large"
             ));
-            reason = if tier == Tier::Compact {
-                "no_compact_tier"
-            } else {
-                "no_large_tier"
-            };
-            tier = other;
-            extractive = false;
+            route.tier = Tier::Large;
+            route.reason = Reason::ContextOverflow;
+        } else {
+            route.trail.push(format!(
+                "context_fit: {tokens} tokens exceed the compact window of {window}: chunked on compact"
+            ));
+            route.chunked = true;
+            route.reason = Reason::ContextChunked;
         }
-        let model_for = |t: Tier, extractive: bool| -> String {
-            if extractive {
-                self.extractive_model.clone().unwrap_or_default()
-            } else {
-                tiers.model(t).unwrap_or_default().to_string()
-            }
+    }
+
+    /// Rule 3, budget: an estimate that would overspend the tenant's budget
+    /// moves down the price ladder (compact, then the extractive baseline)
+    /// until one fits; none fitting refuses the job. Returns the estimate.
+    fn budget_rule(
+        &self,
+        f: &Features,
+        tiers: &Tiers,
+        budget: &BudgetState,
+        route: &mut Route,
+    ) -> Result<f64, PolicyError> {
+        let model = self.model_for(tiers, route.tier, route.extractive);
+        let cost = self.estimate(&model, f);
+        if !self.rules.budget || budget.affords(cost) {
+            return Ok(cost);
+        }
+        let has_compact = tiers.model(Tier::Compact).is_some();
+        let mut ladder: Vec<(Tier, bool)> = vec![];
+        if route.tier == Tier::Large && has_compact {
+            ladder.push((Tier::Compact, false));
+        }
+        if self.extractive_model.is_some() && has_compact {
+            ladder.push((Tier::Compact, true));
+        }
+        let remaining = budget.remaining().unwrap_or(f64::INFINITY);
+        let fit = ladder
+            .into_iter()
+            .map(|(t, x)| (t, x, self.model_for(tiers, t, x)))
+            .find(|(_, _, m)| budget.affords(self.estimate(m, f)));
+        let Some((tier, extractive, cheaper)) = fit else {
+            return Err(PolicyError::BudgetExhausted {
+                tenant: f.tenant.clone(),
+                needed_usd: cost,
+                remaining_usd: remaining,
+            });
         };
-        let mut model = model_for(tier, extractive);
-        let mut cost = self.estimate(&model, f);
-        // 3. budgets: move down the price ladder until the estimate fits.
-        if self.rules.budget && !budget.affords(cost) {
-            let mut ladder: Vec<(Tier, bool)> = vec![];
-            if tier == Tier::Large && has(Tier::Compact) {
-                ladder.push((Tier::Compact, false));
-            }
-            if self.extractive_model.is_some() && has(Tier::Compact) {
-                ladder.push((Tier::Compact, true));
-            }
-            let remaining = budget.remaining().unwrap_or(f64::INFINITY);
-            let fit = ladder
-                .into_iter()
-                .find(|&(t, x)| budget.affords(self.estimate(&model_for(t, x), f)));
-            match fit {
-                Some((t, x)) => {
-                    trail.push(format!(
-                        "budget: {} costs ${cost:.6}, ${remaining:.6} left: {}",
-                        model,
-                        model_for(t, x)
-                    ));
-                    tier = t;
-                    extractive = x;
-                    model = model_for(t, x);
-                    cost = self.estimate(&model, f);
-                    reason = "budget";
-                }
-                None => {
-                    return Err(PolicyError::BudgetExhausted {
-                        tenant: f.tenant.clone(),
-                        needed_usd: cost,
-                        remaining_usd: remaining,
-                    })
-                }
-            }
-        }
-        // 4. shadow sampling of compact model jobs.
+        route.trail.push(format!(
+            "budget: {model} costs ${cost:.6}, ${remaining:.6} left: {cheaper}"
+        ));
+        route.tier = tier;
+        route.extractive = extractive;
+        route.reason = Reason::Budget;
+        Ok(self.estimate(&cheaper, f))
+    }
+
+    /// Rule 4, shadow: a seeded share of compact model jobs also runs on the
+    /// large tier.
+    fn shadow_rule(&self, f: &Features, tiers: &Tiers, route: &mut Route) -> bool {
         let shadow = self.rules.shadow
-            && tier == Tier::Compact
-            && !extractive
-            && has(Tier::Large)
+            && route.tier == Tier::Compact
+            && !route.extractive
+            && tiers.model(Tier::Large).is_some()
             && unit_hash(&f.job_id, self.shadow.seed) < self.shadow.rate;
         if shadow {
-            trail.push(format!("shadow: sampled at rate {}", self.shadow.rate));
+            route
+                .trail
+                .push(format!("shadow: sampled at rate {}", self.shadow.rate));
         }
-        if trail.is_empty() {
-            trail.push("default: compact".to_string());
-        }
-        Ok(Decision {
+        shadow
+    }
+}
+
+/// A decision while the rules make it.
+struct Route {
+    tier: Tier,
+    extractive: bool,
+    reason: Reason,
+    chunked: bool,
+    trail: Vec<String>,
+}
+
+impl Route {
+    fn new(tier: Tier, reason: Reason) -> Route {
+        Route {
             tier,
-            model,
-            reason: reason.to_string(),
-            trail,
-            estimated_cost_usd: cost,
-            shadow,
-            chunked,
-        })
+            extractive: false,
+            reason,
+            chunked: false,
+            trail: Vec::new(),
+        }
+    }
+
+    /// A tier without a model is never chosen: the other one takes the
+    /// job, or `NoTier` when neither has a model.
+    fn onto_a_served_tier(&mut self, tiers: &Tiers) -> Result<(), PolicyError> {
+        if tiers.model(self.tier).is_some() {
+            return Ok(());
+        }
+        let other = match self.tier {
+            Tier::Compact => Tier::Large,
+            Tier::Large => Tier::Compact,
+        };
+        if tiers.model(other).is_none() {
+            return Err(PolicyError::NoTier);
+        }
+        self.trail.push(format!(
+            "tier {} has no model: {}",
+            self.tier.as_str(),
+            other.as_str()
+        ));
+        self.reason = match self.tier {
+            Tier::Compact => Reason::NoCompactTier,
+            Tier::Large => Reason::NoLargeTier,
+        };
+        self.tier = other;
+        self.extractive = false;
+        Ok(())
     }
 }
 

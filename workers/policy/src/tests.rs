@@ -361,3 +361,13 @@ fn a_score_fitted_for_another_compact_model_is_not_applied_and_said() {
     // Without a copy-rate threshold in the file, the check is off.
     assert_eq!(p.cascade.max_copy_rate, 1.0);
 }
+
+#[test]
+fn each_reason_is_written_as_its_serde_name() {
+    let mut seen = std::collections::HashSet::new();
+    for r in Reason::ALL {
+        assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        assert_eq!(r.to_string(), r.as_str());
+        assert!(seen.insert(r.as_str()), "{r} twice");
+    }
+}

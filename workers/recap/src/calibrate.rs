@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::{mean, percentile};
 use recap_policy::score::{self, Case, FrontierPoint, Outcomes, Signals, Target};
+use recap_policy::Tier;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -199,7 +200,7 @@ async fn shadow_lines(config: &Config, tenant: Option<&str>) -> Result<Vec<CaseL
     let pool = store::connect(config).await?;
     let mut pairs = store::shadow_pairs(&pool, tenant).await?;
     // Only the compact model the tier runs now: a score speaks for one model.
-    if let Some(compact) = config.tier_model("compact") {
+    if let Some(compact) = config.tier_model(Tier::Compact) {
         pairs.retain(|p| p.compact_model == compact);
     }
     let prices = policy::load(config)?;

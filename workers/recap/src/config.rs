@@ -3,6 +3,7 @@
 //! with a message that names the key; nothing starts half-configured.
 
 use recap_job::Limits;
+use recap_policy::Tier;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -712,8 +713,8 @@ impl Config {
         cache.join("recap").join("models")
     }
 
-    pub fn tier_model(&self, tier: &str) -> Option<&str> {
-        self.tiers.get(tier).map(|t| t.model.as_str())
+    pub fn tier_model(&self, tier: Tier) -> Option<&str> {
+        self.tiers.get(tier.as_str()).map(|t| t.model.as_str())
     }
 }
 
@@ -886,7 +887,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/recap.toml");
         let c = Config::from_file(&path).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-qmsum-lora"));
+        assert_eq!(c.tier_model(Tier::Compact), Some("smollm2-135m-qmsum-lora"));
     }
 
     #[test]
@@ -903,7 +904,10 @@ mod tests {
         assert_eq!(c.amqp.url, "amqp://b/v");
         assert_eq!(c.amqp.prefetch, 4);
         assert_eq!(c.database.url, "postgres://x/db");
-        assert_eq!(c.tier_model("compact"), Some("smollm2-135m-instruct-q4_1"));
+        assert_eq!(
+            c.tier_model(Tier::Compact),
+            Some("smollm2-135m-instruct-q4_1")
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use recap_eval::rouge::Rouge;
 use recap_eval::stats::{bootstrap_ci, mean, percentile};
 use recap_policy::copying::Source;
 use recap_policy::score::{self as rscore, Target};
+use recap_policy::Tier;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -315,8 +316,8 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         bail!("{} has no cases for this setting", args.dataset.display());
     }
     let models: Vec<String> = if args.models.is_empty() {
-        ["compact", "large"]
-            .iter()
+        [Tier::Compact, Tier::Large]
+            .into_iter()
             .filter_map(|t| config.tier_model(t).map(str::to_string))
             .collect()
     } else {

@@ -28,6 +28,7 @@ mod worker;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use config::{redact_url, Config};
+use recap_policy::Tier;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -253,8 +254,8 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
     policy.reload_on_sighup(config.clone())?;
     // The router counts tokens with the compact model's tokenizer.
     let compact = config
-        .tier_model("compact")
-        .or(config.tier_model("large"))
+        .tier_model(Tier::Compact)
+        .or(config.tier_model(Tier::Large))
         .unwrap_or(recap_engine::extractive::MODEL_ID);
     let counter = engines::token_counter(compact, &config)
         .with_context(|| format!("loading the tokenizer of {compact}"))?;
@@ -285,11 +286,11 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
 }
 
 async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
-    if !queue::TIERS.contains(&tier.as_str()) {
+    let Some(parsed_tier) = Tier::parse(&tier) else {
         anyhow::bail!("unknown tier `{tier}`; the tiers are compact and large");
-    }
+    };
     let model_id = config
-        .tier_model(&tier)
+        .tier_model(parsed_tier)
         .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
         .to_string();
     let (trigger, shutdown) = shutdown::channel();

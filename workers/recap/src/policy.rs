@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use recap_engine::SummaryOutput;
 use recap_job::Job;
 use recap_policy::score::Signals;
+use recap_policy::Tier;
 use recap_policy::{load_policy, PolicyConfig, Prices, Tiers};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -18,8 +19,8 @@ pub const DEFAULT_POLICY: &str = include_str!("../../../config/policy.toml");
 
 pub fn tiers(config: &Config) -> Tiers {
     Tiers {
-        compact: config.tier_model("compact").map(str::to_string),
-        large: config.tier_model("large").map(str::to_string),
+        compact: config.tier_model(Tier::Compact).map(str::to_string),
+        large: config.tier_model(Tier::Large).map(str::to_string),
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::{engines, policy, router, store, summarize};
 use anyhow::{Context, Result};
+use recap_policy::Tier;
 use std::path::PathBuf;
 
 #[derive(clap::Subcommand)]
@@ -68,8 +69,8 @@ pub async fn policy(config: &Config, cmd: PolicyCommand) -> Result<()> {
     };
     let p = policy::load(config)?;
     let compact = config
-        .tier_model("compact")
-        .or(config.tier_model("large"))
+        .tier_model(Tier::Compact)
+        .or(config.tier_model(Tier::Large))
         .unwrap_or("extractive-lead");
     let counter = engines::token_counter(compact, config)?;
     let features = router::features(&job, &counter);

@@ -111,7 +111,7 @@ impl Router {
             .map(|d| Decision {
                 tier: d.tier.as_str().to_string(),
                 model: d.model.clone(),
-                reason: d.reason.clone(),
+                reason: d.reason.to_string(),
                 features: serde_json::to_value(&features).unwrap_or_default(),
                 trail: serde_json::to_value(&d.trail).unwrap_or_default(),
                 estimated_cost_usd: d.estimated_cost_usd,

@@ -6,6 +6,7 @@ use crate::engines;
 use anyhow::{bail, Context, Result};
 use recap_engine::{Cancel, SummarizeRequest};
 use recap_job::{parse_job_value, SummaryKind, Utterance};
+use recap_policy::Tier;
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -117,7 +118,7 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
     let model_id = match args.model {
         Some(m) => m,
         None => config
-            .tier_model("compact")
+            .tier_model(Tier::Compact)
             .context("no --model and no tiers.compact.model")?
             .to_string(),
     };

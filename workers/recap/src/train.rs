@@ -11,6 +11,7 @@ use recap_eval::qmsum::{self, Setting};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::mean;
 use recap_policy::copying::copy_rate;
+use recap_policy::Tier;
 use recap_train::data::{self, Example};
 use recap_train::model::{LoraSpec, Pass, TrainModel};
 use recap_train::optim::Decay;
@@ -330,7 +331,7 @@ fn train_on(
     let model_id = match &args.model {
         Some(m) => m.clone(),
         None => config
-            .tier_model("compact")
+            .tier_model(Tier::Compact)
             .context("no compact tier model configured")?
             .to_string(),
     };

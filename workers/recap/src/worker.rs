@@ -12,6 +12,7 @@ use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use recap_engine::{EngineError, Extractive, SummarizeRequest, Summarizer, SummaryOutput};
 use recap_job::{parse_job, Job};
+use recap_policy::Tier;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ impl Worker {
         let policy = self.policy.current();
         if !policy.rules.cascade
             || self.tier != "compact"
-            || self.config.tier_model("large").is_none()
+            || self.config.tier_model(Tier::Large).is_none()
         {
             return Vec::new();
         }
@@ -66,7 +67,7 @@ impl Worker {
         failed: &[String],
     ) -> Verdict {
         let job = &ran.run.job;
-        let Some(large) = self.config.tier_model("large") else {
+        let Some(large) = self.config.tier_model(Tier::Large) else {
             return Verdict::Ack;
         };
         let policy = self.policy.current();

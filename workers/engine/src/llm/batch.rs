@@ -9,7 +9,7 @@
 //! equal). Kinds whose transcript needs map-reduce run afterwards, one call
 //! after another, as `summarize` runs them.
 
-use super::{finished_text, max_new_tokens, GgufModel, Weights};
+use super::{finished_text, GgufModel, Weights};
 use crate::decoder::DenseDecoder;
 use crate::generate::{may_start, model_err, GenParams, Stream};
 use crate::mapreduce::{self, Step};
@@ -77,8 +77,8 @@ impl GgufModel {
     /// The request's single-call kinds and how to prefill them; kinds that
     /// need map-reduce are left out (they run after the batch).
     fn job_plan(&self, req_at: usize, req: &SummarizeRequest<'_>) -> Result<JobPlan, EngineError> {
-        let params_of = |kind| GenParams {
-            max_new_tokens: max_new_tokens(kind),
+        let params_of = |kind: SummaryKind| GenParams {
+            max_new_tokens: kind.max_output_tokens(),
             ..GenParams::default()
         };
         if let Some((head, tails)) = self.shared_plan(req)? {
