@@ -527,10 +527,10 @@ fn models_add_fetches_from_the_hub_pinned_and_cached() {
         "models.toml",
     )
     .unwrap();
-    let files = recap_engine::t5::weight_files(&sharded).unwrap();
+    let files = recap_engine::models::t5::weight_files(&sharded).unwrap();
     assert_eq!(
         c.get("hub-flan-sharded").unwrap().sha256,
-        Some(recap_engine::t5::weights_sha256(&files).unwrap())
+        Some(recap_engine::models::t5::weights_sha256(&files).unwrap())
     );
 
     // Cached: a second entry from the same revision asks the Hub nothing.

@@ -379,8 +379,10 @@ mod tests {
         let mut seen = 0;
         for e in &c.models {
             let Some(a) = &e.adapter else { continue };
-            let file = repo.join(&a.path).join(crate::adapter::WEIGHTS_FILE);
-            let got = crate::llm::sha256_file(&file)
+            let file = repo
+                .join(&a.path)
+                .join(crate::models::adapter::WEIGHTS_FILE);
+            let got = crate::models::llm::sha256_file(&file)
                 .unwrap_or_else(|err| panic!("{}: {}: {err}", e.id, file.display()));
             assert_eq!(got, a.sha256, "{}: {}", e.id, file.display());
             seen += 1;

@@ -4,38 +4,26 @@
 //!
 //! - [`summarizer`]: the [`Summarizer`] interface every engine implements.
 //! - [`extractive`]: the deterministic Lead-N baseline (economy fallback, eval baseline).
-//! - [`catalog`]: the model catalog (ids, files, sha256, prices).
-//! - [`tokenizer`]: tokenizers built from GGUF metadata, matching llama.cpp.
-//! - [`prompts`]: versioned prompt templates and chat templates (minijinja).
-//! - [`generate`]: the generation loop (KV cache, sampling, stops, deadline).
-//! - [`chunking`]: long transcripts cut on utterance boundaries to a budget.
-//! - [`llm`]: GGUF decoder models (llama, qwen2) as a `Summarizer`.
-//! - [`t5`]: T5 / FLAN-T5 seq2seq models (Hugging Face safetensors layout).
-//! - [`mapreduce`]: one summary over a transcript of any length.
+//! - [`catalog`]: the model catalog (ids, files, sha256, prices, formats).
+//! - [`models`]: the architectures: GGUF decoders (llama, qwen2) served by
+//!   [`models::llm`], T5 / FLAN-T5, and LoRA adapters.
+//! - [`pipeline`]: prompts and chat templates, chunking, map-reduce, and
+//!   the generation loop (KV cache, sampling, stops, deadline).
+//! - [`tokenize`]: tokenizers built from GGUF metadata, matching llama.cpp.
+//! - `kernels` (crate-private): the quantized products and attention loops.
 //! - [`testing`]: tiny models in the real formats, written by tests.
 
-pub mod adapter;
-pub mod attention;
 pub mod catalog;
-pub mod chunking;
-pub mod decoder;
 pub mod extractive;
-pub mod generate;
-pub mod kquant;
-pub mod llm;
-pub mod mapreduce;
-pub mod prompts;
-pub mod q4_1;
-pub mod q5_0;
-pub mod q8_0;
-pub mod qdot;
-pub mod spm;
+mod kernels;
+pub mod models;
+pub mod pipeline;
 pub mod summarizer;
-pub mod t5;
 pub mod testing;
-pub mod tokenizer;
+pub mod tokenize;
 
 pub use extractive::Extractive;
+pub use kernels::attention::CausalSoftmax;
 pub use summarizer::{
     Cancel, Confidence, EngineError, SummarizeRequest, Summarizer, SummaryOutput,
 };

@@ -6,7 +6,7 @@ mod common;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use recap_engine::llm::{GgufModel, GgufOptions};
+use recap_engine::models::llm::{GgufModel, GgufOptions};
 use recap_engine::EngineError;
 use std::path::{Path, PathBuf};
 

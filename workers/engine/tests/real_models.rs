@@ -1,7 +1,7 @@
 //! The real SmolLM2 and Qwen weights summarize real meetings.
 
 use recap_engine::catalog::Catalog;
-use recap_engine::llm::{GgufModel, GgufOptions};
+use recap_engine::models::llm::{GgufModel, GgufOptions};
 use recap_engine::{Cancel, SummarizeRequest, Summarizer};
 use recap_job::{utterances_from_text, SummaryKind, Utterance};
 mod common;
@@ -282,14 +282,14 @@ fn training_prompts_are_the_tokens_a_worker_prefills() {
             let served = model.summarize(&req).unwrap().remove(0);
             assert_eq!(served.input_tokens as usize, ids.len(), "{id} {kind:?}");
             let text = model.tokenizer().decode(&ids).unwrap();
-            let task = recap_engine::prompts::task(kind, query);
+            let task = recap_engine::pipeline::prompts::task(kind, query);
             assert!(text.contains(&task), "{id}: {text}");
             assert!(text.contains("Answer in French."), "{id}: {text}");
             assert!(
-                text.contains(recap_engine::prompts::system()),
+                text.contains(recap_engine::pipeline::prompts::system()),
                 "{id}: {text}"
             );
-            let first_line = recap_engine::mapreduce::lines(&transcript[..1]);
+            let first_line = recap_engine::pipeline::mapreduce::lines(&transcript[..1]);
             let (t, q) = (text.find(&first_line).unwrap(), text.find(&task).unwrap());
             assert_eq!(t < q, id.starts_with("qwen"), "{id}: prompt order");
             let target = model.target_ids("The launch moves.").unwrap();

@@ -3,7 +3,7 @@
 //! be fetched on these machines).
 
 use candle_core::{DType, Device};
-use recap_engine::t5::{T5Options, T5Summarizer};
+use recap_engine::models::t5::{T5Options, T5Summarizer};
 use recap_engine::testing::{write_tiny_flan_t5, TINY_T5_VOCAB as VOCAB};
 use recap_engine::{Cancel, EngineError, SummarizeRequest, Summarizer};
 use recap_job::{utterances_from_text, SummaryKind};
@@ -152,7 +152,7 @@ fn bad_t5_directories_are_clear_errors() {
 // directory, is refused naming it.
 #[test]
 fn sharded_weights_load_as_the_single_file_does() {
-    use recap_engine::t5::{weight_files, weights_sha256};
+    use recap_engine::models::t5::{weight_files, weights_sha256};
     use sha2::{Digest, Sha256};
     let dir = tempfile::tempdir().unwrap();
     write_tiny_flan_t5(dir.path()).unwrap();
@@ -204,7 +204,7 @@ fn sharded_weights_load_as_the_single_file_does() {
 fn a_pinned_sha256_is_checked_at_load() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_flan_t5(dir.path()).unwrap();
-    let sha = recap_engine::t5::dir_sha256(dir.path()).unwrap();
+    let sha = recap_engine::models::t5::dir_sha256(dir.path()).unwrap();
     let pinned = |sha256: &str| T5Options {
         sha256: Some(sha256.to_string()),
         ..opts(DType::F32)

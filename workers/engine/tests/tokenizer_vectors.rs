@@ -3,7 +3,7 @@
 //! installed (`recap models fetch`; scripts/test fetches the defaults).
 
 use candle_core::quantized::gguf_file;
-use recap_engine::tokenizer::GgufTokenizer;
+use recap_engine::tokenize::GgufTokenizer;
 mod common;
 
 use common::models_dir;

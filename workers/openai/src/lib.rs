@@ -10,8 +10,9 @@
 //! at most `max_concurrency` calls are in flight per process. The API key
 //! is sent as a bearer token and never logged or shown.
 
-use recap_engine::mapreduce::{self, CallCounts, Step};
-use recap_engine::{prompts, EngineError, SummarizeRequest, Summarizer, SummaryOutput};
+use recap_engine::pipeline::mapreduce::{self, CallCounts, Step};
+use recap_engine::pipeline::prompts;
+use recap_engine::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
 use recap_job::SummaryKind;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -318,7 +319,7 @@ impl OpenAiSummarizer {
     ) -> Result<SummaryOutput, EngineError> {
         let max_tokens = kind.max_output_tokens();
         let task = prompts::task(kind, req.query);
-        let suffix = recap_engine::llm::language_suffix(req.language);
+        let suffix = recap_engine::models::llm::language_suffix(req.language);
         let system = prompts::system();
         // What a call holds beside the transcript: the turns' scaffolding,
         // the task and the answer.

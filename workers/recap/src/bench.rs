@@ -12,9 +12,9 @@
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use recap_engine::generate::GenParams;
-use recap_engine::llm::GgufModel;
-use recap_engine::prompts;
+use recap_engine::models::llm::GgufModel;
+use recap_engine::pipeline::generate::GenParams;
+use recap_engine::pipeline::prompts;
 use recap_job::SummaryKind;
 use std::path::{Path, PathBuf};
 
@@ -177,7 +177,7 @@ fn kinds(
     let mut transcript = Vec::new();
     for u in &case.transcript {
         transcript.push(u.clone());
-        if m.count_tokens(&recap_engine::mapreduce::lines(&transcript))? >= tokens {
+        if m.count_tokens(&recap_engine::pipeline::mapreduce::lines(&transcript))? >= tokens {
             break;
         }
     }
@@ -223,7 +223,7 @@ fn kinds(
             "model": model.id,
             "device": config.models.device,
             "kinds": ALL.len(),
-            "transcript_tokens": m.count_tokens(&recap_engine::mapreduce::lines(&transcript))?,
+            "transcript_tokens": m.count_tokens(&recap_engine::pipeline::mapreduce::lines(&transcript))?,
             "prefill_once_s": s,
             "prefill_per_kind_s": p,
             "prefill_once_jobs_per_hour": 3600.0 / s,
@@ -254,7 +254,7 @@ fn batch(
         let mut window = Vec::new();
         for u in &case.transcript {
             window.push(u.clone());
-            if m.count_tokens(&recap_engine::mapreduce::lines(&window))? >= tokens {
+            if m.count_tokens(&recap_engine::pipeline::mapreduce::lines(&window))? >= tokens {
                 transcripts.push(std::mem::take(&mut window));
                 if transcripts.len() == jobs {
                     break 'cases;

@@ -410,7 +410,7 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         &policy::catalog_prices(config)?,
     )
     .context("the calibrated policy does not load")?;
-    recap_engine::adapter::write_atomic(&args.out, &text)
+    recap_engine::models::adapter::write_atomic(&args.out, &text)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "\nwrote {} (version {version}, threshold {:.3}); install it as policy.file and send SIGHUP to the routers and workers",

@@ -4,8 +4,8 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use recap_engine::catalog::ModelEntry;
-use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
-use recap_engine::t5::{T5Options, T5Summarizer};
+use recap_engine::models::llm::{AdapterOptions, GgufModel, GgufOptions};
+use recap_engine::models::t5::{T5Options, T5Summarizer};
 use recap_engine::{Extractive, Summarizer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub fn adapter_dir(path: &str, config: &Config) -> Result<std::path::PathBuf> {
     candidates.push(std::path::Path::new(REPO_ADAPTERS).join(p));
     candidates
         .iter()
-        .find(|c| c.join(recap_engine::adapter::CONFIG_FILE).exists())
+        .find(|c| c.join(recap_engine::models::adapter::CONFIG_FILE).exists())
         .cloned()
         .with_context(|| {
             let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
@@ -147,7 +147,7 @@ pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
                 .with_context(|| format!("{}: run `recap models fetch`", path.display()))?;
             let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
                 .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
-            let tk = recap_engine::tokenizer::GgufTokenizer::from_gguf(&ct)?;
+            let tk = recap_engine::tokenize::GgufTokenizer::from_gguf(&ct)?;
             Ok(Arc::new(move |text: &str| {
                 // A tokenizer failure must not lose the job: bytes/4 is the
                 // usual rule of thumb.
@@ -157,7 +157,7 @@ pub fn token_counter(model_id: &str, config: &Config) -> Result<TokenCounter> {
             }))
         }
         "t5" => {
-            let tk = recap_engine::t5::T5Tokenizer::load(&weights_path(entry, config)?)
+            let tk = recap_engine::models::t5::T5Tokenizer::load(&weights_path(entry, config)?)
                 .with_context(|| format!("model {model_id}"))?;
             Ok(Arc::new(move |text: &str| {
                 tk.encode(text).map(|v| v.len()).unwrap_or(text.len() / 4)

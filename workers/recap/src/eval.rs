@@ -245,7 +245,7 @@ struct Scored {
 fn sources(cases: &[Case]) -> Vec<Source> {
     cases
         .iter()
-        .map(|c| Source::new(&recap_engine::mapreduce::lines(&c.transcript)))
+        .map(|c| Source::new(&recap_engine::pipeline::mapreduce::lines(&c.transcript)))
         .collect()
 }
 

@@ -103,7 +103,7 @@ pub async fn download(src: &HubSource) -> Result<(PathBuf, String)> {
                     let index = fetch(&repo, src, "model.safetensors.index.json").await?;
                     let text = std::fs::read_to_string(&index)
                         .with_context(|| index.display().to_string())?;
-                    let shards = recap_engine::t5::shard_names(&text)
+                    let shards = recap_engine::models::t5::shard_names(&text)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", index.display()))?;
                     for shard in shards {
                         got.push(fetch(&repo, src, &shard).await?);
@@ -206,7 +206,7 @@ fn check_blob(local: &Path) -> Result<()> {
         return Ok(());
     };
     if etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let got = recap_engine::llm::sha256_file(&blob)?;
+        let got = recap_engine::models::llm::sha256_file(&blob)?;
         if got != etag.to_ascii_lowercase() {
             bail!(
                 "{}: the Hub gave sha256 {etag}, the file has {got}",

@@ -9,7 +9,7 @@
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use recap_engine::catalog::ModelEntry;
-use recap_engine::llm::sha256_file;
+use recap_engine::models::llm::sha256_file;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -220,10 +220,10 @@ fn describe(path: &Path) -> Result<ModelEntry> {
                 config.display()
             );
         }
-        let weights = recap_engine::t5::weight_files(path)?;
+        let weights = recap_engine::models::t5::weight_files(path)?;
         entry.family = "t5".into();
         entry.format = "t5".into();
-        entry.sha256 = Some(recap_engine::t5::weights_sha256(&weights)?);
+        entry.sha256 = Some(recap_engine::models::t5::weights_sha256(&weights)?);
         let mut size = 0;
         for w in &weights {
             size += std::fs::metadata(w)?.len();
@@ -243,7 +243,7 @@ fn describe(path: &Path) -> Result<ModelEntry> {
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
         anyhow::anyhow!("not a GGUF file ({e}); a model directory needs config.json")
     })?;
-    let hp = recap_engine::decoder::Hparams::from_gguf(&ct)?;
+    let hp = recap_engine::models::decoder::Hparams::from_gguf(&ct)?;
     entry.family = match hp.arch.as_str() {
         "gemma3" | "gemma2" | "gemma" => "gemma3".into(),
         other => other.to_string(),
@@ -275,7 +275,8 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
             Some(want) => {
                 // A t5 entry is a directory; its sha256 is that of its weights.
                 let got = if entry.format == "t5" {
-                    recap_engine::t5::dir_sha256(&target).with_context(|| entry.id.clone())?
+                    recap_engine::models::t5::dir_sha256(&target)
+                        .with_context(|| entry.id.clone())?
                 } else {
                     sha256_file(&target)
                         .with_context(|| format!("{}: {}", entry.id, target.display()))?

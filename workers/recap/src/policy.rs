@@ -97,7 +97,7 @@ pub struct JobView {
 impl JobView {
     pub fn of(job: &Job) -> JobView {
         JobView {
-            source: recap_policy::copying::Source::new(&recap_engine::mapreduce::lines(
+            source: recap_policy::copying::Source::new(&recap_engine::pipeline::mapreduce::lines(
                 &job.transcript,
             )),
             speakers: job.speakers().len() as u32,

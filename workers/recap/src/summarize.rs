@@ -132,8 +132,9 @@ pub fn run(config: &Config, args: Args) -> Result<()> {
         cancel: Cancel::default(),
     })?;
     let rss = resident_memory();
-    let source =
-        recap_policy::copying::Source::new(&recap_engine::mapreduce::lines(&input.transcript));
+    let source = recap_policy::copying::Source::new(&recap_engine::pipeline::mapreduce::lines(
+        &input.transcript,
+    ));
     let copied = |text: &str| source.rate(text);
     if args.json {
         let out: Vec<_> = outputs

@@ -5,8 +5,8 @@
 use crate::config::Config;
 use crate::engines;
 use anyhow::{bail, Context, Result};
-use recap_engine::adapter::Target;
-use recap_engine::llm::{AdapterOptions, GgufModel, GgufOptions};
+use recap_engine::models::adapter::Target;
+use recap_engine::models::llm::{AdapterOptions, GgufModel, GgufOptions};
 use recap_eval::qmsum::{self, Setting};
 use recap_eval::rouge::Rouge;
 use recap_eval::stats::mean;
@@ -233,7 +233,10 @@ pub fn tokenize(
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     for ex in examples {
         if let Some(most) = max_target_copy {
-            let copied = copy_rate(&ex.target, &recap_engine::mapreduce::lines(&ex.transcript));
+            let copied = copy_rate(
+                &ex.target,
+                &recap_engine::pipeline::mapreduce::lines(&ex.transcript),
+            );
             if copied > most {
                 *skipped
                     .entry(format!("target copies over --max-target-copy {most}"))
@@ -281,7 +284,8 @@ fn start_from(
     base_path: &Path,
 ) -> Result<StartingAdapter> {
     let context = || format!("--init-adapter {}", dir.display());
-    let adapter = recap_engine::adapter::Adapter::load(dir, &model.layout).with_context(context)?;
+    let adapter =
+        recap_engine::models::adapter::Adapter::load(dir, &model.layout).with_context(context)?;
     adapter
         .check_base(
             dir,
@@ -292,10 +296,10 @@ fn start_from(
         .map_err(anyhow::Error::msg)
         .with_context(context)?;
     model.start_from(&adapter).with_context(context)?;
-    let weights = dir.join(recap_engine::adapter::WEIGHTS_FILE);
+    let weights = dir.join(recap_engine::models::adapter::WEIGHTS_FILE);
     Ok(StartingAdapter {
         dir: dir.display().to_string(),
-        sha256: recap_engine::llm::sha256_file(&weights).with_context(context)?,
+        sha256: recap_engine::models::llm::sha256_file(&weights).with_context(context)?,
     })
 }
 
@@ -352,7 +356,7 @@ fn train_on(
     let path = config.models_dir().join(file);
     let base_sha256 = match &entry.sha256 {
         Some(s) => s.clone(),
-        None => recap_engine::llm::sha256_file(&path)
+        None => recap_engine::models::llm::sha256_file(&path)
             .with_context(|| format!("{}: run `recap models fetch {model_id}`", path.display()))?,
     };
     let device = engines::device(config)?;
@@ -459,7 +463,7 @@ fn train_on(
             rl.push(s.rouge_l.fmeasure);
             cp.push(copy_rate(
                 &out.text,
-                &recap_engine::mapreduce::lines(&case.transcript),
+                &recap_engine::pipeline::mapreduce::lines(&case.transcript),
             ));
         }
         let scores = ValScores {

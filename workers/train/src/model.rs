@@ -9,8 +9,8 @@ use crate::ops::{causal_softmax, frozen_linear, rope};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
-use recap_engine::adapter::{Adapter, BaseLayout, LoraConfig, LoraPair, Target};
-use recap_engine::decoder::rope_tables;
+use recap_engine::models::adapter::{Adapter, BaseLayout, LoraConfig, LoraPair, Target};
+use recap_engine::models::decoder::rope_tables;
 use std::collections::BTreeMap;
 
 /// Where adapters go and how large they are.
@@ -138,7 +138,7 @@ impl TrainModel {
         spec: &LoraSpec,
         seed: u64,
     ) -> Result<TrainModel> {
-        let recap_engine::decoder::Hparams {
+        let recap_engine::models::decoder::Hparams {
             arch,
             n_head,
             n_kv_head,
@@ -148,7 +148,7 @@ impl TrainModel {
             rope_base,
             rope_dim,
             context,
-        } = recap_engine::decoder::Hparams::from_gguf(ct)?;
+        } = recap_engine::models::decoder::Hparams::from_gguf(ct)?;
         if arch != "llama" && arch != "qwen2" {
             candle_core::bail!("fine-tuning takes llama and qwen2 GGUFs, not `{arch}`");
         }

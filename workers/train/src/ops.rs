@@ -160,7 +160,7 @@ impl CustomOp1 for CausalSoftmax {
         let t = input(storage, layout)?;
         let kv_len = t.dim(D::Minus1)?;
         let mut values = t.flatten_all()?.to_vec1::<f32>()?;
-        recap_engine::attention::CausalSoftmax {
+        recap_engine::CausalSoftmax {
             seq_len: self.seq_len,
             scale: self.scale,
         }

@@ -174,7 +174,7 @@ pub enum TrainError {
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error(transparent)]
-    Adapter(#[from] recap_engine::adapter::AdapterError),
+    Adapter(#[from] recap_engine::models::adapter::AdapterError),
     #[error("training: {0}")]
     Tensor(#[from] candle_core::Error),
     #[error("{path}: {message}")]
@@ -440,8 +440,8 @@ pub fn train(
     Ok(Some(report))
 }
 
-fn adapter_info(config: &TrainConfig) -> recap_engine::adapter::RecapAdapterInfo {
-    recap_engine::adapter::RecapAdapterInfo {
+fn adapter_info(config: &TrainConfig) -> recap_engine::models::adapter::RecapAdapterInfo {
+    recap_engine::models::adapter::RecapAdapterInfo {
         base_sha256: config.base_sha256.clone(),
         base_model: Some(config.base_model.clone()),
         prompt_order: Some(config.prompt_order.clone()),
@@ -467,7 +467,10 @@ fn write_report(out: &Path, report: &TrainReport) -> Result<(), TrainError> {
         message: e.to_string(),
     };
     let json = serde_json::to_string_pretty(report).map_err(|e| io(out, &e))?;
-    recap_engine::adapter::write_atomic(&out.join("train.json"), &json)?;
-    recap_engine::adapter::write_atomic(&out.join("loss.svg"), &crate::report::loss_svg(report))?;
+    recap_engine::models::adapter::write_atomic(&out.join("train.json"), &json)?;
+    recap_engine::models::adapter::write_atomic(
+        &out.join("loss.svg"),
+        &crate::report::loss_svg(report),
+    )?;
     Ok(())
 }

@@ -6,8 +6,8 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use recap_engine::adapter::{Adapter, Target};
-use recap_engine::decoder::DenseDecoder;
+use recap_engine::models::adapter::{Adapter, Target};
+use recap_engine::models::decoder::DenseDecoder;
 use recap_train::model::{Dropout, LoraSpec, Pass, TrainModel};
 use recap_train::optim::Decay;
 use recap_train::testing::write_tiny_gguf;
@@ -447,8 +447,8 @@ fn a_diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
 // it is refused, naming both sides; the right one loads.
 #[test]
 fn an_adapter_for_another_base_is_refused() {
-    use recap_engine::adapter::RecapAdapterInfo;
-    use recap_engine::llm::{sha256_file, AdapterOptions, GgufModel, GgufOptions};
+    use recap_engine::models::adapter::RecapAdapterInfo;
+    use recap_engine::models::llm::{sha256_file, AdapterOptions, GgufModel, GgufOptions};
     let dir = tempfile::tempdir().unwrap();
     let base = tiny(dir.path(), "llama");
     let other = dir.path().join("other.gguf");

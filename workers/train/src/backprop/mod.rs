@@ -26,7 +26,7 @@ use kernels::{
 };
 use matmul::{matmul, View, ViewMut};
 use rayon::prelude::*;
-use recap_engine::adapter::{BaseLayout, Target};
+use recap_engine::models::adapter::{BaseLayout, Target};
 use std::collections::BTreeMap;
 use std::ops::Deref;
 

@@ -2,11 +2,13 @@
 //! weights and tokenizer from one GGUF file, the file's own chat template,
 //! chunked map-reduce for transcripts longer than the context budget.
 
-use crate::generate::{finished_text, generate, model_err, Decoder, GenParams, Generation};
-use crate::mapreduce::{self, Step};
-use crate::prompts::{self, ChatTemplate};
+use crate::pipeline::generate::{
+    finished_text, generate, model_err, Decoder, GenParams, Generation,
+};
+use crate::pipeline::mapreduce::{self, Step};
+use crate::pipeline::prompts::{self, ChatTemplate};
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
-use crate::tokenizer::GgufTokenizer;
+use crate::tokenize::GgufTokenizer;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama};
@@ -21,7 +23,7 @@ mod batch;
 #[derive(Clone)]
 enum Weights {
     /// Dense llama and qwen2: recap's own decoder (prompt GEMM, forkable).
-    Dense(crate::decoder::DenseDecoder),
+    Dense(crate::models::decoder::DenseDecoder),
     /// Mixture-of-experts llama GGUFs: candle's.
     Llama(quantized_llama::ModelWeights),
     Gemma3(quantized_gemma3::ModelWeights),
@@ -132,12 +134,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// Checks an adapter against the base (its recorded base sha256, its
 /// file's sha256, every shape) and puts it on the decoder.
 fn apply_adapter(
-    dense: &mut crate::decoder::DenseDecoder,
+    dense: &mut crate::models::decoder::DenseDecoder,
     base_path: &Path,
     opts: &GgufOptions,
     a: &AdapterOptions,
 ) -> Result<(), EngineError> {
-    use crate::adapter::{Adapter, WEIGHTS_FILE};
+    use crate::models::adapter::{Adapter, WEIGHTS_FILE};
     let weights_file = a.dir.join(WEIGHTS_FILE);
     if let Some(want) = &a.sha256 {
         let got = sha256_file(&weights_file).map_err(|e| bad_model(&weights_file, e))?;
@@ -223,7 +225,7 @@ impl GgufModel {
             .unwrap_or(0);
         let weights = match arch.as_str() {
             "llama" | "qwen2" if experts <= 1 => Weights::Dense(
-                crate::decoder::DenseDecoder::from_gguf(&ct, &mut file, &opts.device)
+                crate::models::decoder::DenseDecoder::from_gguf(&ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading {arch} weights: {e}")))?,
             ),
             "llama" => Weights::Llama(
@@ -346,7 +348,7 @@ impl GgufModel {
         head: &[u32],
         req: &SummarizeRequest<'_>,
     ) -> Result<f64, EngineError> {
-        crate::generate::may_start(&req.cancel, req.deadline)?;
+        crate::pipeline::generate::may_start(&req.cancel, req.deadline)?;
         weights.clear_cache();
         let started = std::time::Instant::now();
         if !head.is_empty() {
@@ -401,7 +403,7 @@ impl GgufModel {
         // the head (summarize_shared_prefix), so that both give the same
         // numbers to the last bit, and so the same text.
         let head_ms = self.prefill_head(&mut weights, &head, req)?;
-        let mut g = crate::generate::generate_at(
+        let mut g = crate::pipeline::generate::generate_at(
             &mut *weights,
             &self.device,
             &tail,
@@ -602,7 +604,7 @@ impl GgufModel {
                 ..GenParams::default()
             };
             let mut fork = snapshot.clone();
-            let g = crate::generate::generate_at(
+            let g = crate::pipeline::generate::generate_at(
                 &mut fork,
                 &self.device,
                 &tail,

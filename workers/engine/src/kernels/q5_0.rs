@@ -7,7 +7,7 @@
 //! AVX2 the fifth bits are spread to bytes by a shuffle and a compare, and
 //! the signed products run 32 lanes at a time.
 
-use crate::qdot::{BlockFormat, Q8Block, QK};
+use crate::kernels::qdot::{BlockFormat, Q8Block, QK};
 
 /// Bytes of one Q5_0 block: f16 scale, 32 fifth bits (bit j for element j),
 /// 16 bytes of low nibbles (element j in the low nibble of byte j, element
@@ -23,7 +23,7 @@ impl BlockFormat for Q5_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
     fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-        crate::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
+        crate::kernels::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             let mut sumi = 0i32;
             for j in 0..QK / 2 {
@@ -62,7 +62,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
         // The block's scale (the second half read is part of `qh`).
-        let (d, _) = crate::qdot::two_halves(b);
+        let (d, _) = crate::kernels::qdot::two_halves(b);
         let qh = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         // SAFETY: `b` holds 22 bytes, so 16 can be read at offset 6; `xb.q`
         // holds 32 bytes. Unaligned loads.
@@ -76,9 +76,9 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         // (nibble | 0xF0 = nibble − 16); a set one leaves nibble = q5 − 16.
         let q5 = _mm256_or_si256(q4, _mm256_andnot_si256(bits, high_nibble));
         let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-        acc = crate::qdot::fma_signed_products(acc, q5, q8, d * xb.d);
+        acc = crate::kernels::qdot::fma_signed_products(acc, q5, q8, d * xb.d);
     }
-    crate::qdot::hsum(acc)
+    crate::kernels::qdot::hsum(acc)
 }
 
 #[cfg(test)]
@@ -87,7 +87,7 @@ mod tests {
 
     /// Q5_0 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
+        crate::kernels::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             let q: Vec<u8> = (0..QK).map(|_| (next() % 32) as u8).collect();
             let qh = q
                 .iter()
@@ -101,5 +101,5 @@ mod tests {
         })
     }
 
-    crate::qdot::kernel_proptests!(Q5_0, candle: Q5_0);
+    crate::kernels::qdot::kernel_proptests!(Q5_0, candle: Q5_0);
 }

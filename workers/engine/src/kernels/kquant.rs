@@ -5,7 +5,7 @@
 //! kernels round otherwise), and the product is split the way the token's
 //! other products are (`qdot::for_each_chunk`).
 
-use crate::qdot::RowKernel;
+use crate::kernels::qdot::RowKernel;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, GgmlType, QK_K};
 use std::marker::PhantomData;
 
@@ -23,7 +23,7 @@ unsafe impl PlainBlocks for BlockQ5K {}
 // SAFETY: as Q4_K (u8 and i8 arrays, f16).
 unsafe impl PlainBlocks for BlockQ6K {}
 
-/// The format of candle's block type `T`, for [`crate::qdot::matmul`].
+/// The format of candle's block type `T`, for [`crate::kernels::qdot::matmul`].
 pub struct KQuant<T>(PhantomData<T>);
 
 impl<T: PlainBlocks> RowKernel for KQuant<T> {
@@ -52,11 +52,11 @@ impl<T: PlainBlocks> RowKernel for KQuant<T> {
 }
 
 /// `Y = X Wᵀ` for a weight in candle's blocks `T` (`weights` its raw bytes,
-/// n × k), as [`crate::qdot::matmul`]. Bytes that are not aligned for `T`
+/// n × k), as [`crate::kernels::qdot::matmul`]. Bytes that are not aligned for `T`
 /// (never candle's own storage) are copied once into an aligned buffer.
 pub fn matmul<T: PlainBlocks>(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
     if weights.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
-        return crate::qdot::matmul::<KQuant<T>>(weights, n, k, xs);
+        return crate::kernels::qdot::matmul::<KQuant<T>>(weights, n, k, xs);
     }
     // u64 words: aligned for any of candle's block types.
     let mut words = vec![0u64; weights.len().div_ceil(8)];
@@ -65,7 +65,7 @@ pub fn matmul<T: PlainBlocks>(weights: &[u8], n: usize, k: usize, xs: &[f32]) ->
     let aligned =
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), weights.len()) };
     aligned.copy_from_slice(weights);
-    crate::qdot::matmul::<KQuant<T>>(aligned, n, k, xs)
+    crate::kernels::qdot::matmul::<KQuant<T>>(aligned, n, k, xs)
 }
 
 #[cfg(test)]
@@ -77,7 +77,7 @@ mod tests {
     /// Weights of `n` rows of `k` values quantized by candle to `dtype`:
     /// the blocks' bytes and the values candle reads back from them.
     fn weights(dtype: GgmlDType, n: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        let mut next = crate::qdot::testing::xorshift(seed);
+        let mut next = crate::kernels::qdot::testing::xorshift(seed);
         let vals: Vec<f32> = (0..n * k)
             .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();
@@ -91,7 +91,7 @@ mod tests {
     }
 
     fn input(k: usize, seed: u32) -> Vec<f32> {
-        let mut next = crate::qdot::testing::xorshift(seed);
+        let mut next = crate::kernels::qdot::testing::xorshift(seed);
         (0..k)
             .map(|_| (next() % 801) as f32 / 100.0 - 4.0)
             .collect()
@@ -156,7 +156,7 @@ mod tests {
         let (n, k) = (70, 3 * QK_K);
         let (w, _) = weights(GgmlDType::Q4K, n, k, 7);
         let xs: Vec<f32> = (0..5).flat_map(|i| input(k, 50 + i)).collect();
-        let r = crate::qdot::testing::check_rows_alone(matmul::<BlockQ4K>, &w, n, k, &xs);
+        let r = crate::kernels::qdot::testing::check_rows_alone(matmul::<BlockQ4K>, &w, n, k, &xs);
         assert!(r.is_ok(), "{r:?}");
         // The same bytes one byte off their alignment.
         let mut shifted = vec![0u8; w.len() + 1];

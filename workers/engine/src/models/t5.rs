@@ -3,9 +3,9 @@
 //! `tokenizer.json`, in f32 or bf16 (FLAN-T5 overflows to NaN in f16, so
 //! f16 is refused).
 
-use crate::generate::{finished_text, generate, Decoder, GenParams, Generation};
-use crate::mapreduce::{self, Step};
-use crate::prompts;
+use crate::pipeline::generate::{finished_text, generate, Decoder, GenParams, Generation};
+use crate::pipeline::mapreduce::{self, Step};
+use crate::pipeline::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -109,12 +109,12 @@ pub fn dir_sha256(dir: &Path) -> Result<String, EngineError> {
 pub fn weights_sha256(files: &[std::path::PathBuf]) -> Result<String, EngineError> {
     use sha2::{Digest, Sha256};
     if let [one] = files {
-        return Ok(crate::llm::sha256_file(one)?);
+        return Ok(crate::models::llm::sha256_file(one)?);
     }
     let mut listing = Sha256::new();
     for f in files {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        listing.update(format!("{}  {name}\n", crate::llm::sha256_file(f)?));
+        listing.update(format!("{}  {name}\n", crate::models::llm::sha256_file(f)?));
     }
     Ok(hex::encode(listing.finalize()))
 }
@@ -272,7 +272,7 @@ impl T5Summarizer {
         };
         let overhead = self.count(prompts::instruction(kind)) + 16;
         let budget = self.max_input.saturating_sub(overhead).max(32);
-        let suffix = crate::llm::language_suffix(req.language);
+        let suffix = crate::models::llm::language_suffix(req.language);
         let count = |s: &str| self.count(s);
         let task = prompts::task(kind, req.query);
         mapreduce::summarize_kind(req.transcript, kind, budget, &count, &mut |step| {

@@ -7,7 +7,7 @@
 //! ggml's scheme (`ggml_vec_dot_q8_0_q8_0`): each weight block contributes
 //! `dw·dx·Σ qw·qx`, the signed products 32 lanes at a time.
 
-use crate::qdot::{BlockFormat, Q8Block};
+use crate::kernels::qdot::{BlockFormat, Q8Block};
 
 /// Bytes of one Q8_0 block: f16 scale, then 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
@@ -21,7 +21,7 @@ impl BlockFormat for Q8_0 {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
     fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
-        crate::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
+        crate::kernels::qdot::dot_scaled_blocks(w, x, BLOCK_BYTES, |b, q| {
             b[2..]
                 .iter()
                 .zip(q)
@@ -43,24 +43,24 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     use std::arch::x86_64::*;
     let mut acc = _mm256_setzero_ps();
     for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-        let (d, _) = crate::qdot::two_halves(b);
+        let (d, _) = crate::kernels::qdot::two_halves(b);
         // SAFETY: `b` holds 34 bytes, so 32 can be read at offset 2; `xb.q`
         // holds 32 bytes. Unaligned loads.
         let qw = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
         let qx = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-        acc = crate::qdot::fma_signed_products(acc, qw, qx, d * xb.d);
+        acc = crate::kernels::qdot::fma_signed_products(acc, qw, qx, d * xb.d);
     }
-    crate::qdot::hsum(acc)
+    crate::kernels::qdot::hsum(acc)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qdot::QK;
+    use crate::kernels::qdot::QK;
 
     /// Q8_0 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
+        crate::kernels::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             for _ in 0..QK {
                 // The whole i8 range, -128 included.
                 let q = (next() % 256) as u8;
@@ -70,5 +70,5 @@ mod tests {
         })
     }
 
-    crate::qdot::kernel_proptests!(Q8_0, candle: Q8_0);
+    crate::kernels::qdot::kernel_proptests!(Q8_0, candle: Q8_0);
 }

@@ -10,18 +10,18 @@ pub const PROMPT_VERSION: &str = "v1";
 /// Lines of the prompts' own scaffolding, removed when a model echoes them.
 pub const SCAFFOLDING: [&str; 3] = ["Meeting transcript:", "Partial summaries:", "\"\"\""];
 
-const SYSTEM: &str = include_str!("../prompts/v1/system.txt");
-const USER: &str = include_str!("../prompts/v1/user.txt");
-const USER_TRANSCRIPT_FIRST: &str = include_str!("../prompts/v1/user_transcript_first.txt");
-const REDUCE: &str = include_str!("../prompts/v1/reduce.txt");
-const FLAN: &str = include_str!("../prompts/v1/flan.txt");
+const SYSTEM: &str = include_str!("../../prompts/v1/system.txt");
+const USER: &str = include_str!("../../prompts/v1/user.txt");
+const USER_TRANSCRIPT_FIRST: &str = include_str!("../../prompts/v1/user_transcript_first.txt");
+const REDUCE: &str = include_str!("../../prompts/v1/reduce.txt");
+const FLAN: &str = include_str!("../../prompts/v1/flan.txt");
 
 pub fn instruction(kind: SummaryKind) -> &'static str {
     match kind {
-        SummaryKind::Overview => include_str!("../prompts/v1/overview.txt"),
-        SummaryKind::ActionItems => include_str!("../prompts/v1/action_items.txt"),
-        SummaryKind::Decisions => include_str!("../prompts/v1/decisions.txt"),
-        SummaryKind::Short => include_str!("../prompts/v1/short.txt"),
+        SummaryKind::Overview => include_str!("../../prompts/v1/overview.txt"),
+        SummaryKind::ActionItems => include_str!("../../prompts/v1/action_items.txt"),
+        SummaryKind::Decisions => include_str!("../../prompts/v1/decisions.txt"),
+        SummaryKind::Short => include_str!("../../prompts/v1/short.txt"),
     }
     .trim()
 }

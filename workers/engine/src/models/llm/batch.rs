@@ -10,10 +10,10 @@
 //! after another, as `summarize` runs them.
 
 use super::{finished_text, GgufModel, Weights};
-use crate::decoder::DenseDecoder;
-use crate::generate::{may_start, model_err, GenParams, Stream};
-use crate::mapreduce::{self, Step};
-use crate::prompts;
+use crate::models::decoder::DenseDecoder;
+use crate::pipeline::generate::{may_start, model_err, GenParams, Stream};
+use crate::pipeline::mapreduce::{self, Step};
+use crate::pipeline::prompts;
 use crate::summarizer::{EngineError, SummarizeRequest, Summarizer, SummaryOutput};
 use candle_core::{Device, IndexOp, Tensor};
 use recap_job::SummaryKind;

@@ -7,6 +7,8 @@
 //! parsed only when asked, as llama.cpp's `parse_special` does; user-defined
 //! tokens are always matched whole, as in llama.cpp.
 
+pub mod spm;
+
 use crate::summarizer::EngineError;
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::models::bpe::BPE;
@@ -46,7 +48,7 @@ enum Backend {
         plain: Box<Tokenizer>,
     },
     /// SentencePiece-style (`llama`), as llama.cpp's SPM tokenizer.
-    Spm(Box<crate::spm::Spm>),
+    Spm(Box<crate::tokenize::spm::Spm>),
 }
 
 fn bad(msg: impl Into<String>) -> EngineError {
@@ -289,7 +291,7 @@ impl GgufTokenizer {
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| "spm".into());
         Ok(GgufTokenizer {
-            backend: Backend::Spm(Box::new(crate::spm::Spm::new(
+            backend: Backend::Spm(Box::new(crate::tokenize::spm::Spm::new(
                 tokens.clone(),
                 scores,
                 &types,

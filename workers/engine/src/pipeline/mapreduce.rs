@@ -3,8 +3,8 @@
 //! chunk summarized) then reduce (partials merged, in rounds while they
 //! overflow). Never a silent truncation: the output says how many chunks.
 
-use crate::chunking::{pack, split_oversize};
-use crate::generate::Generation;
+use crate::pipeline::chunking::{pack, split_oversize};
+use crate::pipeline::generate::Generation;
 use crate::summarizer::{Confidence, EngineError, SummaryOutput};
 use recap_job::{SummaryKind, Utterance};
 use std::time::Instant;

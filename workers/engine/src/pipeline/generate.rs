@@ -293,7 +293,7 @@ pub fn clean_output(raw: &str, stop_strings: &[String]) -> String {
     for line in text.lines() {
         let line = line.trim_end();
         // Small models sometimes echo the prompt's own scaffolding.
-        if crate::prompts::SCAFFOLDING
+        if crate::pipeline::prompts::SCAFFOLDING
             .iter()
             .any(|s| line.trim() == *s)
             || line.trim_start().starts_with("Task:")

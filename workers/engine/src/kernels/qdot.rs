@@ -315,17 +315,17 @@ pub fn matmul<F: RowKernel>(weights: &[u8], n: usize, k: usize, xs: &[f32]) -> V
 #[cfg(test)]
 macro_rules! kernel_proptests {
     ($format:ty, candle: $dtype:ident) => {
-        crate::qdot::kernel_proptests!($format);
+        crate::kernels::qdot::kernel_proptests!($format);
 
         #[test]
         fn blocks_and_products_equal_candles() {
             let (n, k) = (64, 896);
             let (w, vals) = weights(n, k, 11);
-            let r = crate::qdot::testing::check_against_candle(
+            let r = crate::kernels::qdot::testing::check_against_candle(
                 candle_core::quantized::GgmlDType::$dtype,
                 (&w, &vals),
                 (n, k),
-                crate::qdot::matmul::<$format>,
+                crate::kernels::qdot::matmul::<$format>,
             );
             assert!(r.is_ok(), "{r:?}");
         }
@@ -339,11 +339,11 @@ macro_rules! kernel_proptests {
                 seed in proptest::prelude::any::<u32>(),
                 x in proptest::collection::vec(-4f32..4.0, 192),
             ) {
-                use crate::qdot::BlockFormat;
-                let k = blocks * crate::qdot::QK;
+                use crate::kernels::qdot::BlockFormat;
+                let k = blocks * crate::kernels::qdot::QK;
                 let (w, vals) = weights(rows, k, seed);
-                let r = crate::qdot::testing::check_matvec(
-                    crate::qdot::matmul::<$format>,
+                let r = crate::kernels::qdot::testing::check_matvec(
+                    crate::kernels::qdot::matmul::<$format>,
                     <$format>::dot_scalar,
                     <$format>::BLOCK_BYTES,
                     (&w, &vals),
@@ -361,8 +361,8 @@ macro_rules! kernel_proptests {
                 x in proptest::collection::vec(-4f32..4.0, 20 * 96),
             ) {
                 let (w, _) = weights(n, 96, seed);
-                let r = crate::qdot::testing::check_rows_alone(
-                    crate::qdot::matmul::<$format>, &w, n, 96, &x[..m * 96],
+                let r = crate::kernels::qdot::testing::check_rows_alone(
+                    crate::kernels::qdot::matmul::<$format>, &w, n, 96, &x[..m * 96],
                 );
                 proptest::prop_assert!(r.is_ok(), "{:?}", r);
             }

@@ -7,7 +7,7 @@
 //! `d4·d8·Σ q4·q8 + m4·(d8·Σ q8)`; with AVX2 the integer products run 32
 //! lanes at a time (`maddubs`).
 
-use crate::qdot::{BlockFormat, Q8Block, MANY, QK};
+use crate::kernels::qdot::{BlockFormat, Q8Block, MANY, QK};
 use half::f16;
 
 /// Bytes of one Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles
@@ -63,7 +63,7 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
     for (b, xb) in w.chunks_exact(BLOCK_BYTES).zip(x) {
-        let (d, m) = crate::qdot::two_halves(b);
+        let (d, m) = crate::kernels::qdot::two_halves(b);
         // SAFETY: `b` holds 20 bytes, so 16 can be read at offset 4; `xb.q`
         // holds 32 bytes. Unaligned loads.
         let packed = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
@@ -72,11 +72,11 @@ unsafe fn dot_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         let q4 = _mm256_set_m128i(hi, lo);
         let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
         // u8 (≤ 15) × i8 pairs summed to i16: at most 2·15·128, no saturation.
-        let p32 = crate::qdot::sum_u8_i8(q4, q8);
+        let p32 = crate::kernels::qdot::sum_u8_i8(q4, q8);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
         mins += m * xb.s;
     }
-    crate::qdot::hsum(acc) + mins
+    crate::kernels::qdot::hsum(acc) + mins
 }
 
 /// `dot_avx2` of one weight row with up to `MANY` inputs: each block's
@@ -91,7 +91,7 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
     let mut acc = [_mm256_setzero_ps(); MANY];
     let mut mins = [0f32; MANY];
     for (bi, b) in w.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (d, mn) = crate::qdot::two_halves(b);
+        let (d, mn) = crate::kernels::qdot::two_halves(b);
         // SAFETY: as in `dot_avx2`: 16 bytes at offset 4 of a 20-byte block.
         let packed = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
         let lo = _mm_and_si128(packed, low);
@@ -101,14 +101,14 @@ unsafe fn dot_many_avx2(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32]) {
             let xb = &xs[j][bi];
             // SAFETY: `xb.q` holds 32 bytes.
             let q8 = _mm256_loadu_si256(xb.q.as_ptr() as *const __m256i);
-            let p32 = crate::qdot::sum_u8_i8(q4, q8);
+            let p32 = crate::kernels::qdot::sum_u8_i8(q4, q8);
             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[j]);
             mins[j] += mn * xb.s;
         }
     }
     for j in 0..m {
         let a = acc[j];
-        out[j] = crate::qdot::hsum(a) + mins[j];
+        out[j] = crate::kernels::qdot::hsum(a) + mins[j];
     }
 }
 
@@ -118,7 +118,7 @@ mod tests {
 
     /// Q4_1 blocks for `rows` × `k` random-ish values, and their f32 values.
     fn weights(rows: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
-        crate::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
+        crate::kernels::qdot::testing::blocks(rows, k, seed, |next, d, bytes, vals| {
             let m = f16::from_f32(-((next() % 1000) as f32) / 5000.0);
             bytes.extend(m.to_le_bytes());
             let nibbles: Vec<u8> = (0..QK).map(|_| (next() % 16) as u8).collect();
@@ -129,5 +129,5 @@ mod tests {
         })
     }
 
-    crate::qdot::kernel_proptests!(Q4_1);
+    crate::kernels::qdot::kernel_proptests!(Q4_1);
 }

@@ -23,7 +23,7 @@ pub struct CausalSoftmax {
 impl CausalSoftmax {
     pub fn apply(&self, scores: &mut [f32], kv_len: usize) {
         let first = kv_len.saturating_sub(self.seq_len);
-        crate::qdot::for_each_chunk(scores, kv_len, |r, row| {
+        crate::kernels::qdot::for_each_chunk(scores, kv_len, |r, row| {
             let visible = (first + r % self.seq_len.max(1) + 1).min(row.len());
             let (seen, hidden) = row.split_at_mut(visible);
             let mut max = f32::NEG_INFINITY;
@@ -119,7 +119,7 @@ unsafe fn dot_avx2(q: &[f32], k: &[f16]) -> f32 {
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), k1, a1);
         i += 16;
     }
-    let mut sum = crate::qdot::hsum(_mm256_add_ps(a0, a1));
+    let mut sum = crate::kernels::qdot::hsum(_mm256_add_ps(a0, a1));
     for j in i..n {
         sum += q[j] * k[j].to_f32();
     }
@@ -176,11 +176,11 @@ mod tests {
             q in proptest::collection::vec(-4f32..4.0, 1..200),
             seed in any::<u32>(),
         ) {
-            let mut next = crate::qdot::testing::xorshift(seed);
+            let mut next = crate::kernels::qdot::testing::xorshift(seed);
             let k: Vec<f16> = q.iter().map(|_| f16::from_f32((next() % 2001) as f32 / 500.0 - 2.0)).collect();
             let plain = dot(&q, &k, false);
             let scale: f32 = q.iter().zip(&k).map(|(a, b)| (a * b.to_f32()).abs()).sum();
-            prop_assert!(close(dot(&q, &k, crate::qdot::has_avx2()), plain, scale));
+            prop_assert!(close(dot(&q, &k, crate::kernels::qdot::has_avx2()), plain, scale));
         }
 
         #[test]
@@ -192,7 +192,7 @@ mod tests {
             seed in any::<u32>(),
         ) {
             let kv_len = cached + seq_len;
-            let mut next = crate::qdot::testing::xorshift(seed);
+            let mut next = crate::kernels::qdot::testing::xorshift(seed);
             let scores: Vec<f32> = (0..heads * seq_len * kv_len)
                 .map(|_| (next() % 4001) as f32 / 100.0 - 20.0)
                 .collect();
@@ -218,14 +218,14 @@ mod tests {
             seed in any::<u32>(),
         ) {
             let stride = d + extra;
-            let mut next = crate::qdot::testing::xorshift(seed);
+            let mut next = crate::kernels::qdot::testing::xorshift(seed);
             let weights: Vec<f32> = (0..rows).map(|_| (next() % 1000) as f32 / 1000.0).collect();
             let values: Vec<f16> = (0..rows * stride)
                 .map(|_| f16::from_f32((next() % 2001) as f32 / 500.0 - 2.0))
                 .collect();
             let (mut plain, mut simd) = (vec![1f32; d], vec![1f32; d]);
             weighted_sum(&mut plain, &weights, &values, stride, false);
-            weighted_sum(&mut simd, &weights, &values, stride, crate::qdot::has_avx2());
+            weighted_sum(&mut simd, &weights, &values, stride, crate::kernels::qdot::has_avx2());
             for j in 0..d {
                 let scale: f32 = (0..rows).map(|t| (weights[t] * values[t * stride + j].to_f32()).abs()).sum();
                 prop_assert!(close(simd[j], plain[j], scale), "lane {}: {} vs {}", j, simd[j], plain[j]);

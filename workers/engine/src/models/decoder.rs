@@ -12,7 +12,7 @@
 //!   kernels, which read 4-5 bits a weight instead of 32;
 //! - the model is cheap to clone and its KV cache is plain tensors (f16 on
 //!   CPU), so a
-//!   prefilled prefix can be forked: [`crate::llm`] prefills a transcript
+//!   prefilled prefix can be forked: [`crate::models::llm`] prefills a transcript
 //!   once and continues each summary kind from a clone.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K};
@@ -59,7 +59,7 @@ impl QLinear {
 
     /// Adds `scale · B A` beside the weight (unmerged): the base's
     /// quantized kernels stay, and the adapter costs two thin products.
-    fn adapt(&mut self, pair: &crate::adapter::LoraPair, scale: f64) -> Result<()> {
+    fn adapt(&mut self, pair: &crate::models::adapter::LoraPair, scale: f64) -> Result<()> {
         let device = self.quantized_device();
         let a_t = pair.a.t()?.contiguous()?.to_device(&device)?;
         let b_t = (pair.b.t()?.contiguous()? * scale)?.to_device(&device)?;
@@ -69,7 +69,7 @@ impl QLinear {
 
     /// Folds `scale · B A` into the weight, kept as f32 (requantizing would
     /// round most of a small update away).
-    fn merge(&mut self, pair: &crate::adapter::LoraPair, scale: f64) -> Result<()> {
+    fn merge(&mut self, pair: &crate::models::adapter::LoraPair, scale: f64) -> Result<()> {
         let device = self.quantized_device();
         let w = self.weight.dequantize(&device)?.to_device(&Device::Cpu)?;
         let delta = (pair.b.matmul(&pair.a)? * scale)?;
@@ -135,12 +135,12 @@ impl QLinear {
         // recap's own kernels where candle's are scalar (see `qdot`), and
         // candle's K-quant dot products on recap's pool (see `kquant`).
         let own: Option<RowsProduct> = match self.weight.dtype() {
-            GgmlDType::Q4_1 => Some(crate::qdot::matmul::<crate::q4_1::Q4_1>),
-            GgmlDType::Q5_0 => Some(crate::qdot::matmul::<crate::q5_0::Q5_0>),
-            GgmlDType::Q8_0 => Some(crate::qdot::matmul::<crate::q8_0::Q8_0>),
-            GgmlDType::Q4K => Some(crate::kquant::matmul::<BlockQ4K>),
-            GgmlDType::Q5K => Some(crate::kquant::matmul::<BlockQ5K>),
-            GgmlDType::Q6K => Some(crate::kquant::matmul::<BlockQ6K>),
+            GgmlDType::Q4_1 => Some(crate::kernels::qdot::matmul::<crate::kernels::q4_1::Q4_1>),
+            GgmlDType::Q5_0 => Some(crate::kernels::qdot::matmul::<crate::kernels::q5_0::Q5_0>),
+            GgmlDType::Q8_0 => Some(crate::kernels::qdot::matmul::<crate::kernels::q8_0::Q8_0>),
+            GgmlDType::Q4K => Some(crate::kernels::kquant::matmul::<BlockQ4K>),
+            GgmlDType::Q5K => Some(crate::kernels::kquant::matmul::<BlockQ5K>),
+            GgmlDType::Q6K => Some(crate::kernels::kquant::matmul::<BlockQ6K>),
             _ => None,
         };
         let y = if let (Some(matmul), true) = (own, x.device().is_cpu()) {
@@ -331,7 +331,7 @@ impl Layer {
         let q = q.reshape((b, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
         let scores = q.matmul(&k.t()?)?;
         let att = if scores.device().is_cpu() {
-            scores.inplace_op1(&crate::attention::CausalSoftmax {
+            scores.inplace_op1(&crate::kernels::attention::CausalSoftmax {
                 seq_len,
                 // As the tensor path's division by √d rounds it.
                 scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
@@ -380,7 +380,7 @@ impl Layer {
             }
             _ => candle_core::bail!("attend_one runs on CPU f16 caches"),
         };
-        let simd = crate::qdot::has_avx2();
+        let simd = crate::kernels::qdot::has_avx2();
         let scale = 1.0 / (d as f32).sqrt();
         // Each KV head's positions in `splits` pieces, so that the pieces
         // share the pool's threads evenly (SmolLM2's 3 KV heads on 2 threads
@@ -405,7 +405,7 @@ impl Layer {
             for t in lo..hi {
                 let kr = &ks[base + t * d..base + (t + 1) * d];
                 for (r, qh) in qs.chunks_exact(d).enumerate() {
-                    scores[r * n + t - lo] = crate::attention::dot(qh, kr, simd) * scale;
+                    scores[r * n + t - lo] = crate::kernels::attention::dot(qh, kr, simd) * scale;
                 }
             }
             for (row, out) in scores
@@ -418,7 +418,13 @@ impl Layer {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                crate::attention::weighted_sum(&mut out[..d], row, &vs[base + lo * d..], d, simd);
+                crate::kernels::attention::weighted_sum(
+                    &mut out[..d],
+                    row,
+                    &vs[base + lo * d..],
+                    d,
+                    simd,
+                );
                 out[d] = max;
                 out[d + 1] = sum;
             }
@@ -426,7 +432,7 @@ impl Layer {
         let mut parts = vec![0f32; self.n_kv_head * splits * per_piece];
         // Waking the pool costs more than a short cache takes on one thread.
         if self.n_head * kv_len * d >= 1 << 16 {
-            crate::qdot::for_each_chunk(&mut parts, per_piece, piece);
+            crate::kernels::qdot::for_each_chunk(&mut parts, per_piece, piece);
         } else {
             for (p, part) in parts.chunks_mut(per_piece).enumerate() {
                 piece(p, part);
@@ -678,11 +684,11 @@ impl DenseDecoder {
     }
 
     /// The shapes an adapter must fit.
-    pub fn layout(&self) -> Result<crate::adapter::BaseLayout> {
+    pub fn layout(&self) -> Result<crate::models::adapter::BaseLayout> {
         let Some(l) = self.layers.first() else {
             candle_core::bail!("a decoder without layers");
         };
-        Ok(crate::adapter::BaseLayout {
+        Ok(crate::models::adapter::BaseLayout {
             n_layer: self.layers.len(),
             n_embd: l.wq.dims()?.1,
             n_head: l.n_head,
@@ -695,8 +701,12 @@ impl DenseDecoder {
     /// Puts a LoRA adapter on the projections it names, unmerged (beside
     /// the quantized weights) or merged into f32 weights. The adapter was
     /// checked against [`DenseDecoder::layout`] when it was loaded.
-    pub fn apply_adapter(&mut self, adapter: &crate::adapter::Adapter, merge: bool) -> Result<()> {
-        use crate::adapter::Target;
+    pub fn apply_adapter(
+        &mut self,
+        adapter: &crate::models::adapter::Adapter,
+        merge: bool,
+    ) -> Result<()> {
+        use crate::models::adapter::Target;
         let scale = adapter.scale();
         for (&(i, target), pair) in &adapter.pairs {
             let Some(layer) = self.layers.get_mut(i) else {
@@ -899,7 +909,7 @@ mod tests {
     fn k_quant_products_of_prompts_and_rows_match_the_f32_product() {
         let dev = Device::Cpu;
         let (n, k, rows) = (48, 512, 12);
-        let mut next = crate::qdot::testing::xorshift(5);
+        let mut next = crate::kernels::qdot::testing::xorshift(5);
         let mut r = |len: usize| -> Vec<f32> {
             (0..len)
                 .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
@@ -961,7 +971,7 @@ mod tests {
 
     /// `n` values in [-4, 4], the same for the same seed.
     fn random_values(n: usize, seed: u32) -> Vec<f32> {
-        let mut next = crate::qdot::testing::xorshift(seed);
+        let mut next = crate::kernels::qdot::testing::xorshift(seed);
         (0..n)
             .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
             .collect()
