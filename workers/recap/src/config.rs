@@ -887,7 +887,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/recap.toml");
         let c = Config::from_file(&path).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.tier_model(Tier::Compact), Some("smollm2-135m-qmsum-lora"));
+        assert_eq!(
+            c.tier_model(Tier::Compact),
+            Some("smollm2-135m-qmsum-3pass-lora")
+        );
     }
 
     #[test]
