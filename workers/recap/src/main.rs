@@ -237,10 +237,19 @@ async fn migrate(config: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn run_router(config: Arc<Config>) -> Result<()> {
+/// What the router and the workers start with: shutdown on SIGTERM and
+/// SIGINT, the database pool, and the probes and metrics listener (not
+/// ready until the role says so).
+struct Started {
+    shutdown: shutdown::Shutdown,
+    pool: sqlx::PgPool,
+    readiness: Arc<probes::Readiness>,
+}
+
+async fn start_role(config: &Config) -> Result<Started> {
     let (trigger, shutdown) = shutdown::channel();
     shutdown::on_signals(trigger)?;
-    let pool = store::connect(&config).await?;
+    let pool = store::connect(config).await?;
     let readiness = Arc::new(probes::Readiness::default());
     probes::serve(
         &config.metrics.listen,
@@ -250,6 +259,19 @@ async fn run_router(config: Arc<Config>) -> Result<()> {
         },
     )
     .await?;
+    Ok(Started {
+        shutdown,
+        pool,
+        readiness,
+    })
+}
+
+async fn run_router(config: Arc<Config>) -> Result<()> {
+    let Started {
+        shutdown,
+        pool,
+        readiness,
+    } = start_role(&config).await?;
     let policy = policy::SharedPolicy::new(policy::load(&config)?);
     policy.reload_on_sighup(config.clone())?;
     // The router counts tokens with the compact model's tokenizer.
@@ -293,18 +315,11 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         .tier_model(parsed_tier)
         .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
         .to_string();
-    let (trigger, shutdown) = shutdown::channel();
-    shutdown::on_signals(trigger)?;
-    let pool = store::connect(&config).await?;
-    let readiness = Arc::new(probes::Readiness::default());
-    probes::serve(
-        &config.metrics.listen,
-        probes::ProbeState {
-            readiness: readiness.clone(),
-            pool: Some(pool.clone()),
-        },
-    )
-    .await?;
+    let Started {
+        shutdown,
+        pool,
+        readiness,
+    } = start_role(&config).await?;
     // A model that will not load leaves the worker up but not ready (its
     // probes say why), retrying now and then: an operator fixes the file
     // and the worker comes up without a restart.
