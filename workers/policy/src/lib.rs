@@ -123,10 +123,13 @@ pub enum Reason {
     Budget,
     NoLargeTier,
     NoCompactTier,
+    /// Compact output failed the cascade's checks or score: sent on to the
+    /// large tier once (the worker's decision, not `decide`'s).
+    Cascade,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Default,
         Reason::QualityBest,
         Reason::QualityEconomy,
@@ -135,6 +138,7 @@ impl Reason {
         Reason::Budget,
         Reason::NoLargeTier,
         Reason::NoCompactTier,
+        Reason::Cascade,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -147,6 +151,7 @@ impl Reason {
             Reason::Budget => "budget",
             Reason::NoLargeTier => "no_large_tier",
             Reason::NoCompactTier => "no_compact_tier",
+            Reason::Cascade => "cascade",
         }
     }
 }

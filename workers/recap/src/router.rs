@@ -13,7 +13,7 @@ use crate::store::{self, Decision, RouteOutcome};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use recap_job::{parse_job, Job};
-use recap_policy::{BudgetState, Features, Tiers};
+use recap_policy::{BudgetState, Features, Tier, Tiers};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -109,9 +109,9 @@ impl Router {
         policy
             .decide(&features, &self.tiers, &budget)
             .map(|d| Decision {
-                tier: d.tier.as_str().to_string(),
+                tier: d.tier,
                 model: d.model.clone(),
-                reason: d.reason.to_string(),
+                reason: d.reason,
                 features: serde_json::to_value(&features).unwrap_or_default(),
                 trail: serde_json::to_value(&d.trail).unwrap_or_default(),
                 estimated_cost_usd: d.estimated_cost_usd,
@@ -125,7 +125,7 @@ impl Router {
 struct Route {
     at: usize,
     job_id: uuid::Uuid,
-    tier: String,
+    tier: Tier,
     model: String,
     shadow: bool,
 }
@@ -164,7 +164,7 @@ impl Handler for Router {
                 }) => {
                     metrics()
                         .route_decisions_total
-                        .with_label_values(&[&tier, &reason])
+                        .with_label_values(&[tier.as_str(), reason.as_str()])
                         .inc();
                     routes.push(Route {
                         at,
@@ -182,10 +182,9 @@ impl Handler for Router {
                     // A redelivery may be one whose first tier publish never
                     // got confirmed: publish again (workers deduplicate). A
                     // fresh duplicate of a routed job is dropped.
-                    if status.is_terminal() || !deliveries[at].redelivered || tier.is_empty() {
-                        tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
-                        verdicts[at] = Some(Verdict::Ack);
-                    } else {
+                    let republish =
+                        tier.filter(|_| !status.is_terminal() && deliveries[at].redelivered);
+                    if let Some(tier) = republish {
                         routes.push(Route {
                             at,
                             job_id: job.job_id,
@@ -193,6 +192,9 @@ impl Handler for Router {
                             model,
                             shadow: false,
                         });
+                    } else {
+                        tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
+                        verdicts[at] = Some(Verdict::Ack);
                     }
                 }
                 Ok(RouteOutcome::TenantMismatch) => {
@@ -217,7 +219,7 @@ impl Handler for Router {
         let large = self.tiers.large.as_deref();
         let messages = routes
             .iter()
-            .map(|r| Self::tier_message(&deliveries[r.at], &r.tier, &r.model, false))
+            .map(|r| Self::tier_message(&deliveries[r.at], r.tier.as_str(), &r.model, false))
             .collect();
         let published = queue::publish_all_confirmed(&ctx.publish, messages).await;
         let shadows: Vec<&Route> = routes
@@ -241,7 +243,7 @@ impl Handler for Router {
             verdicts[r.at] = Some(match result {
                 Ok(()) => Verdict::Ack,
                 Err(e) => Verdict::Requeue {
-                    detail: format!("publishing to tier {}: {e}", r.tier),
+                    detail: format!("publishing to tier {}: {e}", r.tier.as_str()),
                 },
             });
         }

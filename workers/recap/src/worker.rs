@@ -72,9 +72,9 @@ impl Worker {
         };
         let policy = self.policy.current();
         let decision = Decision {
-            tier: "large".into(),
+            tier: Tier::Large,
             model: large.to_string(),
-            reason: "cascade".into(),
+            reason: recap_policy::Reason::Cascade,
             features: serde_json::json!({
                 "failed_checks": failed,
                 "compact_model": self.engine.model_id(),

@@ -3,6 +3,7 @@
 //! the cascade's second route; tenant budgets.
 
 use super::*;
+use recap_policy::{Reason, Tier};
 
 /// Gateway side: the job is accepted as `queued`. Returns false when a job
 /// with this id already existed (nothing is written then).
@@ -22,9 +23,9 @@ pub async fn insert_queued(pool: &PgPool, job: &Job) -> Result<bool, StoreError>
 /// What the router records for one decision.
 #[derive(Debug, Clone)]
 pub struct Decision {
-    pub tier: String,
+    pub tier: Tier,
     pub model: String,
-    pub reason: String,
+    pub reason: Reason,
     pub features: serde_json::Value,
     pub trail: serde_json::Value,
     pub estimated_cost_usd: f64,
@@ -37,14 +38,15 @@ pub enum RouteOutcome {
     /// First decision for this job: publish it to `tier` (and to large as a
     /// shadow when `shadow`), naming `model`.
     Routed {
-        tier: String,
+        tier: Tier,
         model: String,
-        reason: String,
+        reason: Reason,
         shadow: bool,
     },
-    /// Decided before (a redelivery or a duplicate publish): the earlier route.
+    /// Decided before (a redelivery or a duplicate publish): the earlier
+    /// route (no tier where the row names none this build knows).
     AlreadyRouted {
-        tier: String,
+        tier: Option<Tier>,
         model: String,
         status: Status,
     },
@@ -230,7 +232,7 @@ pub(super) async fn route_set(
         // The same job twice in one batch: the second finds the first's route.
         if let Some((_, d)) = decided.iter().find(|(id, _)| *id == job.job_id) {
             outcomes.push(RouteOutcome::AlreadyRouted {
-                tier: d.tier.clone(),
+                tier: Some(d.tier),
                 model: d.model.clone(),
                 status: Status::Routed,
             });
@@ -239,7 +241,7 @@ pub(super) async fn route_set(
         if status != Status::Queued {
             let (tier, model) = earlier.get(&job.job_id).cloned().unwrap_or_default();
             outcomes.push(RouteOutcome::AlreadyRouted {
-                tier,
+                tier: Tier::parse(&tier),
                 model,
                 status,
             });
@@ -253,9 +255,9 @@ pub(super) async fn route_set(
                 budget.daily_remaining_usd = budget.daily_remaining_usd.map(|r| r - cost);
                 budget.monthly_remaining_usd = budget.monthly_remaining_usd.map(|r| r - cost);
                 outcomes.push(RouteOutcome::Routed {
-                    tier: d.tier.clone(),
+                    tier: d.tier,
                     model: d.model.clone(),
-                    reason: d.reason.clone(),
+                    reason: d.reason,
                     shadow: d.shadow,
                 });
                 decided.push((job.job_id, d));
@@ -305,13 +307,13 @@ pub(super) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postg
 
 /// Binds decisions as the arrays $1-$9 of `decision_rows!`.
 pub(super) fn bind_decisions<'q>(q: PgQuery<'q>, decisions: &[(Uuid, Decision)]) -> PgQuery<'q> {
-    let column = |f: fn(&Decision) -> &String| -> Vec<String> {
-        decisions.iter().map(|(_, d)| f(d).clone()).collect()
+    let column = |f: fn(&Decision) -> &str| -> Vec<String> {
+        decisions.iter().map(|(_, d)| f(d).to_string()).collect()
     };
     q.bind(decisions.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-        .bind(column(|d| &d.tier))
+        .bind(column(|d| d.tier.as_str()))
         .bind(column(|d| &d.model))
-        .bind(column(|d| &d.reason))
+        .bind(column(|d| d.reason.as_str()))
         .bind(
             decisions
                 .iter()
@@ -364,7 +366,7 @@ pub async fn record_cascade(
         "UPDATE jobs SET status = 'routed', tier = $2, model = $3, updated_at = now() WHERE job_id = $1",
     )
     .bind(job.job_id)
-    .bind(&decision.tier)
+    .bind(decision.tier.as_str())
     .bind(&decision.model)
     .execute(&mut *tx)
     .await?;

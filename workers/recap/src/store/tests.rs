@@ -1,5 +1,6 @@
 use super::*;
 use recap_job::SummaryKind;
+use recap_policy::{Reason, Tier};
 
 /// `createdb` or `dropdb` on the local server (the SQL would have to
 /// be built at run time, which shipped sources never do).
@@ -61,11 +62,11 @@ fn done(o: &SummaryOutput) -> Completion<'_> {
     }
 }
 
-fn decision(tier: &str, cost: f64) -> Decision {
+fn decision(tier: Tier, cost: f64) -> Decision {
     Decision {
-        tier: tier.into(),
-        model: format!("{tier}-model"),
-        reason: "test".into(),
+        tier,
+        model: format!("{}-model", tier.as_str()),
+        reason: Reason::Default,
         features: serde_json::json!({}),
         trail: serde_json::json!([]),
         estimated_cost_usd: cost,
@@ -81,7 +82,7 @@ async fn a_routing_batch_sees_its_own_estimates_duplicates_and_earlier_routes() 
     let [first, second, third, earlier] = [job("a"), job("a"), job("a"), job("b")];
     // `earlier` was routed by an earlier batch, to large.
     let out = route_jobs(&db, &[&earlier], DefaultBudget::NONE, |_, _| {
-        Ok(decision("large", 0.0))
+        Ok(decision(Tier::Large, 0.0))
     })
     .await;
     assert!(matches!(out[0], Ok(RouteOutcome::Routed { .. })), "{out:?}");
@@ -91,16 +92,16 @@ async fn a_routing_batch_sees_its_own_estimates_duplicates_and_earlier_routes() 
     let batch = [&first, &second, &earlier, &first, &third];
     let out = route_jobs(&db, &batch, DefaultBudget::NONE, |job, budget| {
         seen.push((job.job_id, budget.daily_remaining_usd));
-        Ok(decision("compact", 0.3))
+        Ok(decision(Tier::Compact, 0.3))
     })
     .await;
     let out: Vec<RouteOutcome> = out.into_iter().map(|o| o.expect("routed")).collect();
-    assert!(matches!(&out[0], RouteOutcome::Routed { tier, .. } if tier == "compact"));
-    assert!(matches!(&out[1], RouteOutcome::Routed { tier, .. } if tier == "compact"));
+    assert!(matches!(&out[0], RouteOutcome::Routed { tier, .. } if *tier == Tier::Compact));
+    assert!(matches!(&out[1], RouteOutcome::Routed { tier, .. } if *tier == Tier::Compact));
     assert_eq!(
         out[2],
         RouteOutcome::AlreadyRouted {
-            tier: "large".into(),
+            tier: Some(Tier::Large),
             model: "large-model".into(),
             status: Status::Routed
         }
@@ -108,12 +109,12 @@ async fn a_routing_batch_sees_its_own_estimates_duplicates_and_earlier_routes() 
     assert_eq!(
         out[3],
         RouteOutcome::AlreadyRouted {
-            tier: "compact".into(),
+            tier: Some(Tier::Compact),
             model: "compact-model".into(),
             status: Status::Routed
         }
     );
-    assert!(matches!(&out[4], RouteOutcome::Routed { tier, .. } if tier == "compact"));
+    assert!(matches!(&out[4], RouteOutcome::Routed { tier, .. } if *tier == Tier::Compact));
     // Each of tenant a's jobs was decided once, and saw the estimates
     // of those decided before it.
     let mut lefts: Vec<f64> = seen.iter().filter_map(|s| s.1).collect();
@@ -153,7 +154,7 @@ async fn a_worker_batch_starts_and_ends_rows_it_finds_in_any_state() {
     let (db, name) = private_db().await;
     let [routed, missing, ended] = [job("a"), job("a"), job("a")];
     route_jobs(&db, &[&routed, &ended], DefaultBudget::NONE, |_, _| {
-        Ok(decision("compact", 0.0))
+        Ok(decision(Tier::Compact, 0.0))
     })
     .await;
     let only = [output("done before")];
@@ -260,7 +261,7 @@ async fn instant_batch(rows_likely_missing: bool) {
     let [routed, mut missing, ended, bad] = [job("a"), job("a"), job("a"), job("b")];
     missing.callback_url = Some("https://example.com/hook".into());
     route_jobs(&db, &[&routed, &ended], DefaultBudget::NONE, |_, _| {
-        Ok(decision("compact", 0.0))
+        Ok(decision(Tier::Compact, 0.0))
     })
     .await;
     let outs = [output("done before"), output("first"), output("second")];
@@ -417,7 +418,7 @@ async fn a_tenant_without_a_budget_row_spends_the_default_budget() {
     let mut seen = Vec::new();
     let out = route_jobs(&db, &[&a, &b, &c], defaults, |job, budget| {
         seen.push((job.tenant.clone(), budget.daily_remaining_usd));
-        Ok(decision("compact", 0.4))
+        Ok(decision(Tier::Compact, 0.4))
     })
     .await;
     assert!(
