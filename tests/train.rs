@@ -300,9 +300,18 @@ async fn targets_that_copy_the_transcript_are_left_out_and_counted() {
         "target": "Sofia said that would save about thirty percent of its cost.",
         "id": "copies",
     });
+    // Half its sentences copied: at the limit, so kept.
+    let half = serde_json::json!({
+        "transcript": "Omar: I will have numbers by Thursday for the old backups.\nChen: Good.",
+        "kind": "short",
+        "target": "Omar: I will have numbers by Thursday for the old backups. Chen agreed.",
+        "id": "half",
+    });
     let mut text = std::fs::read_to_string(&data).unwrap();
-    text.push('\n');
-    text.push_str(&copying.to_string());
+    for line in [&copying, &half] {
+        text.push('\n');
+        text.push_str(&line.to_string());
+    }
     std::fs::write(&data, text).unwrap();
     let kept = |dir: &Path, extra: &[&str]| {
         run_ok(train_cmd(&env, &data, dir, extra).output().unwrap(), "run");

@@ -174,7 +174,8 @@ def main():
     p.add_argument("--config", default="config/recap.toml")
     p.add_argument("--teacher", default="qwen2.5-coder-1.5b-instruct-q4_k_m")
     p.add_argument("--qmsum", required=True, help="QMSum train split (never val or test)")
-    p.add_argument("--excerpts", type=int, default=48)
+    p.add_argument("--excerpts", type=int, default=48,
+                   help="the seeded pool's first N excerpts (those --skip or --out hold count too)")
     p.add_argument("--min-words", type=int, default=200)
     p.add_argument("--max-words", type=int, default=450)
     p.add_argument("--seed", type=int, default=1)
@@ -237,7 +238,10 @@ def main():
             source = runs("\n".join(f"{u['speaker']}: {u['text']}" for u in utts))
             for s in json.loads(run.stdout)["summaries"]:
                 text = clean(s["kind"], s["text"], source)
-                why = unfit(s["kind"], text, s["copy_rate"])
+                # A list's copying lines are gone after clean(), so what is
+                # left copies nothing; recap's rate is of the uncleaned text.
+                rate = 0.0 if s["kind"] in NONE_ANSWER else s["copy_rate"]
+                why = unfit(s["kind"], text, rate)
                 if not text and s["text"].strip():
                     why = "every line copies the transcript"
                 if not why and text == NONE_ANSWER.get(s["kind"]):
