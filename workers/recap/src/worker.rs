@@ -7,7 +7,7 @@ use crate::consume::{Ctx, Handler, Verdict};
 use crate::metrics::metrics;
 use crate::policy::SharedPolicy;
 use crate::queue::{self, EXCHANGE_JOBS, H_CASCADE, H_MODEL, H_SHADOW};
-use crate::store::{self, Committed, Completion, Decision, StartOutcome};
+use crate::store::{self, Committed, Completion, Decision, StartOutcome, SummaryRecord};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use recap_engine::{EngineError, Extractive, SummarizeRequest, Summarizer, SummaryOutput};
@@ -149,7 +149,7 @@ enum Start {
 /// A run whose engine is through with it.
 struct Ran {
     run: Run,
-    outputs: Vec<SummaryOutput>,
+    outputs: Vec<SummaryRecord>,
     /// Each output's signals, for the cascade and the `summaries` row.
     signals: Vec<recap_policy::score::Signals>,
     inference: Duration,
@@ -276,7 +276,7 @@ impl Worker {
                                 .collect()
                         },
                         run,
-                        outputs,
+                        outputs: outputs.into_iter().map(summary_record).collect(),
                         inference,
                     }),
                     Some(Err(EngineError::Cancelled)) => {
@@ -429,7 +429,22 @@ impl Worker {
     }
 }
 
-fn token_totals(outputs: &[SummaryOutput]) -> (u64, u64) {
+/// An engine's output as the store writes it (its confidence has gone
+/// into the signals by then).
+fn summary_record(o: SummaryOutput) -> SummaryRecord {
+    SummaryRecord {
+        kind: o.kind,
+        text: o.text,
+        input_tokens: o.input_tokens,
+        output_tokens: o.output_tokens,
+        prefill_ms: o.prefill_ms,
+        decode_ms: o.decode_ms,
+        total_ms: o.total_ms,
+        chunks: o.chunks,
+    }
+}
+
+fn token_totals(outputs: &[SummaryRecord]) -> (u64, u64) {
     outputs.iter().fold((0u64, 0u64), |(a, b), o| {
         (a + o.input_tokens as u64, b + o.output_tokens as u64)
     })

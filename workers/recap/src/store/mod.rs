@@ -14,7 +14,6 @@
 
 use crate::config::{redact_url, Config};
 use chrono::{DateTime, Utc};
-use recap_engine::SummaryOutput;
 use recap_job::Job;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;

@@ -2,6 +2,7 @@
 //! or `failed`/`dead`, or cancelled before it ran; shadow runs.
 
 use super::*;
+use recap_job::SummaryKind;
 
 /// A job that ended without running: its estimate stops counting against
 /// the tenant's budget (an `actual` entry of zero supersedes it).
@@ -247,13 +248,28 @@ pub(super) async fn start_alone(
         .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
 }
 
+/// One summary as a `summaries` row holds it: what an engine wrote, with
+/// its token counts and timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryRecord {
+    pub kind: SummaryKind,
+    pub text: String,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+    /// How many transcript chunks went into it (1 when it fit whole).
+    pub chunks: u32,
+}
+
 /// The finished work of one job.
 #[derive(Debug, Clone)]
 pub struct Completion<'a> {
     pub tier: &'a str,
     pub model: &'a str,
     pub engine: &'a str,
-    pub outputs: &'a [SummaryOutput],
+    pub outputs: &'a [SummaryRecord],
     /// The outputs' signals, in the same order (recorded where given).
     pub signals: &'a [recap_policy::score::Signals],
     pub cost_usd: f64,
@@ -292,7 +308,7 @@ pub(super) async fn insert_summaries(
     type Row<'r> = (
         Uuid,
         &'r Completion<'r>,
-        &'r SummaryOutput,
+        &'r SummaryRecord,
         Option<&'r recap_policy::score::Signals>,
     );
     let rows: Vec<Row<'_>> = jobs

@@ -36,8 +36,8 @@ fn job(tenant: &str) -> Job {
         .expect("a valid job")
 }
 
-fn output(text: &str) -> SummaryOutput {
-    SummaryOutput {
+fn output(text: &str) -> SummaryRecord {
+    SummaryRecord {
         kind: SummaryKind::Short,
         text: text.into(),
         input_tokens: 5,
@@ -46,12 +46,11 @@ fn output(text: &str) -> SummaryOutput {
         decode_ms: 1.0,
         total_ms: 2.0,
         chunks: 1,
-        confidence: Default::default(),
     }
 }
 
 /// The extractive run of one output on compact's model `m`, costing 0.5.
-fn done(o: &SummaryOutput) -> Completion<'_> {
+fn done(o: &SummaryRecord) -> Completion<'_> {
     Completion {
         tier: "compact",
         model: "m",
