@@ -358,7 +358,7 @@ async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
     let policy = policy::SharedPolicy::new(policy::load(&config)?);
     policy.reload_on_sighup(config.clone())?;
     let handler = Arc::new(worker::Worker {
-        tier: tier.clone(),
+        tier: parsed_tier,
         pool: pool.clone(),
         config: config.clone(),
         engine,

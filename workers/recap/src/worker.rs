@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Worker {
-    pub tier: String,
+    pub tier: Tier,
     pub pool: PgPool,
     pub config: Arc<crate::config::Config>,
     pub engine: Arc<dyn Summarizer>,
@@ -34,7 +34,7 @@ impl Worker {
     fn cascade_failures(&self, ran: &Ran) -> Vec<String> {
         let policy = self.policy.current();
         if !policy.rules.cascade
-            || self.tier != "compact"
+            || self.tier != Tier::Compact
             || self.config.tier_model(Tier::Large).is_none()
         {
             return Vec::new();
@@ -107,8 +107,14 @@ impl Worker {
         headers.insert(queue::short(H_CASCADE), AMQPValue::Boolean(true));
         headers.insert(queue::short(H_MODEL), queue::string_value(large));
         let props = queue::job_properties(Some(job.job_id), headers);
-        if let Err(e) =
-            queue::publish_confirmed(ch, EXCHANGE_JOBS, "large", &delivery.data, props).await
+        if let Err(e) = queue::publish_confirmed(
+            ch,
+            EXCHANGE_JOBS,
+            Tier::Large.as_str(),
+            &delivery.data,
+            props,
+        )
+        .await
         {
             return Verdict::Requeue {
                 detail: format!("publishing the cascade: {e}"),
@@ -174,7 +180,7 @@ impl Worker {
             .filter(|r| !r.shadow)
             .map(|r| (&r.job, r.engine.model_id()))
             .collect();
-        let mut outcomes = store::start_jobs(&self.pool, &self.tier, &items)
+        let mut outcomes = store::start_jobs(&self.pool, self.tier, &items)
             .await
             .into_iter();
         let mut keep = Vec::with_capacity(runs.len());
@@ -287,7 +293,11 @@ impl Worker {
                     Some(Err(e)) => {
                         metrics()
                             .jobs_total
-                            .with_label_values(&[&self.tier, run.engine.model_id(), "error"])
+                            .with_label_values(&[
+                                self.tier.as_str(),
+                                run.engine.model_id(),
+                                "error",
+                            ])
                             .inc();
                         verdicts[run.at] = Some(Verdict::Retry {
                             code: e.code().to_string(),
@@ -314,7 +324,7 @@ impl Worker {
         let (tin, tout) = token_totals(&ran.outputs);
         let model = ran.run.engine.model_id();
         Completion {
-            tier: &self.tier,
+            tier: self.tier,
             model,
             engine: ran.run.engine.engine(),
             outputs: &ran.outputs,
@@ -382,7 +392,7 @@ impl Worker {
                 Start::BeforeRun => store::complete_jobs(&self.pool, group).await,
                 Start::WithCompletion | Start::WithCompletionNewRow => {
                     let new_rows = start == Start::WithCompletionNewRow;
-                    store::start_and_complete_jobs(&self.pool, &self.tier, group, new_rows).await
+                    store::start_and_complete_jobs(&self.pool, self.tier, group, new_rows).await
                 }
             });
             from = to;
@@ -397,7 +407,7 @@ impl Worker {
                         r.run.job.job_id,
                         &r.run.job.tenant,
                         "succeeded",
-                        serde_json::json!({"model": done.model, "tier": self.tier, "cost_usd": done.cost_usd}),
+                        serde_json::json!({"model": done.model, "tier": self.tier.as_str(), "cost_usd": done.cost_usd}),
                     ));
                     succeeded.push((*r, done.cost_usd));
                     Verdict::Ack
@@ -424,7 +434,7 @@ impl Worker {
         }
         let persist = persist_start.elapsed();
         for (r, cost_usd) in succeeded {
-            record_success(&self.tier, r, persist, cost_usd);
+            record_success(self.tier, r, persist, cost_usd);
         }
     }
 }
@@ -450,7 +460,7 @@ fn token_totals(outputs: &[SummaryRecord]) -> (u64, u64) {
     })
 }
 
-fn record_success(tier: &str, r: &Ran, persist: Duration, cost_usd: f64) {
+fn record_success(tier: Tier, r: &Ran, persist: Duration, cost_usd: f64) {
     let model = r.run.engine.model_id();
     let (tin, tout) = token_totals(&r.outputs);
     let m = metrics();
@@ -461,7 +471,7 @@ fn record_success(tier: &str, r: &Ran, persist: Duration, cost_usd: f64) {
         .with_label_values(&["persist"])
         .observe(persist.as_secs_f64());
     m.jobs_total
-        .with_label_values(&[tier, model, "succeeded"])
+        .with_label_values(&[tier.as_str(), model, "succeeded"])
         .inc();
     m.tokens_total
         .with_label_values(&[model, "input"])
@@ -470,7 +480,7 @@ fn record_success(tier: &str, r: &Ran, persist: Duration, cost_usd: f64) {
         .with_label_values(&[model, "output"])
         .inc_by(tout as f64);
     m.cost_usd_total
-        .with_label_values(&[&r.run.job.tenant, tier])
+        .with_label_values(&[&r.run.job.tenant, tier.as_str()])
         .inc_by(cost_usd);
     let decode_ms: f64 = r.outputs.iter().map(|o| o.decode_ms).sum();
     if decode_ms > 0.0 {

@@ -3,6 +3,7 @@
 
 use super::*;
 use recap_job::SummaryKind;
+use recap_policy::Tier;
 
 /// A job that ended without running: its estimate stops counting against
 /// the tenant's budget (an `actual` entry of zero supersedes it).
@@ -100,7 +101,7 @@ pub async fn record_shadow(
     )
     .bind(&job.tenant)
     .bind(job.job_id)
-    .bind(done.tier)
+    .bind(done.tier.as_str())
     .bind(done.model)
     .bind(done.cost_usd)
     .execute(&mut *tx)
@@ -122,7 +123,7 @@ pub enum StartOutcome {
 /// A worker takes the jobs: `running`, one more attempt each.
 pub async fn start_jobs(
     pool: &PgPool,
-    tier: &str,
+    tier: Tier,
     jobs: &[(&Job, &str)],
 ) -> Vec<Result<StartOutcome, StoreError>> {
     batched!(pool, jobs, |tx, chunk| start_set(tx, chunk, tier))
@@ -135,7 +136,7 @@ pub async fn start_jobs(
 pub(super) async fn start_set(
     tx: &mut Tx,
     items: &[&(&Job, &str)],
-    tier: &str,
+    tier: Tier,
 ) -> Result<Vec<StartOutcome>, StoreError> {
     let all: Vec<(&Job, &str)> = items.iter().map(|(j, m)| (*j, *m)).collect();
     let mut started = mark_running(tx, &all, tier).await?;
@@ -153,7 +154,7 @@ pub(super) async fn start_set(
             tx,
             &jobs,
             NewRow::Running {
-                tier,
+                tier: tier.as_str(),
                 models: &models,
             },
         )
@@ -205,7 +206,7 @@ pub(super) async fn start_set(
 pub(super) async fn mark_running(
     tx: &mut Tx,
     jobs: &[(&Job, &str)],
-    tier: &str,
+    tier: Tier,
 ) -> Result<HashMap<Uuid, i32>, StoreError> {
     if jobs.is_empty() {
         return Ok(HashMap::new());
@@ -220,7 +221,7 @@ pub(super) async fn mark_running(
     )
     .persistent(false)
     .bind(jobs.iter().map(|j| j.0.job_id).collect::<Vec<_>>())
-    .bind(tier)
+    .bind(tier.as_str())
     .bind(jobs.iter().map(|j| j.1).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.0.tenant.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
@@ -231,7 +232,7 @@ pub(super) async fn mark_running(
 pub(super) async fn start_alone(
     tx: &mut Tx,
     job: &Job,
-    tier: &str,
+    tier: Tier,
     model: &str,
 ) -> Result<StartOutcome, StoreError> {
     match ensure_job_locked(tx, job, Status::Routed).await? {
@@ -266,7 +267,7 @@ pub struct SummaryRecord {
 /// The finished work of one job.
 #[derive(Debug, Clone)]
 pub struct Completion<'a> {
-    pub tier: &'a str,
+    pub tier: Tier,
     pub model: &'a str,
     pub engine: &'a str,
     pub outputs: &'a [SummaryRecord],
@@ -379,7 +380,7 @@ pub async fn complete_jobs(
 /// Nothing is written for a job that had already ended or is another tenant's.
 pub async fn start_and_complete_jobs(
     pool: &PgPool,
-    tier: &str,
+    tier: Tier,
     jobs: &[(&Job, Completion<'_>)],
     rows_likely_missing: bool,
 ) -> Vec<Result<Committed, StoreError>> {
@@ -394,7 +395,7 @@ pub async fn start_and_complete_jobs(
 pub(super) async fn start_and_complete_set(
     tx: &mut Tx,
     items: &[&(&Job, Completion<'_>)],
-    tier: &str,
+    tier: Tier,
     insert_first: bool,
 ) -> Result<Vec<Committed>, StoreError> {
     let mut out: Vec<Option<Committed>> = vec![None; items.len()];
@@ -456,7 +457,7 @@ pub(super) async fn start_and_complete_set(
 /// rows, where they do not exist: the ids inserted.
 pub(super) async fn insert_ended(
     tx: &mut Tx,
-    tier: &str,
+    tier: Tier,
     items: &[&(&Job, Completion<'_>)],
 ) -> Result<HashSet<Uuid>, StoreError> {
     let jobs: Vec<&Job> = items.iter().map(|i| i.0).collect();
@@ -467,7 +468,7 @@ pub(super) async fn insert_ended(
         tx,
         &jobs,
         NewRow::Succeeded {
-            tier,
+            tier: tier.as_str(),
             models: &models,
             chunks: &chunks,
             costs: &costs,
@@ -491,7 +492,7 @@ pub(super) async fn insert_ended(
         )
         .bind(booked.iter().map(|i| i.0.job_id).collect::<Vec<_>>())
         .bind(booked.iter().map(|i| i.0.tenant.as_str()).collect::<Vec<_>>())
-        .bind(booked.iter().map(|i| i.1.tier).collect::<Vec<_>>())
+        .bind(booked.iter().map(|i| i.1.tier.as_str()).collect::<Vec<_>>())
         .bind(booked.iter().map(|i| i.1.model).collect::<Vec<_>>())
         .bind(booked.iter().map(|i| i.1.input_tokens()).collect::<Vec<_>>())
         .bind(booked.iter().map(|i| i.1.output_tokens()).collect::<Vec<_>>())
@@ -582,7 +583,7 @@ pub(super) async fn end_jobs(
     .bind(column(items, |j, _| j.job_id))
     .bind(column(items, |_, d| d.chunks()))
     .bind(column(items, |_, d| d.cost_usd))
-    .bind(column(items, |_, d| d.tier))
+    .bind(column(items, |_, d| d.tier.as_str()))
     .bind(column(items, |_, d| d.model))
     .bind(column(items, |_, d| d.input_tokens()))
     .bind(column(items, |_, d| d.output_tokens()))

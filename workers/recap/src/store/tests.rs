@@ -52,7 +52,7 @@ fn output(text: &str) -> SummaryRecord {
 /// The extractive run of one output on compact's model `m`, costing 0.5.
 fn done(o: &SummaryRecord) -> Completion<'_> {
     Completion {
-        tier: "compact",
+        tier: Tier::Compact,
         model: "m",
         engine: "extractive",
         outputs: std::slice::from_ref(o),
@@ -158,14 +158,14 @@ async fn a_worker_batch_starts_and_ends_rows_it_finds_in_any_state() {
     .await;
     let only = [output("done before")];
     let before = Completion {
-        tier: "compact",
+        tier: Tier::Compact,
         model: "m",
         engine: "extractive",
         outputs: &only,
         signals: &[],
         cost_usd: 0.0,
     };
-    start_jobs(&db, "compact", &[(&ended, "m")]).await;
+    start_jobs(&db, Tier::Compact, &[(&ended, "m")]).await;
     assert!(matches!(
         complete_jobs(&db, &[(&ended, before)]).await[0],
         Ok(Committed::Written)
@@ -178,7 +178,7 @@ async fn a_worker_batch_starts_and_ends_rows_it_finds_in_any_state() {
         (&ended, "m"),
         (&routed, "m"),
     ];
-    let started: Vec<StartOutcome> = start_jobs(&db, "compact", &items)
+    let started: Vec<StartOutcome> = start_jobs(&db, Tier::Compact, &items)
         .await
         .into_iter()
         .map(|s| s.expect("started"))
@@ -267,7 +267,7 @@ async fn instant_batch(rows_likely_missing: bool) {
     assert!(matches!(
         start_and_complete_jobs(
             &db,
-            "compact",
+            Tier::Compact,
             &[(&ended, done(&outs[0]))],
             rows_likely_missing
         )
@@ -282,7 +282,7 @@ async fn instant_batch(rows_likely_missing: bool) {
         (&ended, done(&outs[2])),
         (&routed, done(&outs[2])),
     ];
-    let ok: Vec<bool> = start_and_complete_jobs(&db, "compact", &items, rows_likely_missing)
+    let ok: Vec<bool> = start_and_complete_jobs(&db, Tier::Compact, &items, rows_likely_missing)
         .await
         .into_iter()
         .map(|r| r.expect("completed") == Committed::Written)
@@ -335,7 +335,7 @@ async fn instant_batch(rows_likely_missing: bool) {
     let fine = job("b");
     let out = start_and_complete_jobs(
         &db,
-        "compact",
+        Tier::Compact,
         &[(&fine, done(&outs[0])), (&bad, done(&outs[1]))],
         rows_likely_missing,
     )
@@ -353,7 +353,7 @@ async fn one_bad_row_does_not_fail_its_batch_mates() {
     let jobs = [job("b"), job("a"), job("c")];
     let started = start_jobs(
         &db,
-        "compact",
+        Tier::Compact,
         &jobs.iter().map(|j| (j, "m")).collect::<Vec<_>>(),
     )
     .await;
@@ -370,7 +370,7 @@ async fn one_bad_row_does_not_fail_its_batch_mates() {
             (
                 j,
                 Completion {
-                    tier: "compact",
+                    tier: Tier::Compact,
                     model: "m",
                     engine: "extractive",
                     outputs: std::slice::from_ref(o),
