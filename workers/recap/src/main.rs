@@ -1,34 +1,12 @@
-//! The `recap` binary: one executable, one subcommand per role.
+//! The `recap` binary: one executable, one subcommand per role. It parses
+//! the command line and dispatches; the roles are put together in the
+//! library's `startup` module.
 
-mod bench;
-mod calibrate;
-mod config;
-mod consume;
-mod engines;
-mod enqueue;
-mod eval;
-mod gateway;
-mod hub;
-mod metrics;
-mod models;
-mod policy;
-mod policy_cmd;
-mod probes;
-mod queue;
-mod router;
-mod shutdown;
-mod store;
-mod submit;
-mod summarize;
-mod tenants;
-mod train;
-mod webhooks;
-mod worker;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use config::{redact_url, Config};
-use recap_policy::Tier;
+use recap::config::Config;
+use recap::startup::{migrate, run_gateway, run_router, run_worker};
+use recap::{bench, enqueue, eval, gateway, models, policy_cmd, submit, summarize, tenants, train};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -202,12 +180,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> Result<()> {
         Command::Summarize(args) => summarize::run(&config, args),
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Models { cmd } => models::run(&config, cmd),
-        Command::Gateway { listen } => {
-            let (trigger, shutdown) = shutdown::channel();
-            shutdown::on_signals(trigger)?;
-            let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
-            gateway::run(config, listen, shutdown).await
-        }
+        Command::Gateway { listen } => run_gateway(config, listen).await,
         Command::Tenants { cmd } => tenants::run(&config, cmd).await,
         Command::Submit(args) => submit::run(&config, args).await,
         Command::Openapi => {
@@ -223,163 +196,4 @@ async fn run(cli: Cli, config: Arc<Config>) -> Result<()> {
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
         Command::Bench { cmd } => bench::run(&config, cmd).await,
     }
-}
-
-async fn migrate(config: &Config) -> Result<()> {
-    let pool = store::connect(config).await?;
-    store::migrate(&pool).await?;
-    tracing::info!(database = %redact_url(&config.database.url), "migrations applied");
-    let conn = queue::connect(config, "migrate").await?;
-    queue::declare_topology(&conn, config).await?;
-    let _ = conn.close(200, "done".into()).await;
-    tracing::info!(broker = %redact_url(&config.amqp.url), "topology declared");
-    println!("migrations applied and topology declared");
-    Ok(())
-}
-
-/// What the router and the workers start with: shutdown on SIGTERM and
-/// SIGINT, the database pool, and the probes and metrics listener (not
-/// ready until the role says so).
-struct Started {
-    shutdown: shutdown::Shutdown,
-    pool: sqlx::PgPool,
-    readiness: Arc<probes::Readiness>,
-}
-
-async fn start_role(config: &Config) -> Result<Started> {
-    let (trigger, shutdown) = shutdown::channel();
-    shutdown::on_signals(trigger)?;
-    let pool = store::connect(config).await?;
-    let readiness = Arc::new(probes::Readiness::default());
-    probes::serve(
-        &config.metrics.listen,
-        probes::ProbeState {
-            readiness: readiness.clone(),
-            pool: Some(pool.clone()),
-        },
-    )
-    .await?;
-    Ok(Started {
-        shutdown,
-        pool,
-        readiness,
-    })
-}
-
-async fn run_router(config: Arc<Config>) -> Result<()> {
-    let Started {
-        shutdown,
-        pool,
-        readiness,
-    } = start_role(&config).await?;
-    let policy = policy::SharedPolicy::new(policy::load(&config)?);
-    policy.reload_on_sighup(config.clone())?;
-    // The router counts tokens with the compact model's tokenizer.
-    let compact = config
-        .tier_model(Tier::Compact)
-        .or(config.tier_model(Tier::Large))
-        .unwrap_or(recap_engine::extractive::MODEL_ID);
-    let counter = engines::token_counter(compact, &config)
-        .with_context(|| format!("loading the tokenizer of {compact}"))?;
-    readiness.set_model(true);
-    metrics::metrics()
-        .ready
-        .with_label_values(&["router", ""])
-        .set(1.0);
-    let handler = Arc::new(router::Router {
-        pool: pool.clone(),
-        config: config.clone(),
-        tiers: policy::tiers(&config),
-        policy,
-        counter,
-    });
-    let consumer = consume::Consumer {
-        queue: queue::QUEUE_INGEST.to_string(),
-        tier_label: "router".into(),
-        handler,
-        pool,
-        batch_size: config.router.batch_size,
-        config,
-        readiness,
-    };
-    consumer.run(shutdown).await?;
-    tracing::info!("router stopped");
-    Ok(())
-}
-
-async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
-    let Some(parsed_tier) = Tier::parse(&tier) else {
-        anyhow::bail!("unknown tier `{tier}`; the tiers are compact and large");
-    };
-    let model_id = config
-        .tier_model(parsed_tier)
-        .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
-        .to_string();
-    let Started {
-        shutdown,
-        pool,
-        readiness,
-    } = start_role(&config).await?;
-    // A model that will not load leaves the worker up but not ready (its
-    // probes say why), retrying now and then: an operator fixes the file
-    // and the worker comes up without a restart.
-    let mut wait_shutdown = shutdown.clone();
-    let (engine, price) = loop {
-        let loaded = std::time::Instant::now();
-        match engines::load(&model_id, &config) {
-            Ok(ok) => {
-                metrics::metrics()
-                    .model_load_seconds
-                    .with_label_values(&[&model_id])
-                    .set(loaded.elapsed().as_secs_f64());
-                break ok;
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), %tier, model = %model_id, "model failed to load; not ready, retrying in 30 s");
-                readiness.set_model(false);
-                metrics::metrics()
-                    .model_load_failures_total
-                    .with_label_values(&[&model_id])
-                    .inc();
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-                    _ = wait_shutdown.wait() => return Ok(()),
-                }
-            }
-        }
-    };
-    readiness.set_model(true);
-    metrics::metrics()
-        .ready
-        .with_label_values(&["worker", &tier])
-        .set(1.0);
-    let rss = summarize::resident_memory().map(|r| r.0 >> 20).unwrap_or(0);
-    tracing::info!(%tier, model = %model_id, rss_mib = rss, "model loaded");
-    let policy = policy::SharedPolicy::new(policy::load(&config)?);
-    policy.reload_on_sighup(config.clone())?;
-    let handler = Arc::new(worker::Worker {
-        tier: parsed_tier,
-        pool: pool.clone(),
-        config: config.clone(),
-        engine,
-        price,
-        extractive: Arc::new(recap_engine::Extractive::default()),
-        policy,
-    });
-    let consumer = consume::Consumer {
-        queue: queue::tier_queue(&tier),
-        tier_label: tier.clone(),
-        handler,
-        pool,
-        batch_size: config.tiers.get(&tier).map_or(1, |t| t.batch_size),
-        config,
-        readiness,
-    };
-    consumer.run(shutdown).await?;
-    metrics::metrics()
-        .ready
-        .with_label_values(&["worker", &tier])
-        .set(0.0);
-    tracing::info!(%tier, "worker stopped");
-    Ok(())
 }

@@ -1,0 +1,180 @@
+//! The composition root: how each long-running role is put together from
+//! the config (signals, the database pool, probes and metrics, the policy,
+//! the engine, the consumer loop), shared by the `recap` subcommands.
+
+use crate::config::{redact_url, Config};
+use crate::{
+    consume, engines, metrics, policy, probes, queue, router, shutdown, store, summarize, worker,
+};
+use anyhow::{Context, Result};
+use recap_policy::Tier;
+use std::sync::Arc;
+
+/// `recap migrate`: the schema and the broker topology.
+pub async fn migrate(config: &Config) -> Result<()> {
+    let pool = store::connect(config).await?;
+    store::migrate(&pool).await?;
+    tracing::info!(database = %redact_url(&config.database.url), "migrations applied");
+    let conn = queue::connect(config, "migrate").await?;
+    queue::declare_topology(&conn, config).await?;
+    let _ = conn.close(200, "done".into()).await;
+    tracing::info!(broker = %redact_url(&config.amqp.url), "topology declared");
+    println!("migrations applied and topology declared");
+    Ok(())
+}
+
+/// `recap gateway`: the HTTP API on `listen` (default `gateway.listen`),
+/// until SIGTERM or SIGINT.
+pub async fn run_gateway(config: Arc<Config>, listen: Option<String>) -> Result<()> {
+    let (trigger, shutdown) = shutdown::channel();
+    shutdown::on_signals(trigger)?;
+    let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
+    crate::gateway::run(config, listen, shutdown).await
+}
+
+/// What the router and the workers start with: shutdown on SIGTERM and
+/// SIGINT, the database pool, and the probes and metrics listener (not
+/// ready until the role says so).
+struct Started {
+    shutdown: shutdown::Shutdown,
+    pool: sqlx::PgPool,
+    readiness: Arc<probes::Readiness>,
+}
+
+async fn start_role(config: &Config) -> Result<Started> {
+    let (trigger, shutdown) = shutdown::channel();
+    shutdown::on_signals(trigger)?;
+    let pool = store::connect(config).await?;
+    let readiness = Arc::new(probes::Readiness::default());
+    probes::serve(
+        &config.metrics.listen,
+        probes::ProbeState {
+            readiness: readiness.clone(),
+            pool: Some(pool.clone()),
+        },
+    )
+    .await?;
+    Ok(Started {
+        shutdown,
+        pool,
+        readiness,
+    })
+}
+
+pub async fn run_router(config: Arc<Config>) -> Result<()> {
+    let Started {
+        shutdown,
+        pool,
+        readiness,
+    } = start_role(&config).await?;
+    let policy = policy::SharedPolicy::new(policy::load(&config)?);
+    policy.reload_on_sighup(config.clone())?;
+    // The router counts tokens with the compact model's tokenizer.
+    let compact = config
+        .tier_model(Tier::Compact)
+        .or(config.tier_model(Tier::Large))
+        .unwrap_or(recap_engine::extractive::MODEL_ID);
+    let counter = engines::token_counter(compact, &config)
+        .with_context(|| format!("loading the tokenizer of {compact}"))?;
+    readiness.set_model(true);
+    metrics::metrics()
+        .ready
+        .with_label_values(&["router", ""])
+        .set(1.0);
+    let handler = Arc::new(router::Router {
+        pool: pool.clone(),
+        config: config.clone(),
+        tiers: policy::tiers(&config),
+        policy,
+        counter,
+    });
+    let consumer = consume::Consumer {
+        queue: queue::QUEUE_INGEST.to_string(),
+        tier_label: "router".into(),
+        handler,
+        pool,
+        batch_size: config.router.batch_size,
+        config,
+        readiness,
+    };
+    consumer.run(shutdown).await?;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+pub async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
+    let Some(parsed_tier) = Tier::parse(&tier) else {
+        anyhow::bail!("unknown tier `{tier}`; the tiers are compact and large");
+    };
+    let model_id = config
+        .tier_model(parsed_tier)
+        .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
+        .to_string();
+    let Started {
+        shutdown,
+        pool,
+        readiness,
+    } = start_role(&config).await?;
+    // A model that will not load leaves the worker up but not ready (its
+    // probes say why), retrying now and then: an operator fixes the file
+    // and the worker comes up without a restart.
+    let mut wait_shutdown = shutdown.clone();
+    let (engine, price) = loop {
+        let loaded = std::time::Instant::now();
+        match engines::load(&model_id, &config) {
+            Ok(ok) => {
+                metrics::metrics()
+                    .model_load_seconds
+                    .with_label_values(&[&model_id])
+                    .set(loaded.elapsed().as_secs_f64());
+                break ok;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), %tier, model = %model_id, "model failed to load; not ready, retrying in 30 s");
+                readiness.set_model(false);
+                metrics::metrics()
+                    .model_load_failures_total
+                    .with_label_values(&[&model_id])
+                    .inc();
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                    _ = wait_shutdown.wait() => return Ok(()),
+                }
+            }
+        }
+    };
+    readiness.set_model(true);
+    metrics::metrics()
+        .ready
+        .with_label_values(&["worker", &tier])
+        .set(1.0);
+    let rss = summarize::resident_memory().map(|r| r.0 >> 20).unwrap_or(0);
+    tracing::info!(%tier, model = %model_id, rss_mib = rss, "model loaded");
+    let policy = policy::SharedPolicy::new(policy::load(&config)?);
+    policy.reload_on_sighup(config.clone())?;
+    let handler = Arc::new(worker::Worker {
+        tier: parsed_tier,
+        pool: pool.clone(),
+        config: config.clone(),
+        engine,
+        price,
+        extractive: Arc::new(recap_engine::Extractive::default()),
+        policy,
+    });
+    let consumer = consume::Consumer {
+        queue: queue::tier_queue(&tier),
+        tier_label: tier.clone(),
+        handler,
+        pool,
+        batch_size: config.tiers.get(&tier).map_or(1, |t| t.batch_size),
+        config,
+        readiness,
+    };
+    consumer.run(shutdown).await?;
+    metrics::metrics()
+        .ready
+        .with_label_values(&["worker", &tier])
+        .set(0.0);
+    tracing::info!(%tier, "worker stopped");
+    Ok(())
+}
