@@ -211,13 +211,7 @@ async fn a_flan_t5_directory_serves_jobs_from_queue_to_row() {
     )
     .await;
     env.wait_succeeded(1, Duration::from_secs(120)).await;
-    let rows: Vec<(String, String, String, String, i32, i32)> = sqlx::query_as(
-        "SELECT kind, engine, model, text, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
-    )
-    .bind(id)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let rows = env.summary_rows(id).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     for (kind, engine, model, text, input_tokens, output_tokens) in &rows {
         assert_eq!((engine.as_str(), model.as_str()), ("t5", "flan-t5-tiny"));

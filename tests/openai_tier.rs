@@ -107,13 +107,7 @@ async fn best_jobs_go_to_an_openai_compatible_endpoint() {
     )
     .await;
     env.wait_succeeded(1, Duration::from_secs(300)).await;
-    let rows: Vec<(String, String, String, String, i32, i32)> = sqlx::query_as(
-        "SELECT kind, engine, model, text, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
-    )
-    .bind(id)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let rows = env.summary_rows(id).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     let (mut tokens_in, mut tokens_out) = (0i64, 0i64);
     for (kind, engine, model, text, input_tokens, output_tokens) in &rows {

@@ -279,6 +279,21 @@ impl TestEnv {
             .await;
         assert_eq!(done, want, "logs:\n{}", self.logs());
     }
+
+    /// A job's `summaries` rows, by kind: (kind, engine, model, text,
+    /// input_tokens, output_tokens).
+    pub async fn summary_rows(
+        &self,
+        job_id: Uuid,
+    ) -> Vec<(String, String, String, String, i32, i32)> {
+        sqlx::query_as(
+            "SELECT kind, engine, model, text, input_tokens, output_tokens FROM summaries WHERE job_id = $1 ORDER BY kind",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .expect("summaries rows")
+    }
 }
 
 impl Drop for TestEnv {
