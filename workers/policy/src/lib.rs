@@ -357,9 +357,13 @@ impl PolicyConfig {
         let remaining = budget.remaining().unwrap_or(f64::INFINITY);
         let fit = ladder
             .into_iter()
-            .map(|(t, x)| (t, x, self.model_for(tiers, t, x)))
-            .find(|(_, _, m)| budget.affords(self.estimate(m, f)));
-        let Some((tier, extractive, cheaper)) = fit else {
+            .map(|(t, x)| {
+                let m = self.model_for(tiers, t, x);
+                let c = self.estimate(&m, f);
+                (t, x, m, c)
+            })
+            .find(|&(_, _, _, c)| budget.affords(c));
+        let Some((tier, extractive, cheaper, cheaper_cost)) = fit else {
             return Err(PolicyError::BudgetExhausted {
                 tenant: f.tenant.clone(),
                 needed_usd: cost,
@@ -372,7 +376,7 @@ impl PolicyConfig {
         route.tier = tier;
         route.extractive = extractive;
         route.reason = Reason::Budget;
-        Ok(self.estimate(&cheaper, f))
+        Ok(cheaper_cost)
     }
 
     /// Rule 4, shadow: a seeded share of compact model jobs also runs on the
