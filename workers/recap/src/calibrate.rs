@@ -127,6 +127,16 @@ impl CalibrateArgs {
     }
 }
 
+/// Writes `cases.jsonl`, one case a line, as `read_cases` reads it.
+pub fn write_lines(path: &Path, lines: &[CaseLine]) -> Result<()> {
+    let mut jsonl = String::new();
+    for l in lines {
+        jsonl.push_str(&serde_json::to_string(l)?);
+        jsonl.push('\n');
+    }
+    std::fs::write(path, jsonl).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Reads `cases.jsonl`, naming the line that does not parse.
 pub fn read_cases(path: &Path) -> Result<Vec<CaseLine>> {
     let text =

@@ -473,6 +473,36 @@ fn split(to_large: &[bool], cascade: bool) -> String {
     )
 }
 
+/// What the routing rows are made from: the cases and both tiers' runs
+/// over them, with each output's ROUGE-L and cost.
+struct RouteInput<'a> {
+    args: &'a EvalArgs,
+    cases: &'a [Case],
+    sources: &'a [Source],
+    compact: &'a [CaseRun],
+    large: &'a [CaseRun],
+    rouge: &'a Rouge,
+    qc: Vec<Outcome>,
+    ql: Vec<Outcome>,
+}
+
+impl RouteInput<'_> {
+    fn row(&self, name: &str, runs: &[CaseRun], split: String) -> Row {
+        let texts: Vec<&str> = runs.iter().map(|x| x.text.as_str()).collect();
+        row(
+            name,
+            &score(self.rouge, self.cases, self.sources, &texts),
+            &runs.iter().collect::<Vec<_>>(),
+            self.args.seed,
+            split,
+        )
+    }
+
+    fn large_cost(&self) -> f64 {
+        self.ql.iter().map(|o| o.cost_usd).sum()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn route(
     config: &Config,
@@ -484,17 +514,6 @@ fn route(
     large: &[CaseRun],
     rouge: &Rouge,
 ) -> Result<Routed> {
-    let mut rows = Vec::new();
-    let row_of = |name: &str, runs: &[CaseRun], split: String| {
-        let texts: Vec<&str> = runs.iter().map(|x| x.text.as_str()).collect();
-        row(
-            name,
-            &score(rouge, cases, sources, &texts),
-            &runs.iter().collect::<Vec<_>>(),
-            args.seed,
-            split,
-        )
-    };
     let quality = |r: &[CaseRun]| -> Vec<Outcome> {
         r.iter()
             .zip(cases)
@@ -504,9 +523,82 @@ fn route(
             })
             .collect()
     };
-    let (qc, ql) = (quality(compact), quality(large));
-    // The policy, as the router would apply it (no budgets), with the
-    // cascade judging compact output as the worker does.
+    let input = RouteInput {
+        args,
+        cases,
+        sources,
+        compact,
+        large,
+        rouge,
+        qc: quality(compact),
+        ql: quality(large),
+    };
+    let (policy_row, lines, input_tokens) = the_policy_as_routed(config, models, &input)?;
+    let mut rows = vec![policy_row];
+    calibrate::write_lines(&args.out.join("cases.jsonl"), &lines)?;
+
+    let target = match args.target_quality {
+        Some(q) => Target::Quality(q),
+        None => Target::Cost(args.max_cost_share),
+    };
+    let calibrated = calibrated_rows(&input, &lines, target);
+    rows.extend(calibrated.rows);
+    // Without a fitted score the other routers get the target's money.
+    let budget = calibrated
+        .cost_usd
+        .unwrap_or(args.max_cost_share * input.large_cost());
+    let (same_cost, random_mean) = same_cost_rows(&input, &input_tokens, budget);
+    rows.extend(same_cost);
+
+    let length_curve = frontier::threshold_curve(&input.qc, &input.ql, &input_tokens);
+    let score_curve = held_out_score_curve(args, &lines);
+    let curves = routing_curves(&score_curve, &length_curve);
+    let large_q = mean(&input.ql.iter().map(|o| o.quality).collect::<Vec<_>>());
+    let large_cost = input.large_cost();
+    let mut md: String = calibrated
+        .not_fitted
+        .iter()
+        .map(|l| format!("\n{l}.\n"))
+        .collect();
+    md += &format!(
+        "\nThe random router's expected ROUGE-L at that cost, over 1,000 draws: {random_mean:.3}.\n\
+         Calibration target: {target:?}; reference labels at {:.2} of large's ROUGE-L; features: {}.\n",
+        args.label_share,
+        args.fit.features().join(", ")
+    );
+    let (table, targets) = cost_to_reach(&length_curve, &score_curve, large_q, large_cost);
+    md += &table;
+    md.push_str(&where_large_wins(
+        &input_tokens,
+        &input.qc,
+        &input.ql,
+        &calibrated.escalated_by_reference,
+    ));
+    Ok(Routed {
+        rows,
+        curves,
+        json: serde_json::json!({
+            "large_only_rouge_l": large_q,
+            "large_only_cost_usd": large_cost,
+            "random_router_expected_rouge_l": random_mean,
+            "targets": targets,
+            "length_curve": length_curve,
+            "score_curve": score_curve,
+            "calibrated": calibrated.json,
+        }),
+        markdown: md,
+    })
+}
+
+/// The policy, as the router would apply it (no budgets), with the cascade
+/// judging compact output as the worker does: its row, each case's line
+/// (signals and both tiers' quality) and each case's input tokens.
+fn the_policy_as_routed(
+    config: &Config,
+    models: &[String],
+    input: &RouteInput,
+) -> Result<(Row, Vec<CaseLine>, Vec<f64>)> {
+    let (args, cases, compact, large) = (input.args, input.cases, input.compact, input.large);
     let mut cfg = config.clone();
     for (tier, model) in [("compact", &models[0]), ("large", &models[1])] {
         cfg.tiers.insert(
@@ -570,86 +662,97 @@ fn route(
         lines.push(CaseLine {
             id: c.id.clone(),
             signals,
-            compact_quality: qc[i].quality,
-            large_quality: ql[i].quality,
+            compact_quality: input.qc[i].quality,
+            large_quality: input.ql[i].quality,
             compact_cost: r.cost_usd,
             large_cost: large[i].cost_usd,
-            agreement: rouge.score(&large[i].text, &r.text).rouge_l.fmeasure,
+            agreement: input.rouge.score(&large[i].text, &r.text).rouge_l.fmeasure,
             compact_model: models[0].clone(),
         });
     }
-    rows.push(row_of(
+    let row = input.row(
         &format!("policy {}", pol.version),
         &picked,
         format!("compact {n_compact} / large {n_large} / cascade {n_cascade}"),
-    ));
-    let mut jsonl = String::new();
-    for l in &lines {
-        jsonl.push_str(&serde_json::to_string(l)?);
-        jsonl.push('\n');
-    }
-    std::fs::write(args.out.join("cases.jsonl"), jsonl)?;
+    );
+    Ok((row, lines, input_tokens))
+}
 
-    // The calibrated score, each case judged by a fit that never saw it.
-    let target = match args.target_quality {
-        Some(q) => Target::Quality(q),
-        None => Target::Cost(args.max_cost_share),
-    };
+/// The calibrated score's rows, each case judged by a fit that never saw it.
+struct Calibrated {
+    rows: Vec<Row>,
+    json: Vec<serde_json::Value>,
+    /// The reference-labelled fit's total cost, where it was fitted.
+    cost_usd: Option<f64>,
+    escalated_by_reference: Vec<bool>,
+    /// Too few cases, or one label only, leaves the other rows standing.
+    not_fitted: Vec<String>,
+}
+
+fn calibrated_rows(input: &RouteInput, lines: &[CaseLine], target: Target) -> Calibrated {
+    let args = input.args;
     let features = args.fit.features();
     let folds = args.fit.folds.max(2);
-    let mut calibrated_cost = None;
-    let mut escalated_by_reference = Vec::new();
-    let mut json_rows = Vec::new();
-    // Too few cases, or one label only, leaves the other rows standing.
-    let mut not_fitted = Vec::new();
+    let mut out = Calibrated {
+        rows: Vec::new(),
+        json: Vec::new(),
+        cost_usd: None,
+        escalated_by_reference: Vec::new(),
+        not_fitted: Vec::new(),
+    };
     for (labels, name) in [
         (Labels::Reference, "calibrated score, reference labels"),
         (Labels::Agreement, "calibrated score, agreement labels"),
     ] {
-        let (labelled, _) = calibrate::label(&lines, labels, args.label_share, None);
+        let (labelled, _) = calibrate::label(lines, labels, args.label_share, None);
         let escalate =
             match rscore::cross_validate(&features, &labelled, folds, target, args.fit.l2) {
                 Ok(e) => e,
                 Err(e) => {
-                    not_fitted.push(format!("{name}: not fitted: {e}"));
+                    out.not_fitted.push(format!("{name}: not fitted: {e}"));
                     continue;
                 }
             };
-        let runs = cascade_runs(compact, large, &escalate);
-        let r = row_of(
+        let runs = cascade_runs(input.compact, input.large, &escalate);
+        let r = input.row(
             &format!("{name} ({folds}-fold held out)"),
             &runs,
             split(&escalate, true),
         );
-        json_rows.push(serde_json::json!({"labels": format!("{labels:?}"), "escalated": escalate}));
+        out.json
+            .push(serde_json::json!({"labels": format!("{labels:?}"), "escalated": escalate}));
         if labels == Labels::Reference {
-            calibrated_cost = Some(r.total_cost_usd);
-            escalated_by_reference = escalate;
+            out.cost_usd = Some(r.total_cost_usd);
+            out.escalated_by_reference = escalate;
         }
-        rows.push(r);
+        out.rows.push(r);
     }
-    let large_cost: f64 = ql.iter().map(|o| o.cost_usd).sum();
-    // Without a fitted score the other routers get the target's money.
-    let budget = calibrated_cost.unwrap_or(args.max_cost_share * large_cost);
-    // The length threshold used today and a random router, given the same money.
-    let mut longest: Vec<usize> = (0..cases.len()).collect();
+    out
+}
+
+/// The length threshold used today, a random router and the oracle, given
+/// `budget`; with the random router's expected ROUGE-L over many draws,
+/// beside the one drawn.
+fn same_cost_rows(input: &RouteInput, input_tokens: &[f64], budget: f64) -> (Vec<Row>, f64) {
+    let (compact, large, n) = (input.compact, input.large, input.cases.len());
+    let mut rows = Vec::new();
+    let mut longest: Vec<usize> = (0..n).collect();
     longest.sort_by(|&a, &b| input_tokens[b].total_cmp(&input_tokens[a]));
     let by_length = large_within(compact, large, &longest, budget);
-    rows.push(row_of(
+    rows.push(input.row(
         "length threshold, same cost",
         &routed_runs(compact, large, &by_length),
         split(&by_length, false),
     ));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let mut shuffled: Vec<usize> = (0..cases.len()).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(input.args.seed);
+    let mut shuffled: Vec<usize> = (0..n).collect();
     shuffled.shuffle(&mut rng);
     let at_random = large_within(compact, large, &shuffled, budget);
-    rows.push(row_of(
+    rows.push(input.row(
         "random router, same cost",
         &routed_runs(compact, large, &at_random),
         split(&at_random, false),
     ));
-    // Its expectation over many draws, beside the one drawn above.
     let random_mean = {
         let draws = 1000;
         let mut total = 0.0;
@@ -660,30 +763,50 @@ fn route(
                 &to_large
                     .iter()
                     .enumerate()
-                    .map(|(i, &l)| if l { ql[i].quality } else { qc[i].quality })
+                    .map(|(i, &l)| {
+                        if l {
+                            input.ql[i].quality
+                        } else {
+                            input.qc[i].quality
+                        }
+                    })
                     .collect::<Vec<_>>(),
             );
         }
         total / draws as f64
     };
-    let (_, picks) = frontier::oracle(&qc, &ql);
-    rows.push(row_of(
+    let (_, picks) = frontier::oracle(&input.qc, &input.ql);
+    rows.push(input.row(
         "oracle (better of the two per case)",
         &routed_runs(compact, large, &picks),
         split(&picks, false),
     ));
+    (rows, random_mean)
+}
 
-    // Curves: the length threshold, and the held-out score's cascade.
-    let length_curve = frontier::threshold_curve(&qc, &ql, &input_tokens);
-    let (labelled, _) = calibrate::label(&lines, Labels::Reference, args.label_share, None);
-    let score_curve =
-        match rscore::out_of_fold_probabilities(&features, &labelled, folds, args.fit.l2) {
-            Ok(p) => {
-                let outcomes: Vec<rscore::Outcomes> = labelled.iter().map(|c| c.outcomes).collect();
-                rscore::frontier(&p, &outcomes)
-            }
-            Err(_) => Vec::new(),
-        };
+/// The held-out score's cascade curve; empty where it cannot be fitted.
+fn held_out_score_curve(args: &EvalArgs, lines: &[CaseLine]) -> Vec<rscore::FrontierPoint> {
+    let (labelled, _) = calibrate::label(lines, Labels::Reference, args.label_share, None);
+    match rscore::out_of_fold_probabilities(
+        &args.fit.features(),
+        &labelled,
+        args.fit.folds.max(2),
+        args.fit.l2,
+    ) {
+        Ok(p) => {
+            let outcomes: Vec<rscore::Outcomes> = labelled.iter().map(|c| c.outcomes).collect();
+            rscore::frontier(&p, &outcomes)
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Quality against cost: the held-out score's cascade (where fitted) and
+/// the length threshold.
+fn routing_curves(
+    score_curve: &[rscore::FrontierPoint],
+    length_curve: &[frontier::Point],
+) -> Vec<report::Curve> {
     let mut curves = Vec::new();
     if !score_curve.is_empty() {
         curves.push(report::Curve {
@@ -701,20 +824,25 @@ fn route(
             .map(|p| (p.total_cost_usd, p.mean_quality))
             .collect(),
     });
-    let large_q = mean(&ql.iter().map(|o| o.quality).collect::<Vec<_>>());
-    let mut md: String = not_fitted.iter().map(|l| format!("\n{l}.\n")).collect();
-    md += &format!(
-        "\nThe random router's expected ROUGE-L at that cost, over 1,000 draws: {random_mean:.3}.\n\
-         Calibration target: {target:?}; reference labels at {:.2} of large's ROUGE-L; features: {}.\n\
-         \nCost to reach a share of large-only ROUGE-L (ROUGE-L {large_q:.3}, cost ${large_cost:.6}):\n\n\
-         | share | length threshold: cost share | large calls | calibrated score (held out): cost share | escalated |\n|---|---|---|---|---|\n",
-        args.label_share,
-        features.join(", ")
+    curves
+}
+
+/// The cost to reach shares of large-only ROUGE-L, by the length threshold
+/// and by the held-out score: a markdown table and its JSON.
+fn cost_to_reach(
+    length_curve: &[frontier::Point],
+    score_curve: &[rscore::FrontierPoint],
+    large_q: f64,
+    large_cost: f64,
+) -> (String, Vec<serde_json::Value>) {
+    let mut md = format!(
+        "\nCost to reach a share of large-only ROUGE-L (ROUGE-L {large_q:.3}, cost ${large_cost:.6}):\n\n\
+         | share | length threshold: cost share | large calls | calibrated score (held out): cost share | escalated |\n|---|---|---|---|---|\n"
     );
     let mut targets = Vec::new();
     for share in [0.8, 0.9, 0.95, 1.0, 1.05] {
-        let by_len = frontier::cost_to_reach(&length_curve, share * large_q);
-        let by_score = rscore::pick(&score_curve, Target::Quality(share))
+        let by_len = frontier::cost_to_reach(length_curve, share * large_q);
+        let by_score = rscore::pick(score_curve, Target::Quality(share))
             .filter(|p| p.quality_share >= share - 1e-12);
         let cell = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.3}"));
         md.push_str(&format!(
@@ -731,26 +859,7 @@ fn route(
             "calibrated_score_cost_share": by_score.map(|p| p.cost_share),
         }));
     }
-    md.push_str(&where_large_wins(
-        &input_tokens,
-        &qc,
-        &ql,
-        &escalated_by_reference,
-    ));
-    Ok(Routed {
-        rows,
-        curves,
-        json: serde_json::json!({
-            "large_only_rouge_l": large_q,
-            "large_only_cost_usd": large_cost,
-            "random_router_expected_rouge_l": random_mean,
-            "targets": targets,
-            "length_curve": length_curve,
-            "score_curve": score_curve,
-            "calibrated": json_rows,
-        }),
-        markdown: md,
-    })
+    (md, targets)
 }
 
 /// Where large still beats compact, by transcript length (thirds of the

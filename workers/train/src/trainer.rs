@@ -251,20 +251,7 @@ pub fn train(
     let accum = config.grad_accum.max(1);
     let steps_per_epoch = items.len().div_ceil(accum);
     let total = steps_per_epoch * config.epochs.max(1);
-    let schedule = Schedule {
-        peak: config.lr,
-        floor: config.min_lr,
-        warmup: config.warmup_steps,
-        total,
-        decay: config.decay,
-    };
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWParams {
-            weight_decay: config.weight_decay,
-            ..AdamWParams::default()
-        },
-    )?;
+    let (schedule, mut opt) = optimizer(config, &vars, total)?;
     let mut state = RunState {
         config: config.clone(),
         step: 0,
@@ -274,26 +261,7 @@ pub fn train(
     let mut resumed_from = None;
     let ckpt_root = paths.checkpoints();
     if resume {
-        if let Some((dir, saved, tensors)) = checkpoint::load::<RunState>(&ckpt_root)? {
-            let keys = saved.config.differing_keys(config);
-            if !keys.is_empty() {
-                return Err(TrainError::ConfigMismatch {
-                    dir: dir.display().to_string(),
-                    keys: keys.join(", "),
-                });
-            }
-            model.set(&tensors)?;
-            for (i, (name, _)) in named.iter().enumerate() {
-                let get = |k: String| {
-                    tensors
-                        .get(&k)
-                        .cloned()
-                        .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks {k}")))
-                };
-                opt.m[i] = get(format!("adam_m.{name}"))?.to_device(vars[i].device())?;
-                opt.v[i] = get(format!("adam_v.{name}"))?.to_device(vars[i].device())?;
-            }
-            opt.t = saved.step;
+        if let Some(saved) = resume_from(&ckpt_root, model, &named, &mut opt, config)? {
             resumed_from = Some(saved.step);
             state = saved;
         }
@@ -308,14 +276,7 @@ pub fn train(
         Ok(checkpoint::save(&ckpt_root, state.step, state, &t)?)
     };
 
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} step {pos}/{len} [{bar:30}] {msg} elapsed {elapsed_precise} eta {eta_precise}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(state.step as u64);
+    let bar = progress_bar(total, state.step);
     let mut last_good = match resumed_from {
         Some(s) => format!("{} (step {s})", ckpt_root.display()),
         None => "none (no checkpoint was written yet)".to_string(),
@@ -340,50 +301,24 @@ pub fn train(
         let within = step % steps_per_epoch;
         let batch = &order[within * accum..((within + 1) * accum).min(items.len())];
         let step_started = Instant::now();
-        let mut sums = model.zero_grads();
-        let mut loss_sum = 0f64;
-        let mut tokens = 0usize;
-        for (j, &ix) in batch.iter().enumerate() {
-            let item = &items[ix];
-            let mut dropout = Dropout::new(config.lora.dropout, micro_seed(config.seed, step, j));
-            let value = model.loss_and_grads(
-                &item.ids,
-                item.target_start,
-                &mut dropout,
-                1.0 / batch.len() as f64,
-                &mut sums,
-            )?;
-            if !value.is_finite() {
-                bar.abandon();
-                return Err(TrainError::NonFinite {
-                    value,
-                    step,
-                    last_good,
-                });
-            }
-            loss_sum += value;
-            tokens += item.ids.len();
-        }
-        let mut grads: Vec<Tensor> = sums
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, v)| Tensor::from_vec(g, v.shape(), v.device()))
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip(&mut grads, config.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            bar.abandon();
-            return Err(TrainError::NonFinite {
-                value: grad_norm,
-                step,
-                last_good,
-            });
-        }
+        let (loss, tokens, grad_norm, grads) =
+            match gradients(model, items, batch, &vars, config, step) {
+                Ok(g) => g,
+                Err(GradError::NonFinite(value)) => {
+                    bar.abandon();
+                    return Err(TrainError::NonFinite {
+                        value,
+                        step,
+                        last_good,
+                    });
+                }
+                Err(GradError::Candle(e)) => return Err(e.into()),
+            };
         let lr = schedule.lr(step);
         opt.step(&vars, &grads, lr)?;
         let seconds = step_started.elapsed().as_secs_f64();
         run_tokens += tokens;
         run_seconds += seconds;
-        let loss = loss_sum / batch.len() as f64;
         state.steps.push(StepLog {
             step,
             epoch,
@@ -401,10 +336,9 @@ pub fn train(
         ));
         let epoch_done = state.step.is_multiple_of(steps_per_epoch);
         if epoch_done {
+            // The epoch's adapter, saved for `validate` to score.
             let dir = paths.out.join(format!("epoch-{}", epoch + 1));
-            let mut adapter = model.adapter()?;
-            adapter.info = Some(adapter_info(config));
-            adapter.save(&dir, &model.layout)?;
+            save_adapter(model, config, &dir)?;
             bar.suspend(|| -> Result<(), TrainError> {
                 let scores = validate(&dir, epoch + 1).map_err(TrainError::Validation)?;
                 state.val.push(scores);
@@ -417,9 +351,7 @@ pub fn train(
         }
     }
     bar.finish();
-    let mut adapter = model.adapter()?;
-    adapter.info = Some(adapter_info(config));
-    adapter.save(&paths.adapter(), &model.layout)?;
+    save_adapter(model, config, &paths.adapter())?;
     let all_tokens: usize = state.steps.iter().map(|s| s.tokens).sum();
     let all_seconds: f64 = state.steps.iter().map(|s| s.seconds).sum();
     let report = TrainReport {
@@ -438,6 +370,139 @@ pub fn train(
     };
     write_report(&paths.out, &report)?;
     Ok(Some(report))
+}
+
+/// The LoRA weights as a PEFT adapter in `dir`, with recap's record of
+/// the base and the prompt order.
+fn save_adapter(model: &TrainModel, config: &TrainConfig, dir: &Path) -> Result<(), TrainError> {
+    let mut adapter = model.adapter()?;
+    adapter.info = Some(adapter_info(config));
+    adapter.save(dir, &model.layout)?;
+    Ok(())
+}
+
+/// The learning rate's schedule over `total` steps, and AdamW over `vars`.
+fn optimizer(
+    config: &TrainConfig,
+    vars: &[Var],
+    total: usize,
+) -> Result<(Schedule, AdamW), TrainError> {
+    let schedule = Schedule {
+        peak: config.lr,
+        floor: config.min_lr,
+        warmup: config.warmup_steps,
+        total,
+        decay: config.decay,
+    };
+    let opt = AdamW::new(
+        vars,
+        AdamWParams {
+            weight_decay: config.weight_decay,
+            ..AdamWParams::default()
+        },
+    )?;
+    Ok((schedule, opt))
+}
+
+/// The run state of the newest checkpoint under `root`, with the model's
+/// LoRA weights and the optimizer's moments restored from it; None where
+/// there is none. A checkpoint of another configuration is refused.
+fn resume_from(
+    root: &Path,
+    model: &TrainModel,
+    named: &[(String, Var)],
+    opt: &mut AdamW,
+    config: &TrainConfig,
+) -> Result<Option<RunState>, TrainError> {
+    let Some((dir, saved, tensors)) = checkpoint::load::<RunState>(root)? else {
+        return Ok(None);
+    };
+    let keys = saved.config.differing_keys(config);
+    if !keys.is_empty() {
+        return Err(TrainError::ConfigMismatch {
+            dir: dir.display().to_string(),
+            keys: keys.join(", "),
+        });
+    }
+    model.set(&tensors)?;
+    for (i, (name, var)) in named.iter().enumerate() {
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks {k}")))
+        };
+        opt.m[i] = get(format!("adam_m.{name}"))?.to_device(var.device())?;
+        opt.v[i] = get(format!("adam_v.{name}"))?.to_device(var.device())?;
+    }
+    opt.t = saved.step;
+    Ok(Some(saved))
+}
+
+fn progress_bar(total: usize, at: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {msg} elapsed {elapsed_precise} eta {eta_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(at as u64);
+    bar
+}
+
+/// Why a step's gradients could not be had.
+enum GradError {
+    /// A loss or the gradients' norm that is not a finite number.
+    NonFinite(f64),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for GradError {
+    fn from(e: candle_core::Error) -> Self {
+        GradError::Candle(e)
+    }
+}
+
+/// One optimizer step's gradients over its micro-batches (`batch`, indices
+/// of `items`), clipped: (mean loss, tokens, norm before clipping, grads).
+fn gradients(
+    model: &TrainModel,
+    items: &[Tokenized],
+    batch: &[usize],
+    vars: &[Var],
+    config: &TrainConfig,
+    step: usize,
+) -> Result<(f64, usize, f64, Vec<Tensor>), GradError> {
+    let mut sums = model.zero_grads();
+    let mut loss_sum = 0f64;
+    let mut tokens = 0usize;
+    for (j, &ix) in batch.iter().enumerate() {
+        let item = &items[ix];
+        let mut dropout = Dropout::new(config.lora.dropout, micro_seed(config.seed, step, j));
+        let value = model.loss_and_grads(
+            &item.ids,
+            item.target_start,
+            &mut dropout,
+            1.0 / batch.len() as f64,
+            &mut sums,
+        )?;
+        if !value.is_finite() {
+            return Err(GradError::NonFinite(value));
+        }
+        loss_sum += value;
+        tokens += item.ids.len();
+    }
+    let mut grads: Vec<Tensor> = sums
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| Tensor::from_vec(g, v.shape(), v.device()))
+        .collect::<candle_core::Result<_>>()?;
+    let grad_norm = clip(&mut grads, config.max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Err(GradError::NonFinite(grad_norm));
+    }
+    Ok((loss_sum / batch.len() as f64, tokens, grad_norm, grads))
 }
 
 fn adapter_info(config: &TrainConfig) -> recap_engine::models::adapter::RecapAdapterInfo {
