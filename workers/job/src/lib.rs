@@ -14,7 +14,11 @@ use uuid::Uuid;
 /// The one schema version this build understands.
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// The summary kinds a job may ask for.
+/// The summary kinds a job may ask for. A kind is defined in one place,
+/// [`SummaryKind::spec`]; adding one takes a variant, its row there and in `ALL`, its
+/// instruction file under `workers/engine/prompts/v1/`, the job schema's
+/// enum (a test compares the two) and a line of the extractive baseline
+/// (the compiler asks for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SummaryKind {
@@ -22,6 +26,22 @@ pub enum SummaryKind {
     ActionItems,
     Decisions,
     Short,
+}
+
+/// What makes a summary kind what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSpec {
+    /// The kind's name on the wire, in the database and in metrics.
+    pub name: &'static str,
+    /// The most tokens a summary of this kind may have: the engines stop
+    /// generating there, and the policy estimates its cost with it.
+    pub max_output_tokens: usize,
+    /// The kind's instruction, a file of the prompt version's folder.
+    pub prompt_file: &'static str,
+    /// Whether the cascade asks a summary of this kind to name one of the
+    /// transcript's speakers (an overview or a list of who does what does;
+    /// a one-liner or a list of decisions need not).
+    pub names_speakers: bool,
 }
 
 impl SummaryKind {
@@ -32,27 +52,47 @@ impl SummaryKind {
         SummaryKind::Short,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// The kind's definition: every other property derives from it.
+    pub const fn spec(self) -> KindSpec {
         match self {
-            SummaryKind::Overview => "overview",
-            SummaryKind::ActionItems => "action_items",
-            SummaryKind::Decisions => "decisions",
-            SummaryKind::Short => "short",
+            SummaryKind::Overview => KindSpec {
+                name: "overview",
+                max_output_tokens: 200,
+                prompt_file: "overview.txt",
+                names_speakers: true,
+            },
+            SummaryKind::ActionItems => KindSpec {
+                name: "action_items",
+                max_output_tokens: 160,
+                prompt_file: "action_items.txt",
+                names_speakers: true,
+            },
+            SummaryKind::Decisions => KindSpec {
+                name: "decisions",
+                max_output_tokens: 160,
+                prompt_file: "decisions.txt",
+                names_speakers: false,
+            },
+            SummaryKind::Short => KindSpec {
+                name: "short",
+                max_output_tokens: 60,
+                prompt_file: "short.txt",
+                names_speakers: false,
+            },
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.spec().name
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// The most tokens a summary of this kind may have: the engines stop
-    /// generating there, and the policy estimates its cost with it.
+    /// See [`KindSpec::max_output_tokens`].
     pub fn max_output_tokens(self) -> usize {
-        match self {
-            SummaryKind::Overview => 200,
-            SummaryKind::ActionItems | SummaryKind::Decisions => 160,
-            SummaryKind::Short => 60,
-        }
+        self.spec().max_output_tokens
     }
 }
 
@@ -462,6 +502,31 @@ fn holds_nul_value(v: &Value) -> bool {
 }
 
 fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection> {
+    check_envelope(obj)?;
+    let job_id = read_job_id(obj)?;
+    let tenant = read_tenant(obj, limits)?;
+    let format = read_transcript_format(obj)?;
+    let transcript = parse_transcript(required(obj, "transcript")?, format, limits)?;
+    let summaries = match obj.get("summaries") {
+        None | Some(Value::Null) => vec![SummaryKind::Overview],
+        Some(Value::Array(items)) => parse_summary_kinds(items)?,
+        Some(other) => return Err(mistyped("summaries", "an array of summary kinds", other)),
+    };
+    Ok(Job {
+        version: SCHEMA_VERSION,
+        job_id,
+        tenant,
+        transcript,
+        summaries,
+        quality: read_quality(obj)?,
+        language: read_language(obj)?,
+        metadata: read_metadata(obj, limits)?,
+        callback_url: read_callback_url(obj)?,
+    })
+}
+
+/// The version, no unknown field, and no NUL anywhere.
+fn check_envelope(obj: &Map<String, Value>) -> Result<(), Rejection> {
     let version = match required(obj, "version")? {
         Value::Number(n) => n.as_u64(),
         other => return Err(mistyped("version", "the integer 1", other)),
@@ -497,8 +562,11 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             ));
         }
     }
-    let job_id = read_job_id(obj)?;
+    Ok(())
+}
 
+/// The tenant: a name of `limits.max_tenant_len` characters at most.
+fn read_tenant(obj: &Map<String, Value>, limits: &Limits) -> Result<String, Rejection> {
     let tenant = match required(obj, "tenant")? {
         Value::String(s) => s.clone(),
         other => return Err(mistyped("tenant", "a string", other)),
@@ -513,7 +581,11 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             ),
         ));
     }
+    Ok(tenant)
+}
 
+/// The transcript's declared format, if any.
+fn read_transcript_format(obj: &Map<String, Value>) -> Result<Option<TranscriptFormat>, Rejection> {
     let format = match optional_str(obj, "transcript_format")? {
         None => None,
         Some(f) => Some(TranscriptFormat::parse(f).ok_or_else(|| {
@@ -529,14 +601,11 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             )
         })?),
     };
-    let transcript = parse_transcript(required(obj, "transcript")?, format, limits)?;
+    Ok(format)
+}
 
-    let summaries = match obj.get("summaries") {
-        None | Some(Value::Null) => vec![SummaryKind::Overview],
-        Some(Value::Array(items)) => parse_summary_kinds(items)?,
-        Some(other) => return Err(mistyped("summaries", "an array of summary kinds", other)),
-    };
-
+/// The quality hint (default balanced).
+fn read_quality(obj: &Map<String, Value>) -> Result<Quality, Rejection> {
     let quality = match optional_str(obj, "quality")? {
         None => Quality::default(),
         Some(q) => Quality::parse(q).ok_or_else(|| {
@@ -547,7 +616,11 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             )
         })?,
     };
+    Ok(quality)
+}
 
+/// The transcript's language, a BCP 47 tag, if given.
+fn read_language(obj: &Map<String, Value>) -> Result<Option<String>, Rejection> {
     let language = match optional_str(obj, "language")? {
         None => None,
         Some(l) if valid_language_tag(l) => Some(l.to_string()),
@@ -559,7 +632,14 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             ))
         }
     };
+    Ok(language)
+}
 
+/// The producer's metadata, an object within `limits.max_metadata_bytes`.
+fn read_metadata(
+    obj: &Map<String, Value>,
+    limits: &Limits,
+) -> Result<Option<Map<String, Value>>, Rejection> {
     let metadata = match obj.get("metadata") {
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) => {
@@ -578,7 +658,11 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
         }
         Some(other) => return Err(mistyped("metadata", "an object", other)),
     };
+    Ok(metadata)
+}
 
+/// Where the job's webhook goes, if anywhere: an http(s) URL.
+fn read_callback_url(obj: &Map<String, Value>) -> Result<Option<String>, Rejection> {
     let callback_url = match optional_str(obj, "callback_url")? {
         None => None,
         Some(u) if (u.starts_with("https://") || u.starts_with("http://")) && u.len() <= 2048 => {
@@ -592,18 +676,7 @@ fn validate(obj: &Map<String, Value>, limits: &Limits) -> Result<Job, Rejection>
             ))
         }
     };
-
-    Ok(Job {
-        version: SCHEMA_VERSION,
-        job_id,
-        tenant,
-        transcript,
-        summaries,
-        quality,
-        language,
-        metadata,
-        callback_url,
-    })
+    Ok(callback_url)
 }
 
 /// Whether `t` is an acceptable tenant name: 1 to `max_len` of A-Z, a-z, 0-9, `.`, `_`, `-`.

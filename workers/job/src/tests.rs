@@ -554,3 +554,20 @@ fn what_a_file_turns_into_is_checked_as_a_jobs_own_utterances() {
     assert_eq!(tenant.as_deref(), Some("acme"));
     assert_eq!(peek_ids(b"nope", &Limits::default()), (None, None));
 }
+
+#[test]
+fn a_kinds_wire_name_is_its_specs_and_its_serde_name() {
+    let mut files = std::collections::BTreeSet::new();
+    for kind in SummaryKind::ALL {
+        let spec = kind.spec();
+        assert_eq!(kind.as_str(), spec.name);
+        assert_eq!(SummaryKind::parse(spec.name), Some(kind));
+        assert_eq!(serde_json::to_value(kind).unwrap(), json!(spec.name));
+        assert!(spec.max_output_tokens > 0, "{kind}");
+        assert!(
+            files.insert(spec.prompt_file),
+            "{kind} shares its prompt file"
+        );
+    }
+    assert_eq!(SummaryKind::parse("minutes"), None);
+}

@@ -2,6 +2,7 @@
 //! of them is sent once to the large tier with reason `cascade`.
 
 use crate::config::Cascade;
+use recap_job::SummaryKind;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -81,7 +82,7 @@ pub fn check(
     }
     if cfg.require_speaker
         && !says_none
-        && matches!(kind, "overview" | "action_items")
+        && SummaryKind::parse(kind).is_some_and(|k| k.spec().names_speakers)
         && !speakers.is_empty()
     {
         let lower = trimmed.to_lowercase();

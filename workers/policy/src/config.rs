@@ -65,7 +65,7 @@ impl Prices {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rules {
     pub quality: bool,
     pub context_fit: bool,
@@ -224,6 +224,27 @@ pub fn load_policy(
     if f.version.trim().is_empty() {
         return Err(invalid("version", "must name this policy's version"));
     }
+    let rules = read_rules(&f)?;
+    check_tiers(&f, rules, tiers)?;
+    check_cascade_and_score(&f, rules)?;
+    let prices = merged_prices(&f, tiers, catalog_prices)?;
+    let (rules, warnings) = score_for_the_compact_model(&f, rules, tiers);
+    Ok(PolicyConfig {
+        version: f.version,
+        rules,
+        extractive_model: f.extractive_model,
+        context_fit: f.context_fit,
+        quality: f.quality,
+        shadow: f.shadow,
+        cascade: f.cascade,
+        prices,
+        score: f.score,
+        warnings,
+    })
+}
+
+/// The rules the file turns on, each a known one.
+fn read_rules(f: &PolicyFile) -> Result<Rules, PolicyError> {
     for (i, r) in f.rules.iter().enumerate() {
         if !RULES.contains(&r.as_str()) {
             return Err(invalid(
@@ -233,14 +254,18 @@ pub fn load_policy(
         }
     }
     let on = |r: &str| f.rules.iter().any(|x| x == r);
-    let rules = Rules {
+    Ok(Rules {
         quality: on("quality"),
         context_fit: on("context_fit"),
         budget: on("budget"),
         shadow: on("shadow"),
         cascade: on("cascade"),
         score: on("score"),
-    };
+    })
+}
+
+/// That the rules send jobs only to tiers that have a model.
+fn check_tiers(f: &PolicyFile, rules: Rules, tiers: &Tiers) -> Result<(), PolicyError> {
     if tiers.compact.is_none() && tiers.large.is_none() {
         return Err(PolicyError::NoTier);
     }
@@ -277,6 +302,11 @@ pub fn load_policy(
             "needs extractive_model",
         ));
     }
+    Ok(())
+}
+
+/// The cascade's checks in range, and the score valid and used with them.
+fn check_cascade_and_score(f: &PolicyFile, rules: Rules) -> Result<(), PolicyError> {
     let c = &f.cascade;
     if c.min_words > c.max_words {
         return Err(invalid("cascade.min_words", "is above cascade.max_words"));
@@ -319,6 +349,15 @@ pub fn load_policy(
             "the `score` rule judges compact output in the cascade: add `cascade` too",
         ));
     }
+    Ok(())
+}
+
+/// The catalog's prices with the file's over them; every tier's model has one.
+fn merged_prices(
+    f: &PolicyFile,
+    tiers: &Tiers,
+    catalog_prices: &BTreeMap<String, Prices>,
+) -> Result<BTreeMap<String, Prices>, PolicyError> {
     let mut prices = catalog_prices.clone();
     for (model, p) in &f.prices {
         for (name, v) in [
@@ -353,8 +392,16 @@ pub fn load_policy(
             }
         }
     }
+    Ok(prices)
+}
+
+/// A score fitted for another compact model is not applied, with a warning.
+fn score_for_the_compact_model(
+    f: &PolicyFile,
+    mut rules: Rules,
+    tiers: &Tiers,
+) -> (Rules, Vec<String>) {
     let mut warnings = Vec::new();
-    let mut rules = rules;
     if let (true, Some(s), Some(compact)) = (rules.score, &f.score, &tiers.compact) {
         if !s.model.is_empty() && &s.model != compact {
             warnings.push(format!(
@@ -365,18 +412,7 @@ pub fn load_policy(
             rules.score = false;
         }
     }
-    Ok(PolicyConfig {
-        version: f.version,
-        rules,
-        extractive_model: f.extractive_model,
-        context_fit: f.context_fit,
-        quality: f.quality,
-        shadow: f.shadow,
-        cascade: f.cascade,
-        prices,
-        score: f.score,
-        warnings,
-    })
+    (rules, warnings)
 }
 
 impl PolicyConfig {

@@ -94,6 +94,8 @@ pub enum Tier {
 }
 
 impl Tier {
+    pub const ALL: [Tier; 2] = [Tier::Compact, Tier::Large];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Compact => "compact",

@@ -6,6 +6,7 @@
 //! the large tier. Pure: fitting, the frontier, the threshold choice and
 //! cross-validation are here; the commands gather the cases.
 
+use recap_job::SummaryKind;
 use serde::{Deserialize, Serialize};
 
 /// The features a score may name, and what each is.
@@ -33,9 +34,6 @@ pub const FEATURES: [(&str, &str); 13] = [
         "share of repeated word 4-grams in the output",
     ),
 ];
-
-/// The summary kinds a score may be limited to.
-pub const KINDS: [&str; 4] = ["overview", "action_items", "decisions", "short"];
 
 /// Fewest labelled cases `fit` accepts, and fewest of each class.
 pub const MIN_CASES: usize = 20;
@@ -189,10 +187,10 @@ impl Score {
                 "score.threshold must be between 0 and 1".into(),
             ));
         }
-        if let Some(k) = self.kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+        if let Some(k) = self.kinds.iter().find(|k| SummaryKind::parse(k).is_none()) {
             return Err(ScoreError::Invalid(format!(
                 "score.kinds: unknown kind `{k}` (known: {})",
-                KINDS.join(", ")
+                SummaryKind::ALL.map(SummaryKind::as_str).join(", ")
             )));
         }
         Ok(())

@@ -16,14 +16,22 @@ const USER_TRANSCRIPT_FIRST: &str = include_str!("../../prompts/v1/user_transcri
 const REDUCE: &str = include_str!("../../prompts/v1/reduce.txt");
 const FLAN: &str = include_str!("../../prompts/v1/flan.txt");
 
+/// The files of the prompt version's folder, by name (`build.rs`).
+mod files {
+    include!(concat!(env!("OUT_DIR"), "/prompt_files.rs"));
+}
+
+/// A kind's instruction: the file its definition names. Every kind's file
+/// is in the folder (a test checks it).
 pub fn instruction(kind: SummaryKind) -> &'static str {
-    match kind {
-        SummaryKind::Overview => include_str!("../../prompts/v1/overview.txt"),
-        SummaryKind::ActionItems => include_str!("../../prompts/v1/action_items.txt"),
-        SummaryKind::Decisions => include_str!("../../prompts/v1/decisions.txt"),
-        SummaryKind::Short => include_str!("../../prompts/v1/short.txt"),
-    }
-    .trim()
+    let name = kind.spec().prompt_file;
+    files::FILES
+        .iter()
+        .find(|(file, _)| *file == name)
+        .map_or_else(
+            || panic!("prompts/{PROMPT_VERSION}/{name}, the instruction of {kind}, is missing"),
+            |(_, text)| text.trim(),
+        )
 }
 
 pub fn system() -> &'static str {
