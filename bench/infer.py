@@ -48,7 +48,7 @@ def summarize(r):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recap", default=os.path.join(ROOT, "target/release/recap"))
+    ap.add_argument("--recap-bench", default=os.path.join(ROOT, "target/release/recap-bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -62,10 +62,10 @@ def main():
     tmp = tempfile.mkdtemp()
     for model in a.models.split(","):
         ids = os.path.join(tmp, f"{model}.ids.json")
-        subprocess.run([a.recap, "bench", "prompt", "--model", model, "--out", ids],
+        subprocess.run([a.recap_bench, "prompt", "--model", model, "--out", ids],
                        check=True, env=env, cwd=ROOT, capture_output=True)
         res = {}
-        r = run_json([a.recap, "bench", "infer", "--model", model, "--ids", ids,
+        r = run_json([a.recap_bench, "infer", "--model", model, "--ids", ids,
                       "--new-tokens", str(a.new_tokens), "--runs", str(a.runs)], env)
         res["recap"] = summarize(r) | {"prompt_tokens": r["prompt_tokens"]}
         recap_tokens = r["tokens"]

@@ -8,7 +8,7 @@
    every other layer through `layers_to_transform`); recap serves it from a
    user catalog entry, and its logits agree with PEFT's.
 
-Both sides read the same prompt ids (`recap bench prompt`, ~1,000 tokens of
+Both sides read the same prompt ids (`recap-bench prompt`, ~1,000 tokens of
 a QMSum meeting) and the same GGUF: transformers dequantizes it to f32,
 recap serves it quantized, so logits agree to quantization noise, not
 bit for bit. The check: the adapter moves the logits far beyond that
@@ -16,7 +16,7 @@ noise, yet with it recap and PEFT stay as close as they are without it,
 and pick the same next token (greedy continuations are compared too).
 Exits 1 on a failed check.
 
-    python bench/peft_roundtrip.py --recap target/debug/recap \
+    python bench/peft_roundtrip.py --recap-bench target/debug/recap-bench \
         --gguf ~/.cache/recap/models/<smollm2 file>.gguf
 """
 
@@ -56,12 +56,12 @@ adapter = {{ path = "{adapter_dir}", sha256 = "{sha256}", merge = {str(merge).lo
 def recap_logits(recap, config, model_id, ids_path, work, env=None):
     out = os.path.join(work, f"{model_id}.logits")
     run = subprocess.run(
-        [recap, "--config", config, "bench", "infer", "--model", model_id, "--ids", ids_path,
+        [recap, "--config", config, "infer", "--model", model_id, "--ids", ids_path,
          "--new-tokens", "16", "--runs", "1", "--logits", out],
         capture_output=True, text=True, env=env,
     )
     if run.returncode != 0:
-        sys.exit(f"recap bench infer --model {model_id} failed:\n{run.stderr}")
+        sys.exit(f"recap-bench infer --model {model_id} failed:\n{run.stderr}")
     import numpy as np
 
     return np.fromfile(out, dtype="<f4"), json.loads(run.stdout.strip().splitlines()[-1])["tokens"]
@@ -122,7 +122,7 @@ def agreeing_prefix(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--recap", default="target/debug/recap")
+    p.add_argument("--recap-bench", default="target/debug/recap-bench")
     p.add_argument("--config", default="config/recap.toml")
     p.add_argument("--gguf", required=True, help=f"the GGUF of {BASE_ID}")
     p.add_argument("--adapter", default="adapters/smollm2-135m-qmsum")
@@ -139,7 +139,7 @@ def main():
     os.environ.setdefault("RECAP_ALLOW_DEV_CREDENTIALS", "1")
     work = tempfile.mkdtemp(prefix="peft-roundtrip-")
     ids_path = os.path.join(work, "ids.json")
-    subprocess.run([args.recap, "--config", args.config, "bench", "prompt", "--model", BASE_ID,
+    subprocess.run([args.recap_bench, "--config", args.config, "prompt", "--model", BASE_ID,
                     "--out", ids_path], check=True, capture_output=True)
     ids = json.load(open(ids_path))
     folder, name = os.path.split(os.path.abspath(args.gguf))

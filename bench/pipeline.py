@@ -126,6 +126,11 @@ RECAP_LAT = pct_sql(
 )
 
 
+def recap_bench(recap):
+    """The benchmarks' binary, built beside `recap` (`recap-bench`)."""
+    return os.path.join(os.path.dirname(recap), "recap-bench")
+
+
 def recap_fleet(sc, recap, hop, workers, prefetch, batch):
     # batch: deliveries already waiting that a process takes together (one
     # commit, one round of confirms); 1 = one job per transaction, with as
@@ -140,7 +145,7 @@ def recap_fleet(sc, recap, hop, workers, prefetch, batch):
 
 
 def recap_publish(sc, recap, n, hop, rate=0.0):
-    out = sh(recap, "bench", "publish", "--messages", str(n), "--routing-key", hop,
+    out = sh(recap_bench(recap), "publish", "--messages", str(n), "--routing-key", hop,
              "--rate", str(rate), env=sc.env())
     return json.loads(out.stdout)
 
@@ -238,9 +243,9 @@ def celery_run(n, lat_n, rate, concurrency):
 def raw_run(recap, n):
     sc = Scenario("raw")
     try:
-        broker = json.loads(sh(recap, "bench", "raw-broker", "--messages", str(n), env=sc.env()).stdout)
+        broker = json.loads(sh(recap_bench(recap), "raw-broker", "--messages", str(n), env=sc.env()).stdout)
         pg = {
-            str(c): json.loads(sh(recap, "bench", "raw-postgres", "--rows", str(n),
+            str(c): json.loads(sh(recap_bench(recap), "raw-postgres", "--rows", str(n),
                                   "--connections", str(c), env=sc.env()).stdout)
             for c in (2, 8)
         }

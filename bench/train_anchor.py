@@ -1,4 +1,4 @@
-"""PyTorch + PEFT on CPU: the training-speed anchor of `recap bench train`.
+"""PyTorch + PEFT on CPU: the training-speed anchor of `recap-bench train`.
 
 The same work as recap's side: the SmolLM2-135M base from the same GGUF
 (dequantized to f32 by transformers), LoRA of rank R (alpha 2R, no dropout)

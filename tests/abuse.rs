@@ -6,7 +6,7 @@
 //! every process running as its own broker user from deploy/rabbitmq.
 //! Each is refused, nothing is stored, and the process stays up. Every
 //! address here is loopback; non-loopback targets are tried only through
-//! the pure guard (workers/recap/src/webhooks/egress.rs).
+//! the pure guard (workers/service/src/webhooks/egress.rs).
 
 mod common;
 

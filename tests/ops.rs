@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/dashboards/recap.json");
 const ALERTS: &str = include_str!("../deploy/prometheus/alerts.yml");
-const METRICS_RS: &str = include_str!("../workers/recap/src/metrics.rs");
+const METRICS_RS: &str = include_str!("../workers/service/src/metrics.rs");
 
 /// Expressions allowed to be empty in this run, and why (see deploy/grafana/README.md).
 const DOCUMENTED_ZERO: [(&str, &str); 8] = [

@@ -35,17 +35,17 @@ ln -sf libcuda.so.1 "$root/lib64/libcuda.so"
 PATH="$root/bin:$PATH" CUDA_HOME="$root" CUDA_COMPUTE_CAP=90 \
   CARGO_TARGET_DIR="${RECAP_CUDA_TARGET:-target/cuda}" \
   RUSTFLAGS="-C target-cpu=x86-64-v3 -L $root/lib64" \
-  cargo build --release --locked --features cuda -p recap --bin recap
+  cargo build --release --locked --features cuda -p recap --bin recap-bench
 mkdir -p .gpu
-objcopy --strip-debug "${RECAP_CUDA_TARGET:-target/cuda}/release/recap" .gpu/recap
-xz -T2 -6 -f .gpu/recap   # 80 MB -> 12 MB: a call to the GPU machine carries 64 MiB
+objcopy --strip-debug "${RECAP_CUDA_TARGET:-target/cuda}/release/recap-bench" .gpu/recap-bench
+xz -T2 -6 -f .gpu/recap-bench   # 80 MB -> 12 MB: a call to the GPU machine carries 64 MiB
 scripts/fetch-models
 models="${RECAP_MODELS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recap/models}"
 python3 bench/gpu/same_shape_gguf.py header "$models/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/smollm2.header
 python3 bench/gpu/same_shape_gguf.py header "$models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" .gpu/qwen.header
 # The same ids as the CPU benchmark's, from the real models' tokenizers.
 export LD_LIBRARY_PATH="$root/lib64:$root/lib"
-bin="${RECAP_CUDA_TARGET:-target/cuda}/release/recap"
-"$bin" bench prompt --model smollm2-135m-instruct-q4_1 --out .gpu/ids-smollm2.json
-"$bin" bench prompt --model qwen2.5-coder-0.5b-instruct-q4_k_m --out .gpu/ids-qwen.json
+bin="${RECAP_CUDA_TARGET:-target/cuda}/release/recap-bench"
+"$bin" prompt --model smollm2-135m-instruct-q4_1 --out .gpu/ids-smollm2.json
+"$bin" prompt --model qwen2.5-coder-0.5b-instruct-q4_k_m --out .gpu/ids-qwen.json
 du -sh .gpu

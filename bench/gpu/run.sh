@@ -27,8 +27,8 @@ for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libc
 done
 export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" RECAP_LOG=warn
 # The binary travels xz-compressed (80 MB as it is; a call carries 64 MiB).
-[ -f .gpu/recap ] || python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.gpu/recap.xz'), open('.gpu/recap','wb'))" || exit 1
-chmod +x .gpu/recap
+[ -f .gpu/recap-bench ] || python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.gpu/recap-bench.xz'), open('.gpu/recap-bench','wb'))" || exit 1
+chmod +x .gpu/recap-bench
 for m in smollm2-135m-instruct-q4_1:smollm2 qwen2.5-coder-0.5b-instruct-q4_k_m:qwen; do
   id=${m%%:*} short=${m##*:}
   file=/tmp/recap-gpu-models/$short.gguf
@@ -37,16 +37,16 @@ for m in smollm2-135m-instruct-q4_1:smollm2 qwen2.5-coder-0.5b-instruct-q4_k_m:q
   for dev in cuda cpu; do
     [[ $parts == *" infer "* ]] || break
     if [ $dev = cuda ]; then runs=5 new=128 threads=2; else runs=1 new=16 threads=16; fi
-    RECAP_DEVICE=$dev RAYON_NUM_THREADS=$threads timeout 240 .gpu/recap bench infer --model "$id" \
+    RECAP_DEVICE=$dev RAYON_NUM_THREADS=$threads timeout 240 .gpu/recap-bench infer --model "$id" \
       --file "$file" --ids ".gpu/ids-$short.json" --runs $runs --new-tokens $new \
       --logits "$out/$short-$dev.logits" > "$out/$short-$dev.json" 2> "$out/$short-$dev.log" \
       || { echo "$short on $dev failed:"; tail -20 "$out/$short-$dev.log"; }
   done
   if [[ $parts == *" batch "* ]]; then
-    RECAP_DEVICE=cuda timeout 300 .gpu/recap bench batch --model "$id" --file "$file" \
+    RECAP_DEVICE=cuda timeout 300 .gpu/recap-bench batch --model "$id" --file "$file" \
       --jobs 16 --sizes 1,4,8,16 > "$out/batch-$short.json" 2> "$out/batch-$short.log" \
       || { echo "batch $short failed:"; tail -20 "$out/batch-$short.log"; }
-    RECAP_DEVICE=cuda timeout 200 .gpu/recap bench kinds --model "$id" --file "$file" \
+    RECAP_DEVICE=cuda timeout 200 .gpu/recap-bench kinds --model "$id" --file "$file" \
       > "$out/kinds-$short.json" 2> "$out/kinds-$short.log" \
       || { echo "kinds $short failed:"; tail -20 "$out/kinds-$short.log"; }
     cat "$out/batch-$short.json" "$out/kinds-$short.json"

@@ -13,7 +13,6 @@
 //! - `kernels` (crate-private): the quantized products and attention loops.
 //! - [`testing`]: tiny models in the real formats, written by tests.
 
-pub mod catalog;
 pub mod extractive;
 mod kernels;
 pub mod models;
@@ -24,6 +23,9 @@ pub mod tokenize;
 
 pub use extractive::Extractive;
 pub use kernels::attention::CausalSoftmax;
+/// The catalog lives in its own crate, so that what serves no model (the
+/// gateway, the config) reads it without linking the engine.
+pub use recap_catalog as catalog;
 pub use summarizer::{
     Cancel, Confidence, EngineError, SummarizeRequest, Summarizer, SummaryOutput,
 };

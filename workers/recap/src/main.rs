@@ -5,8 +5,9 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use recap::config::Config;
+use recap::process::{block_on, init_tracing, keep_freed_memory, prepare};
 use recap::startup::{migrate, run_gateway, run_router, run_worker};
-use recap::{bench, enqueue, eval, gateway, models, policy_cmd, submit, summarize, tenants, train};
+use recap::{enqueue, eval, gateway, models, policy_cmd, submit, summarize, tenants, train};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,39 +77,6 @@ enum Command {
     Openapi,
     /// Summarize a transcript file (plain text, QMSum meeting JSON or job JSON; - for stdin).
     Summarize(summarize::Args),
-    /// Benchmarks' recap side (bench/run runs them beside their anchors).
-    Bench {
-        #[command(subcommand)]
-        cmd: bench::BenchCommand,
-    },
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RECAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("RECAP_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Inference allocates and frees buffers of many MiB per layer (prompt
-/// activations, attention scores, dequantized weights). glibc serves those
-/// with fresh mmaps that the kernel must fault in and zero on every use;
-/// keeping them in the heap instead cut prompt time by a fifth
-/// (bench/RESULTS.md).
-fn keep_freed_memory() {
-    // SAFETY: mallopt only changes allocator tunables; called before any
-    // thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
 }
 
 /// Synchronous until the runtime starts: `mallopt` and `set_var` are only
@@ -117,43 +85,13 @@ fn main() {
     keep_freed_memory();
     init_tracing();
     let cli = Cli::parse();
-    let config = match prepare(&cli) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("recap: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("recap: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = runtime.block_on(run(cli, config)) {
+    let uses_services = cli.command.uses_services();
+    let result =
+        prepare(cli.config.as_deref(), uses_services).and_then(|config| block_on(run(cli, config)));
+    if let Err(e) = result {
         eprintln!("recap: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// The config, checked, and the process settings that must precede threads.
-fn prepare(cli: &Cli) -> Result<Arc<Config>> {
-    let config = Arc::new(Config::load(cli.config.as_deref())?);
-    if cli.command.uses_services() {
-        let allow_dev = std::env::var("RECAP_ALLOW_DEV_CREDENTIALS").is_ok_and(|v| v == "1");
-        config.check_credentials(allow_dev)?;
-    }
-    if config.models.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // candle's CPU kernels run on rayon's global pool, sized from this
-        // variable the first time it is used, which is after this point.
-        // Sound only while the process has one thread: the runtime starts after.
-        std::env::set_var("RAYON_NUM_THREADS", config.models.threads.to_string());
-    }
-    Ok(config)
 }
 
 impl Command {
@@ -194,6 +132,5 @@ async fn run(cli: Cli, config: Arc<Config>) -> Result<()> {
         Command::Train(args) => train::run(&config, args).await,
         Command::Policy { cmd } => policy_cmd::policy(&config, cmd).await,
         Command::Budget { cmd } => policy_cmd::budget(&config, cmd).await,
-        Command::Bench { cmd } => bench::run(&config, cmd).await,
     }
 }

@@ -244,10 +244,8 @@ fn describe(path: &Path) -> Result<ModelEntry> {
         anyhow::anyhow!("not a GGUF file ({e}); a model directory needs config.json")
     })?;
     let hp = recap_engine::models::decoder::Hparams::from_gguf(&ct)?;
-    entry.family = match hp.arch.as_str() {
-        "gemma3" | "gemma2" | "gemma" => "gemma3".into(),
-        other => other.to_string(),
-    };
+    entry.family = recap_engine::catalog::Family::of_gguf(&hp.arch)
+        .map_or_else(|| hp.arch.clone(), |f| f.name.to_string());
     entry.format = "gguf".into();
     entry.context_length = hp.context;
     if ct.metadata.contains_key("tokenizer.chat_template") {

@@ -23,14 +23,9 @@ pub async fn migrate(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `recap gateway`: the HTTP API on `listen` (default `gateway.listen`),
-/// until SIGTERM or SIGINT.
-pub async fn run_gateway(config: Arc<Config>, listen: Option<String>) -> Result<()> {
-    let (trigger, shutdown) = shutdown::channel();
-    shutdown::on_signals(trigger)?;
-    let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
-    crate::gateway::run(config, listen, shutdown).await
-}
+/// `recap gateway`: the gateway's own start, in the crate that links no
+/// engine (`recap-gateway` runs the same).
+pub use recap_service::gateway::run_until_signalled as run_gateway;
 
 /// What the router and the workers start with: shutdown on SIGTERM and
 /// SIGINT, the database pool, and the probes and metrics listener (not
@@ -162,11 +157,11 @@ pub async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         policy,
     });
     let consumer = consume::Consumer {
-        queue: queue::tier_queue(&tier),
+        queue: queue::tier_queue(parsed_tier),
         tier_label: tier.clone(),
         handler,
         pool,
-        batch_size: config.tiers.get(&tier).map_or(1, |t| t.batch_size),
+        batch_size: config.tier(parsed_tier).map_or(1, |t| t.batch_size),
         config,
         readiness,
     };

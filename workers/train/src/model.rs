@@ -149,10 +149,11 @@ impl TrainModel {
             rope_dim,
             context,
         } = recap_engine::models::decoder::Hparams::from_gguf(ct)?;
-        if arch != "llama" && arch != "qwen2" {
+        let Some(layout) = recap_engine::catalog::Family::of_gguf(&arch).and_then(|f| f.dense)
+        else {
             candle_core::bail!("fine-tuning takes llama and qwen2 GGUFs, not `{arch}`");
-        }
-        let rope_neox = arch == "qwen2";
+        };
+        let rope_neox = layout.rope_neox;
         // As the serving decoder: RoPE over `rope_dim` of each head.
         let (cos, sin) = rope_tables(rope_dim, rope_base, context, device)?;
         let mut get = |name: &str| -> Result<Tensor> {
@@ -173,7 +174,7 @@ impl TrainModel {
             let mut bias = BTreeMap::new();
             for t in Target::ALL {
                 w.insert(t, get(&format!("blk.{i}.{}.weight", gguf_name(t)))?);
-                if rope_neox && matches!(t, Target::Q | Target::K | Target::V) {
+                if layout.qkv_bias && matches!(t, Target::Q | Target::K | Target::V) {
                     bias.insert(t, get(&format!("blk.{i}.{}.bias", gguf_name(t)))?);
                 }
             }

@@ -417,6 +417,22 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<(), AdapterError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_shipped_adapter_is_in_the_repo_with_its_pinned_hash() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters");
+        let c = crate::catalog::Catalog::builtin().unwrap();
+        let mut seen = 0;
+        for e in &c.models {
+            let Some(a) = &e.adapter else { continue };
+            let file = repo.join(&a.path).join(WEIGHTS_FILE);
+            let got = crate::models::llm::sha256_file(&file)
+                .unwrap_or_else(|err| panic!("{}: {}: {err}", e.id, file.display()));
+            assert_eq!(got, a.sha256, "{}: {}", e.id, file.display());
+            seen += 1;
+        }
+        assert!(seen >= 2, "the catalog ships two adapters");
+    }
+
     fn layout(permuted_qk: bool) -> BaseLayout {
         BaseLayout {
             n_layer: 2,

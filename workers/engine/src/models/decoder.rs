@@ -599,7 +599,8 @@ pub fn rope_tables(dim: usize, base: f32, len: usize, device: &Device) -> Result
 }
 
 impl DenseDecoder {
-    /// Loads `llama` (dense) or `qwen2` weights.
+    /// Loads the weights of a family the registry lays out as dense
+    /// (`recap_catalog::FAMILIES`: llama without experts, qwen2).
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
@@ -617,7 +618,9 @@ impl DenseDecoder {
             context,
         } = Hparams::from_gguf(ct)?;
         let head_dim = n_embd / n_head;
-        let qwen2 = arch == "qwen2";
+        let Some(layout) = crate::catalog::Family::of_gguf(&arch).and_then(|f| f.dense) else {
+            candle_core::bail!("`{arch}` is not a family of the dense decoder");
+        };
         let (cos, sin) = rope_tables(rope_dim, rope_base, context, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
         let mut get = |name: &str| ct.tensor(reader, name, device);
@@ -648,9 +651,9 @@ impl DenseDecoder {
                 };
                 QLinear::new(w, b)
             };
-            let wq = lin("attn_q", qwen2)?;
-            let wk = lin("attn_k", qwen2)?;
-            let wv = lin("attn_v", qwen2)?;
+            let wq = lin("attn_q", layout.qkv_bias)?;
+            let wk = lin("attn_k", layout.qkv_bias)?;
+            let wv = lin("attn_v", layout.qkv_bias)?;
             let wo = lin("attn_output", false)?;
             let gate = lin("ffn_gate", false)?;
             let down = lin("ffn_down", false)?;
@@ -668,7 +671,7 @@ impl DenseDecoder {
                 n_head,
                 n_kv_head,
                 head_dim,
-                rope_neox: qwen2,
+                rope_neox: layout.rope_neox,
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),

@@ -223,23 +223,25 @@ impl GgufModel {
             .get("llama.expert_count")
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(0);
-        let weights = match arch.as_str() {
-            "llama" | "qwen2" if experts <= 1 => Weights::Dense(
+        // The registry says which families the dense decoder lays out.
+        let family = crate::catalog::Family::of_gguf(&arch).map(|f| (f.name, f.dense.is_some()));
+        let weights = match family {
+            Some((_, true)) if experts <= 1 => Weights::Dense(
                 crate::models::decoder::DenseDecoder::from_gguf(&ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading {arch} weights: {e}")))?,
             ),
-            "llama" => Weights::Llama(
+            Some(("llama", _)) => Weights::Llama(
                 quantized_llama::ModelWeights::from_gguf(ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading llama weights: {e}")))?,
             ),
-            "gemma3" | "gemma2" | "gemma" => Weights::Gemma3(
+            Some(("gemma3", _)) => Weights::Gemma3(
                 quantized_gemma3::ModelWeights::from_gguf(ct, &mut file, &opts.device)
                     .map_err(|e| bad_model(path, format!("loading gemma3 weights: {e}")))?,
             ),
-            other => {
+            _ => {
                 return Err(bad_model(
                     path,
-                    format!("architecture `{other}` is not supported (llama, qwen2, gemma3 are)"),
+                    format!("architecture `{arch}` is not supported (llama, qwen2, gemma3 are)"),
                 ))
             }
         };

@@ -5,7 +5,7 @@
 //! all of them and pays the per-layer overhead once. Every sequence gets
 //! the numbers it would get alone, bit for bit, and so the same text as
 //! `summarize` (on CPU by construction and tested; on CUDA, where the
-//! attention runs as tensor ops, `recap bench batch` found the texts
+//! attention runs as tensor ops, `recap-bench batch` found the texts
 //! equal). Kinds whose transcript needs map-reduce run afterwards, one call
 //! after another, as `summarize` runs them.
 

@@ -1,6 +1,6 @@
 //! The model catalog: what each model is, where its weights come from, how
 //! they are checked, and what it costs. Shipped in the repo
-//! (`workers/engine/catalog.toml`); pure data, no IO beyond parsing.
+//! (`workers/catalog/catalog.toml`); pure data, no IO beyond parsing.
 
 use serde::{Deserialize, Serialize};
 
@@ -138,24 +138,118 @@ pub enum CatalogError {
     Unknown { id: String, known: String },
 }
 
-/// The formats served, each with the families it serves.
-pub const FORMATS: [(&str, &[&str]); 4] = [
-    ("gguf", &["llama", "qwen2", "gemma3"]),
-    ("t5", &["t5"]),
-    ("openai", &["openai"]),
-    ("builtin", &["extractive"]),
+/// A model family: an architecture recap serves and what its code needs to
+/// know of it. Adding an architecture takes a row of [`FAMILIES`], its model
+/// code under `workers/engine/src/models/` where the dense decoder does not
+/// serve it, and catalog entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    /// The catalog's `family` key.
+    pub name: &'static str,
+    /// The catalog format whose engine serves it.
+    pub format: &'static str,
+    /// The GGUF `general.architecture` values it reads (none: not GGUF).
+    pub gguf_architectures: &'static [&'static str],
+    /// How recap's own dense decoder (and `recap train`) lays it out; None
+    /// where another engine serves it.
+    pub dense: Option<DenseLayout>,
+}
+
+/// What tells the dense decoder's families apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseLayout {
+    /// RoPE on pairs (i, i + d/2) of each head (NeoX), not (2i, 2i + 1);
+    /// GGUF stores the latter's q and k rows permuted.
+    pub rope_neox: bool,
+    /// The q, k and v projections carry biases.
+    pub qkv_bias: bool,
+}
+
+/// Every family recap serves.
+pub const FAMILIES: [Family; 6] = [
+    Family {
+        name: "llama",
+        format: "gguf",
+        gguf_architectures: &["llama"],
+        dense: Some(DenseLayout {
+            rope_neox: false,
+            qkv_bias: false,
+        }),
+    },
+    Family {
+        name: "qwen2",
+        format: "gguf",
+        gguf_architectures: &["qwen2"],
+        dense: Some(DenseLayout {
+            rope_neox: true,
+            qkv_bias: true,
+        }),
+    },
+    Family {
+        name: "gemma3",
+        format: "gguf",
+        gguf_architectures: &["gemma3", "gemma2", "gemma"],
+        dense: None,
+    },
+    Family {
+        name: "t5",
+        format: "t5",
+        gguf_architectures: &[],
+        dense: None,
+    },
+    Family {
+        name: "openai",
+        format: "openai",
+        gguf_architectures: &[],
+        dense: None,
+    },
+    Family {
+        name: "extractive",
+        format: "builtin",
+        gguf_architectures: &[],
+        dense: None,
+    },
 ];
+
+impl Family {
+    /// The family of a catalog `family` key.
+    pub fn named(name: &str) -> Option<&'static Family> {
+        FAMILIES.iter().find(|f| f.name == name)
+    }
+
+    /// The family that reads a GGUF of this `general.architecture`.
+    pub fn of_gguf(architecture: &str) -> Option<&'static Family> {
+        FAMILIES
+            .iter()
+            .find(|f| f.gguf_architectures.contains(&architecture))
+    }
+}
+
+/// The formats served, in the order of [`FAMILIES`].
+pub fn formats() -> Vec<&'static str> {
+    let mut out: Vec<&str> = Vec::new();
+    for f in &FAMILIES {
+        if !out.contains(&f.format) {
+            out.push(f.format);
+        }
+    }
+    out
+}
 
 fn check_format(m: &ModelEntry) -> Result<(), CatalogError> {
     let bad = |msg: String| Err(CatalogError::Parse(format!("model {}: {msg}", m.id)));
-    let Some((_, families)) = FORMATS.iter().find(|(f, _)| *f == m.format) else {
-        let known: Vec<&str> = FORMATS.iter().map(|(f, _)| *f).collect();
+    if !formats().contains(&m.format.as_str()) {
         return bad(format!(
             "unknown format `{}` (known: {})",
             m.format,
-            known.join(", ")
+            formats().join(", ")
         ));
-    };
+    }
+    let families: Vec<&str> = FAMILIES
+        .iter()
+        .filter(|f| f.format == m.format)
+        .map(|f| f.name)
+        .collect();
     if !families.contains(&m.family.as_str()) {
         return bad(format!(
             "format `{}` serves the families {}, not `{}`",
@@ -362,6 +456,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_family_registry_names_each_family_once_and_reads_gguf_architectures() {
+        assert_eq!(formats(), ["gguf", "t5", "openai", "builtin"]);
+        for (i, f) in FAMILIES.iter().enumerate() {
+            assert_eq!(Family::named(f.name), Some(&FAMILIES[i]));
+            for arch in f.gguf_architectures {
+                assert_eq!(Family::of_gguf(arch).map(|g| g.name), Some(f.name));
+                assert_eq!(f.format, "gguf", "{}", f.name);
+            }
+            if f.dense.is_some() {
+                assert_eq!(f.format, "gguf", "the dense decoder reads GGUF");
+            }
+        }
+        assert_eq!(Family::of_gguf("gemma2").map(|f| f.name), Some("gemma3"));
+        let qwen2 = Family::named("qwen2").and_then(|f| f.dense).unwrap();
+        assert!(qwen2.rope_neox && qwen2.qkv_bias);
+        let llama = Family::named("llama").and_then(|f| f.dense).unwrap();
+        assert!(!llama.rope_neox && !llama.qkv_bias);
+        assert_eq!(Family::named("mamba"), None);
+        assert_eq!(Family::of_gguf("mamba"), None);
+        let every_shipped_family_is_registered = Catalog::builtin()
+            .unwrap()
+            .models
+            .iter()
+            .all(|m| Family::named(&m.family).is_some_and(|f| f.format == m.format));
+        assert!(every_shipped_family_is_registered);
+    }
+
+    #[test]
     fn the_shipped_catalog_parses() {
         let c = Catalog::builtin().unwrap();
         let smol = c.get("smollm2-135m-instruct-q4_1").unwrap();
@@ -370,24 +492,6 @@ mod tests {
         assert_eq!(c.defaults().count(), 2);
         assert!(c.get("nope").unwrap_err().to_string().contains("smollm2"));
         assert!((smol.cost(1000, 1000) - 0.00005).abs() < 1e-12);
-    }
-
-    #[test]
-    fn every_shipped_adapter_is_in_the_repo_with_its_pinned_hash() {
-        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters");
-        let c = Catalog::builtin().unwrap();
-        let mut seen = 0;
-        for e in &c.models {
-            let Some(a) = &e.adapter else { continue };
-            let file = repo
-                .join(&a.path)
-                .join(crate::models::adapter::WEIGHTS_FILE);
-            let got = crate::models::llm::sha256_file(&file)
-                .unwrap_or_else(|err| panic!("{}: {}: {err}", e.id, file.display()));
-            assert_eq!(got, a.sha256, "{}: {}", e.id, file.display());
-            seen += 1;
-        }
-        assert!(seen >= 2, "the catalog ships two adapters");
     }
 
     #[test]

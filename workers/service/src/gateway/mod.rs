@@ -584,6 +584,18 @@ pub fn app(gw: Shared) -> Router {
     serve::guarded(api, guards)
 }
 
+/// `recap gateway` and `recap-gateway`: the API on `listen` (default
+/// `gateway.listen`), until SIGTERM or SIGINT.
+pub async fn run_until_signalled(
+    config: Arc<Config>,
+    listen: Option<String>,
+) -> anyhow::Result<()> {
+    let (trigger, shutdown) = crate::shutdown::channel();
+    crate::shutdown::on_signals(trigger)?;
+    let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
+    run(config, listen, shutdown).await
+}
+
 pub async fn run(
     config: Arc<Config>,
     listen: String,

@@ -1,17 +1,17 @@
-//! `recap bench`: the recap side of the benchmarks under `bench/` (which
+//! `recap-bench`: the recap side of the benchmarks under `bench/` (which
 //! run each beside its anchor and write bench/RESULTS.md).
 //!
-//! - `bench prompt`: the ~1,000-token meeting prompt as token ids, the same
+//! - `prompt`: the ~1,000-token meeting prompt as token ids, the same
 //!   ids fed to recap and to llama.cpp;
-//! - `bench infer`: prefill and greedy decode of those ids, timed per run,
+//! - `infer`: prefill and greedy decode of those ids, timed per run,
 //!   with the process's peak RSS;
-//! - `bench kinds`: one transcript, several summary kinds, with and without
+//! - `kinds`: one transcript, several summary kinds, with and without
 //!   prefilling the transcript once;
-//! - `bench batch`: compact-tier throughput at batch sizes N.
+//! - `batch`: compact-tier throughput at batch sizes N.
 
-use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use recap::config::Config;
 use recap_engine::models::llm::GgufModel;
 use recap_engine::pipeline::generate::GenParams;
 use recap_engine::pipeline::prompts;
@@ -36,7 +36,7 @@ pub enum BenchCommand {
     /// Training speed: LoRA forward + backward on QMSum train examples,
     /// recap's ops against a plain candle autograd loop on the same
     /// model, shapes and data, interleaved; prints one JSON line.
-    Train(crate::train::BenchTrainArgs),
+    Train(crate::train_speed::BenchTrainArgs),
     /// Write the benchmark prompt's token ids (JSON array) for a model.
     Prompt {
         #[command(flatten)]
@@ -140,7 +140,7 @@ fn gguf(config: &Config, model: &ModelArg) -> Result<GgufModel> {
         .as_deref()
         .context("catalog entry without a file")?;
     // With the entry's adapter: the PEFT round trip compares its logits.
-    let mut options = crate::engines::gguf_options(&entry, config)?;
+    let mut options = recap::engines::gguf_options(&entry, config)?;
     let path = match &model.file {
         Some(path) => {
             options.sha256 = None;
@@ -151,17 +151,9 @@ fn gguf(config: &Config, model: &ModelArg) -> Result<GgufModel> {
     Ok(GgufModel::load(&path, &options)?)
 }
 
-/// The process's peak resident set (VmHWM), in KiB.
-pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+/// The process's peak resident set (VmHWM), in KiB, as the trainer reads it.
+fn peak_rss_kib() -> u64 {
+    (recap_train::trainer::peak_rss_mib() * 1024.0).round() as u64
 }
 
 fn kinds(
@@ -375,7 +367,7 @@ fn meeting_prompt(model: &GgufModel, qmsum: &Path, tokens: usize) -> Result<Vec<
 pub async fn run(config: &Config, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => {
-            tokio::task::block_in_place(|| crate::train::bench(config, args))?
+            tokio::task::block_in_place(|| crate::train_speed::bench(config, args))?
         }
         BenchCommand::Kinds {
             model,
@@ -476,8 +468,8 @@ fn rayon_threads() -> usize {
 
 /// Publishes with up to `window` confirms outstanding.
 async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64) -> Result<()> {
-    let conn = crate::queue::connect(config, "bench-publish").await?;
-    let ch = crate::queue::confirm_channel(&conn).await?;
+    let conn = recap::queue::connect(config, "bench-publish").await?;
+    let ch = recap::queue::confirm_channel(&conn).await?;
     let mut pending = Confirms::new();
     let start = std::time::Instant::now();
     for i in 0..messages {
@@ -503,14 +495,14 @@ async fn publish(config: &Config, messages: usize, routing_key: &str, rate: f64)
         }))?;
         let confirm = ch
             .basic_publish(
-                crate::queue::EXCHANGE_JOBS.into(),
+                recap::queue::EXCHANGE_JOBS.into(),
                 routing_key.into(),
                 lapin::options::BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
                 &body,
-                crate::queue::job_properties(Some(id), Default::default()),
+                recap::queue::job_properties(Some(id), Default::default()),
             )
             .await?;
         pending.push(confirm);
@@ -532,9 +524,9 @@ async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
         BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
     use lapin::types::{AMQPValue, FieldTable};
-    let conn = crate::queue::connect(config, "bench-raw").await?;
+    let conn = recap::queue::connect(config, "bench-raw").await?;
     let queue = format!("recap.bench.raw.{}", uuid::Uuid::new_v4().simple());
-    let ch = crate::queue::confirm_channel(&conn).await?;
+    let ch = recap::queue::confirm_channel(&conn).await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -549,7 +541,7 @@ async fn raw_broker(config: &Config, messages: usize) -> Result<()> {
         args,
     )
     .await?;
-    let consume_ch = crate::queue::consumer_channel(&conn, 256).await?;
+    let consume_ch = recap::queue::consumer_channel(&conn, 256).await?;
     let mut consumer = consume_ch
         .basic_consume(
             queue.as_str().into(),

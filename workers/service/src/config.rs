@@ -445,8 +445,8 @@ impl Config {
 
     /// The model catalog: the built-in one, with `models.catalog`'s
     /// entries over it.
-    pub fn catalog(&self) -> Result<recap_engine::catalog::Catalog, ConfigError> {
-        use recap_engine::catalog::Catalog;
+    pub fn catalog(&self) -> Result<recap_catalog::Catalog, ConfigError> {
+        use recap_catalog::Catalog;
         let Some(path) = &self.models.catalog else {
             return Catalog::builtin().map_err(|e| invalid("models.catalog", e.to_string()));
         };
@@ -551,7 +551,29 @@ impl Config {
         Ok(())
     }
 
+    /// Every key's range and form, section by section; the first bad key
+    /// is named.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_broker()?;
+        self.validate_database()?;
+        self.validate_limits()?;
+        self.gateway.validate()?;
+        self.validate_budgets()?;
+        self.validate_models()?;
+        self.validate_tiers()?;
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!("must be HOST:PORT, got {:?}", self.metrics.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The broker's URL, prefetch and batches, and the batch sizes of the consumers.
+    fn validate_broker(&self) -> Result<(), ConfigError> {
         if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
             return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
         }
@@ -587,6 +609,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The database's URL and pool.
+    fn validate_database(&self) -> Result<(), ConfigError> {
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
@@ -598,6 +625,11 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// The size limits of a job, and the retries of a failed one.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         if l.max_transcript_bytes == 0 || l.max_transcript_bytes > 64 * 1024 * 1024 {
             return Err(invalid(
@@ -632,7 +664,11 @@ impl Config {
         if self.retry.delivery_limit == 0 {
             return Err(invalid("retry.delivery_limit", "must be at least 1"));
         }
-        self.gateway.validate()?;
+        Ok(())
+    }
+
+    /// The default budgets: dollars, or inf for no limit.
+    fn validate_budgets(&self) -> Result<(), ConfigError> {
         for (key, v) in [
             ("budgets.default_daily_usd", self.budgets.default_daily_usd),
             (
@@ -647,6 +683,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The models' context and device, and the job deadline that must end before the broker's consumer timeout.
+    fn validate_models(&self) -> Result<(), ConfigError> {
         if !(512..=1_048_576).contains(&self.models.max_context) {
             return Err(invalid("models.max_context", "must be 512-1048576 tokens"));
         }
@@ -680,8 +721,13 @@ impl Config {
                 format!("must be cpu, cuda or cuda:N, got {:?}", self.models.device),
             ));
         }
+        Ok(())
+    }
+
+    /// The tiers: compact and large only, each naming a model.
+    fn validate_tiers(&self) -> Result<(), ConfigError> {
         for (name, tier) in &self.tiers {
-            if !matches!(name.as_str(), "compact" | "large") {
+            if Tier::parse(name).is_none() {
                 return Err(invalid(
                     &format!("tiers.{name}"),
                     "unknown tier; the tiers are compact and large",
@@ -690,14 +736,6 @@ impl Config {
             if tier.model.trim().is_empty() {
                 return Err(invalid(&format!("tiers.{name}.model"), "must name a model"));
             }
-        }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "metrics.listen",
-                format!("must be HOST:PORT, got {:?}", self.metrics.listen),
-            ));
         }
         Ok(())
     }
@@ -713,8 +751,13 @@ impl Config {
         cache.join("recap").join("models")
     }
 
+    /// A tier's settings, where the config gives the tier a model.
+    pub fn tier(&self, tier: Tier) -> Option<&TierConfig> {
+        self.tiers.get(tier.as_str())
+    }
+
     pub fn tier_model(&self, tier: Tier) -> Option<&str> {
-        self.tiers.get(tier.as_str()).map(|t| t.model.as_str())
+        self.tier(tier).map(|t| t.model.as_str())
     }
 }
 

@@ -21,6 +21,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use recap_policy::Tier;
 use uuid::Uuid;
 
 pub const EXCHANGE_JOBS: &str = "recap.jobs";
@@ -29,7 +30,6 @@ pub const EXCHANGE_EVENTS: &str = "recap.events";
 pub const QUEUE_INGEST: &str = "recap.ingest";
 pub const QUEUE_DEAD: &str = "recap.dead";
 pub const ROUTE_INGEST: &str = "ingest";
-pub const TIERS: [&str; 2] = ["compact", "large"];
 
 /// Header: why a message was dead-lettered (a stable code).
 pub const H_REASON: &str = "x-recap-reason";
@@ -67,8 +67,9 @@ pub fn forwarded_headers(props: &BasicProperties) -> FieldTable {
         .into()
 }
 
-pub fn tier_queue(tier: &str) -> String {
-    format!("recap.{tier}")
+/// A tier's work queue, which its routing key reaches.
+pub fn tier_queue(tier: Tier) -> String {
+    format!("recap.{}", tier.as_str())
 }
 
 pub fn delay_name(ms: u64) -> String {
@@ -216,7 +217,7 @@ pub async fn declare_topology(conn: &Connection, config: &Config) -> Result<(), 
     .await?;
 
     let mut work = vec![(QUEUE_INGEST.to_string(), ROUTE_INGEST.to_string())];
-    work.extend(TIERS.iter().map(|t| (tier_queue(t), t.to_string())));
+    work.extend(Tier::ALL.map(|t| (tier_queue(t), t.as_str().to_string())));
     for (queue, key) in &work {
         ch.queue_declare(queue.as_str().into(), durable, work_queue_args(config))
             .await?;
