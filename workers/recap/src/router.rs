@@ -130,92 +130,83 @@ struct Route {
     shadow: bool,
 }
 
-impl Handler for Router {
-    /// Decides the batch's routes in one commit, publishes the jobs to
-    /// their tiers with pipelined confirms, and acks each job whose tier
-    /// publish the broker confirmed.
-    async fn handle(&self, deliveries: &[Delivery], ctx: Ctx) -> Vec<Verdict> {
-        let started = Instant::now();
-        let mut verdicts: Vec<Option<Verdict>> = deliveries.iter().map(|_| None).collect();
-        let mut jobs = Vec::with_capacity(deliveries.len());
-        for (at, delivery) in deliveries.iter().enumerate() {
-            match parse_job(&delivery.data, &self.config.limits) {
-                Ok(job) => jobs.push((at, job)),
-                Err(r) => verdicts[at] = Some(Verdict::refused(r)),
-            }
+impl Router {
+    /// The batch's routes, through the store's routing transaction: the
+    /// store hands out each job with its tenant's budget left, the policy
+    /// decides, the store commits.
+    async fn route(&self, jobs: &[&Job]) -> Vec<Result<RouteOutcome, store::StoreError>> {
+        let mut routing = store::Routing::new(&self.pool, jobs, self.config.budgets.defaults());
+        while let Some((job, budget)) = routing.next().await {
+            routing.record(self.decide(job, budget));
         }
-        let refs: Vec<&Job> = jobs.iter().map(|(_, j)| j).collect();
-        let outcomes = store::route_jobs(
-            &self.pool,
-            &refs,
-            self.config.budgets.defaults(),
-            |job, budget| self.decide(job, budget),
-        )
-        .await;
-        let mut routes = Vec::with_capacity(jobs.len());
-        for ((at, job), outcome) in jobs.iter().zip(outcomes) {
-            let at = *at;
-            match outcome {
-                Ok(RouteOutcome::Routed {
+        routing.outcomes()
+    }
+
+    /// Where a job goes after its route is settled: to a tier queue, or
+    /// straight to its verdict.
+    fn after_routing(
+        delivery: &Delivery,
+        at: usize,
+        job: &Job,
+        outcome: Result<RouteOutcome, store::StoreError>,
+    ) -> Result<Route, Verdict> {
+        match outcome {
+            Ok(RouteOutcome::Routed {
+                tier,
+                model,
+                reason,
+                shadow,
+            }) => {
+                metrics()
+                    .route_decisions_total
+                    .with_label_values(&[tier.as_str(), reason.as_str()])
+                    .inc();
+                Ok(Route {
+                    at,
+                    job_id: job.job_id,
                     tier,
                     model,
-                    reason,
                     shadow,
-                }) => {
-                    metrics()
-                        .route_decisions_total
-                        .with_label_values(&[tier.as_str(), reason.as_str()])
-                        .inc();
-                    routes.push(Route {
+                })
+            }
+            Ok(RouteOutcome::AlreadyRouted {
+                tier,
+                model,
+                status,
+            }) => {
+                // A redelivery may be one whose first tier publish never
+                // got confirmed: publish again (workers deduplicate). A
+                // fresh duplicate of a routed job is dropped.
+                match tier.filter(|_| !status.is_terminal() && delivery.redelivered) {
+                    Some(tier) => Ok(Route {
                         at,
                         job_id: job.job_id,
                         tier,
                         model,
-                        shadow,
-                    });
-                }
-                Ok(RouteOutcome::AlreadyRouted {
-                    tier,
-                    model,
-                    status,
-                }) => {
-                    // A redelivery may be one whose first tier publish never
-                    // got confirmed: publish again (workers deduplicate). A
-                    // fresh duplicate of a routed job is dropped.
-                    let republish =
-                        tier.filter(|_| !status.is_terminal() && deliveries[at].redelivered);
-                    if let Some(tier) = republish {
-                        routes.push(Route {
-                            at,
-                            job_id: job.job_id,
-                            tier,
-                            model,
-                            shadow: false,
-                        });
-                    } else {
+                        shadow: false,
+                    }),
+                    None => {
                         tracing::info!(job_id = %job.job_id, status = status.as_str(), "duplicate job on ingest; dropped");
-                        verdicts[at] = Some(Verdict::Ack);
+                        Err(Verdict::Ack)
                     }
                 }
-                Ok(RouteOutcome::TenantMismatch) => {
-                    verdicts[at] = Some(Verdict::tenant_mismatch(job))
-                }
-                Ok(RouteOutcome::Refused { code, message }) => {
-                    verdicts[at] = Some(Verdict::DeadLetter {
-                        code,
-                        detail: message,
-                        job_id: Some(job.job_id),
-                        tenant: Some(job.tenant.clone()),
-                    })
-                }
-                Err(e) => {
-                    verdicts[at] = Some(Verdict::Requeue {
-                        detail: format!("recording the route: {e}"),
-                    })
-                }
             }
+            Ok(RouteOutcome::TenantMismatch) => Err(Verdict::tenant_mismatch(job)),
+            Ok(RouteOutcome::Refused { code, message }) => Err(Verdict::DeadLetter {
+                code,
+                detail: message,
+                job_id: Some(job.job_id),
+                tenant: Some(job.tenant.clone()),
+            }),
+            Err(e) => Err(Verdict::Requeue {
+                detail: format!("recording the route: {e}"),
+            }),
         }
+    }
 
+    /// Publishes the routed jobs to their tiers (and the shadows to large)
+    /// with pipelined confirms: each route's verdict, in order.
+    async fn publish(&self, deliveries: &[Delivery], routes: &[Route], ctx: &Ctx) -> Vec<Verdict> {
         let large = self.tiers.large.as_deref();
         let messages = routes
             .iter()
@@ -239,13 +230,45 @@ impl Handler for Router {
                 tracing::warn!(job_id = %r.job_id, error = %e, "shadow publish failed");
             }
         }
-        for (r, result) in routes.iter().zip(published) {
-            verdicts[r.at] = Some(match result {
+        routes
+            .iter()
+            .zip(published)
+            .map(|(r, result)| match result {
                 Ok(()) => Verdict::Ack,
                 Err(e) => Verdict::Requeue {
                     detail: format!("publishing to tier {}: {e}", r.tier.as_str()),
                 },
-            });
+            })
+            .collect()
+    }
+}
+
+impl Handler for Router {
+    /// Decides the batch's routes in one commit, publishes the jobs to
+    /// their tiers with pipelined confirms, and acks each job whose tier
+    /// publish the broker confirmed.
+    async fn handle(&self, deliveries: &[Delivery], ctx: Ctx) -> Vec<Verdict> {
+        let started = Instant::now();
+        let mut verdicts: Vec<Option<Verdict>> = deliveries.iter().map(|_| None).collect();
+        let mut jobs = Vec::with_capacity(deliveries.len());
+        for (at, delivery) in deliveries.iter().enumerate() {
+            match parse_job(&delivery.data, &self.config.limits) {
+                Ok(job) => jobs.push((at, job)),
+                Err(r) => verdicts[at] = Some(Verdict::refused(r)),
+            }
+        }
+        let refs: Vec<&Job> = jobs.iter().map(|(_, j)| j).collect();
+        let outcomes = self.route(&refs).await;
+        let mut routes = Vec::with_capacity(jobs.len());
+        for ((at, job), outcome) in jobs.iter().zip(outcomes) {
+            match Self::after_routing(&deliveries[*at], *at, job, outcome) {
+                Ok(route) => routes.push(route),
+                Err(verdict) => verdicts[*at] = Some(verdict),
+            }
+        }
+        let published = self.publish(deliveries, &routes, &ctx).await;
+        for (r, verdict) in routes.iter().zip(published) {
+            verdicts[r.at] = Some(verdict);
         }
         let per_job = started.elapsed().as_secs_f64();
         for _ in &routes {

@@ -147,148 +147,320 @@ macro_rules! insert_decisions_from {
     };
 }
 
-/// Decides and records the jobs' routes, all in one transaction: each job's
-/// row and its tenant's budget row are locked, `decide` sees the budget
-/// left (this batch's earlier estimates included), and the decisions, the
-/// estimates in the ledger and the moves to `routed` commit together. An
-/// already-routed job keeps its first decision.
-pub async fn route_jobs(
-    pool: &PgPool,
-    jobs: &[&Job],
+/// The routing transaction, driven by the router. `next` hands out each
+/// job to decide with the budget its tenant has left (the estimates of
+/// jobs decided before it in the same transaction taken off); `record`
+/// takes the router's decision for it. Once a transaction's jobs are all
+/// decided, `next` commits them together: each job's row and its tenant's
+/// budget row are locked (job rows in tenant and id order) from the start,
+/// and the decisions, the estimates in the ledger and the moves to
+/// `routed` commit at once. The batch is tried as one transaction; where
+/// that fails, each job is routed again in a transaction of its own, so
+/// that one bad job costs only itself. An already-routed job keeps its
+/// first decision.
+///
+/// ```ignore
+/// let mut routing = Routing::new(&pool, &jobs, defaults);
+/// while let Some((job, budget)) = routing.next().await {
+///     routing.record(decide(job, budget));
+/// }
+/// let outcomes = routing.outcomes(); // one per job, in the jobs' order
+/// ```
+pub struct Routing<'j> {
+    pool: PgPool,
+    jobs: Vec<&'j Job>,
     defaults: DefaultBudget,
-    mut decide: impl FnMut(
-        &Job,
-        recap_policy::BudgetState,
-    ) -> Result<Decision, recap_policy::PolicyError>,
-) -> Vec<Result<RouteOutcome, StoreError>> {
-    batched!(pool, jobs, |tx, chunk| route_set(
-        tx,
-        chunk,
-        defaults,
-        &mut decide
-    ))
+    /// Whether the whole batch has had its one transaction.
+    tried_together: bool,
+    /// The next job to route alone, once the batch's transaction failed.
+    next_alone: usize,
+    open: Option<OpenRouting>,
+    results: Vec<Option<Result<RouteOutcome, StoreError>>>,
 }
 
-/// A batch's routes in a fixed number of statements: insert the rows that
-/// are missing, lock them all (job id order), read the earlier routes of
-/// jobs past `queued`, lock and read each tenant's budget (tenant order),
-/// then write every decision, estimate and move to `routed` at once.
-pub(super) async fn route_set(
-    tx: &mut Tx,
-    jobs: &[&&Job],
-    defaults: DefaultBudget,
-    decide: &mut impl FnMut(
-        &Job,
-        recap_policy::BudgetState,
-    ) -> Result<Decision, recap_policy::PolicyError>,
-) -> Result<Vec<RouteOutcome>, StoreError> {
-    let jobs: Vec<&Job> = jobs.iter().map(|j| **j).collect();
-    insert_jobs(tx, &jobs, NewRow::As(Status::Queued)).await?;
-    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
-    let locked = lock_jobs(tx, &ids).await?;
-    let statuses: HashMap<Uuid, Status> = locked.iter().map(|(id, (s, _))| (*id, *s)).collect();
-    let foreign = |job: &Job| {
-        locked
-            .get(&job.job_id)
-            .is_some_and(|(_, t)| *t != job.tenant)
-    };
-    let past: Vec<Uuid> = statuses
-        .iter()
-        .filter(|(_, s)| **s != Status::Queued)
-        .map(|(id, _)| *id)
-        .collect();
-    let mut earlier: HashMap<Uuid, (String, String)> = HashMap::new();
-    if !past.is_empty() {
-        let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
-            "SELECT DISTINCT ON (job_id) job_id, tier, model FROM route_decisions
-             WHERE job_id = ANY($1) ORDER BY job_id, id",
-        )
-        .persistent(false)
-        .bind(&past)
-        .fetch_all(&mut **tx)
-        .await?;
-        earlier.extend(rows.into_iter().map(|(id, t, m)| (id, (t, m))));
-    }
-    let mut budgets: BTreeMap<&str, recap_policy::BudgetState> = BTreeMap::new();
-    for job in &jobs {
-        if statuses.get(&job.job_id) == Some(&Status::Queued) && !foreign(job) {
-            budgets.insert(&job.tenant, recap_policy::BudgetState::default());
+/// One open routing transaction: its jobs (indices into the batch, in
+/// lock order), what their locked rows say, and what is decided so far.
+struct OpenRouting {
+    tx: Tx,
+    items: Vec<usize>,
+    statuses: HashMap<Uuid, Status>,
+    owners: HashMap<Uuid, String>,
+    /// The first route of each job already past `queued`: (tier, model).
+    earlier: HashMap<Uuid, (String, String)>,
+    budgets: BTreeMap<String, recap_policy::BudgetState>,
+    /// The outcome of each of `items` settled so far, in order.
+    outcomes: Vec<RouteOutcome>,
+    decided: Vec<(Uuid, Decision)>,
+    /// Whether the job at `outcomes.len()` has been handed out by `next`.
+    handed_out: bool,
+    /// What makes the transaction fail at commit (a job row that could not
+    /// be read back).
+    failure: Option<StoreError>,
+}
+
+impl<'j> Routing<'j> {
+    pub fn new(pool: &PgPool, jobs: &[&'j Job], defaults: DefaultBudget) -> Self {
+        Routing {
+            pool: pool.clone(),
+            jobs: jobs.to_vec(),
+            defaults,
+            tried_together: false,
+            next_alone: 0,
+            open: None,
+            results: jobs.iter().map(|_| None).collect(),
         }
-    }
-    for (tenant, budget) in budgets.iter_mut() {
-        *budget = budget_state(tx, tenant, defaults).await?;
     }
 
-    let mut outcomes = Vec::with_capacity(jobs.len());
-    let mut decided: Vec<(Uuid, Decision)> = Vec::new();
-    for job in &jobs {
-        let status = *statuses
-            .get(&job.job_id)
-            .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
-        if foreign(job) {
-            outcomes.push(RouteOutcome::TenantMismatch);
-            continue;
+    /// The next job to decide and its tenant's budget left; None once
+    /// every job's route is settled (committed, or failed).
+    pub async fn next(&mut self) -> Option<(&'j Job, recap_policy::BudgetState)> {
+        loop {
+            if self.open.is_none() {
+                let items = self.next_transaction()?;
+                match self.begin(&items).await {
+                    Ok(open) => self.open = Some(open),
+                    Err(e) => {
+                        self.failed(&items, e);
+                        continue;
+                    }
+                }
+            }
+            if let Some(open) = self.open.as_mut() {
+                if let Some(pending) = open.settle_until_a_decision(&self.jobs) {
+                    return Some(pending);
+                }
+            }
+            if let Some(open) = self.open.take() {
+                let items = open.items.clone();
+                match open.commit().await {
+                    Ok(outcomes) => {
+                        for (i, outcome) in items.into_iter().zip(outcomes) {
+                            self.results[i] = Some(Ok(outcome));
+                        }
+                    }
+                    Err(e) => self.failed(&items, e),
+                }
+            }
         }
-        // The same job twice in one batch: the second finds the first's route.
-        if let Some((_, d)) = decided.iter().find(|(id, _)| *id == job.job_id) {
-            outcomes.push(RouteOutcome::AlreadyRouted {
-                tier: Some(d.tier),
-                model: d.model.clone(),
-                status: Status::Routed,
-            });
-            continue;
+    }
+
+    /// The decision for the job `next` handed out last.
+    pub fn record(&mut self, decision: Result<Decision, recap_policy::PolicyError>) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        if !open.handed_out {
+            return;
         }
-        if status != Status::Queued {
-            let (tier, model) = earlier.get(&job.job_id).cloned().unwrap_or_default();
-            outcomes.push(RouteOutcome::AlreadyRouted {
-                tier: Tier::parse(&tier),
-                model,
-                status,
-            });
-            continue;
-        }
-        let budget = budgets.entry(&job.tenant).or_default();
-        match decide(job, *budget) {
+        open.handed_out = false;
+        let job = self.jobs[open.items[open.outcomes.len()]];
+        let outcome = match decision {
             Ok(d) => {
                 // What the ledger's estimate row would make budget_state say.
+                let budget = open.budgets.entry(job.tenant.clone()).or_default();
                 let cost = d.estimated_cost_usd;
                 budget.daily_remaining_usd = budget.daily_remaining_usd.map(|r| r - cost);
                 budget.monthly_remaining_usd = budget.monthly_remaining_usd.map(|r| r - cost);
-                outcomes.push(RouteOutcome::Routed {
+                let outcome = RouteOutcome::Routed {
                     tier: d.tier,
                     model: d.model.clone(),
                     reason: d.reason,
                     shadow: d.shadow,
-                });
-                decided.push((job.job_id, d));
+                };
+                open.decided.push((job.job_id, d));
+                outcome
             }
-            Err(e) => outcomes.push(RouteOutcome::Refused {
+            Err(e) => RouteOutcome::Refused {
                 code: e.code().to_string(),
                 message: e.to_string(),
-            }),
+            },
+        };
+        open.outcomes.push(outcome);
+    }
+
+    /// Each job's outcome, in the order of the jobs given to `new`.
+    pub fn outcomes(self) -> Vec<Result<RouteOutcome, StoreError>> {
+        self.results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(StoreError::Batch)))
+            .collect()
+    }
+
+    /// The jobs of the next transaction: the whole batch first (in lock
+    /// order), then, where that failed, one job at a time.
+    fn next_transaction(&mut self) -> Option<Vec<usize>> {
+        if !self.tried_together && self.jobs.len() > 1 {
+            self.tried_together = true;
+            return Some(lock_order(&self.jobs));
+        }
+        self.tried_together = true;
+        while self.next_alone < self.jobs.len() {
+            let i = self.next_alone;
+            self.next_alone += 1;
+            if self.results[i].is_none() {
+                return Some(vec![i]);
+            }
+        }
+        None
+    }
+
+    fn failed(&mut self, items: &[usize], e: StoreError) {
+        if items.len() > 1 {
+            tracing::warn!(error = %e, items = items.len(), "batch transaction failed; one transaction per job instead");
+        } else if let Some(&i) = items.first() {
+            self.results[i] = Some(Err(e));
         }
     }
-    if !decided.is_empty() {
-        // The decisions, the estimates and the moves to `routed`: one statement.
-        let statement = sqlx::query(concat!(
-            "WITH d AS (SELECT * FROM ",
-            decision_rows!(),
-            "), decision AS (",
-            insert_decisions_from!(),
-            " d), estimate AS (
-                 INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
-                 SELECT jobs.tenant, d.job_id, d.tier, d.model, 'estimate', d.cost::numeric
-                 FROM d JOIN jobs USING (job_id))
-             UPDATE jobs SET status = 'routed', tier = d.tier, model = d.model,
-                             routed_at = now(), updated_at = now()
-             FROM d WHERE jobs.job_id = d.job_id"
-        ))
-        .persistent(false);
-        bind_decisions(statement, &decided)
-            .execute(&mut **tx)
+
+    /// Opens a transaction for `items` with a fixed number of statements:
+    /// inserts the rows that are missing, locks them all (job id order),
+    /// reads the earlier routes of jobs past `queued`, and locks and reads
+    /// each tenant's budget (tenant order).
+    async fn begin(&self, items: &[usize]) -> Result<OpenRouting, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let jobs: Vec<&Job> = items.iter().map(|&i| self.jobs[i]).collect();
+        insert_jobs(&mut tx, &jobs, NewRow::As(Status::Queued)).await?;
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+        let locked = lock_jobs(&mut tx, &ids).await?;
+        let statuses: HashMap<Uuid, Status> = locked.iter().map(|(id, (s, _))| (*id, *s)).collect();
+        let owners: HashMap<Uuid, String> =
+            locked.into_iter().map(|(id, (_, t))| (id, t)).collect();
+        let past: Vec<Uuid> = statuses
+            .iter()
+            .filter(|(_, s)| **s != Status::Queued)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut earlier: HashMap<Uuid, (String, String)> = HashMap::new();
+        if !past.is_empty() {
+            let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+                "SELECT DISTINCT ON (job_id) job_id, tier, model FROM route_decisions
+                 WHERE job_id = ANY($1) ORDER BY job_id, id",
+            )
+            .persistent(false)
+            .bind(&past)
+            .fetch_all(&mut *tx)
             .await?;
+            earlier.extend(rows.into_iter().map(|(id, t, m)| (id, (t, m))));
+        }
+        let mut budgets: BTreeMap<String, recap_policy::BudgetState> = BTreeMap::new();
+        for job in &jobs {
+            let own = owners.get(&job.job_id).is_none_or(|t| *t == job.tenant);
+            if statuses.get(&job.job_id) == Some(&Status::Queued) && own {
+                budgets.insert(job.tenant.clone(), recap_policy::BudgetState::default());
+            }
+        }
+        for (tenant, budget) in budgets.iter_mut() {
+            *budget = budget_state(&mut tx, tenant, self.defaults).await?;
+        }
+        Ok(OpenRouting {
+            tx,
+            items: items.to_vec(),
+            statuses,
+            owners,
+            earlier,
+            budgets,
+            outcomes: Vec::with_capacity(items.len()),
+            decided: Vec::new(),
+            handed_out: false,
+            failure: None,
+        })
     }
-    Ok(outcomes)
+}
+
+impl OpenRouting {
+    /// Settles the jobs that need no decision (another tenant's id, a
+    /// duplicate, a job already routed) up to the next one that does, and
+    /// hands that one out; None when none is left.
+    fn settle_until_a_decision<'j>(
+        &mut self,
+        jobs: &[&'j Job],
+    ) -> Option<(&'j Job, recap_policy::BudgetState)> {
+        if self.handed_out {
+            // `next` again without `record`: the job stays undecided.
+            self.handed_out = false;
+            self.outcomes.push(RouteOutcome::Refused {
+                code: "undecided".into(),
+                message: "the router gave no decision".into(),
+            });
+        }
+        while let Some(&i) = self.items.get(self.outcomes.len()) {
+            if self.failure.is_some() {
+                return None;
+            }
+            let job = jobs[i];
+            match self.settled(job) {
+                Ok(Some(outcome)) => self.outcomes.push(outcome),
+                Err(e) => self.failure = Some(e),
+                Ok(None) => {
+                    self.handed_out = true;
+                    let budget = *self.budgets.entry(job.tenant.clone()).or_default();
+                    return Some((job, budget));
+                }
+            }
+        }
+        None
+    }
+
+    /// The outcome of a job that needs no decision; None for one that does.
+    fn settled(&self, job: &Job) -> Result<Option<RouteOutcome>, StoreError> {
+        let status = *self
+            .statuses
+            .get(&job.job_id)
+            .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        if self
+            .owners
+            .get(&job.job_id)
+            .is_some_and(|t| *t != job.tenant)
+        {
+            return Ok(Some(RouteOutcome::TenantMismatch));
+        }
+        // The same job twice in one batch: the second finds the first's route.
+        if let Some((_, d)) = self.decided.iter().find(|(id, _)| *id == job.job_id) {
+            return Ok(Some(RouteOutcome::AlreadyRouted {
+                tier: Some(d.tier),
+                model: d.model.clone(),
+                status: Status::Routed,
+            }));
+        }
+        if status != Status::Queued {
+            let (tier, model) = self.earlier.get(&job.job_id).cloned().unwrap_or_default();
+            return Ok(Some(RouteOutcome::AlreadyRouted {
+                tier: Tier::parse(&tier),
+                model,
+                status,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Writes the decisions, the estimates and the moves to `routed` in one
+    /// statement, and commits.
+    async fn commit(mut self) -> Result<Vec<RouteOutcome>, StoreError> {
+        if let Some(e) = self.failure {
+            return Err(e);
+        }
+        if !self.decided.is_empty() {
+            let statement = sqlx::query(concat!(
+                "WITH d AS (SELECT * FROM ",
+                decision_rows!(),
+                "), decision AS (",
+                insert_decisions_from!(),
+                " d), estimate AS (
+                     INSERT INTO usage_ledger (tenant, job_id, tier, model, entry, cost_usd)
+                     SELECT jobs.tenant, d.job_id, d.tier, d.model, 'estimate', d.cost::numeric
+                     FROM d JOIN jobs USING (job_id))
+                 UPDATE jobs SET status = 'routed', tier = d.tier, model = d.model,
+                                 routed_at = now(), updated_at = now()
+                 FROM d WHERE jobs.job_id = d.job_id"
+            ))
+            .persistent(false);
+            bind_decisions(statement, &self.decided)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await?;
+        Ok(self.outcomes)
+    }
 }
 
 pub(super) async fn insert_decision(

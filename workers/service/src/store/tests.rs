@@ -61,6 +61,24 @@ fn done(o: &SummaryRecord) -> Completion<'_> {
     }
 }
 
+/// Routes `jobs` through the routing transaction as the router does, with
+/// `decide` in the policy's place.
+async fn route_jobs(
+    db: &PgPool,
+    jobs: &[&Job],
+    defaults: DefaultBudget,
+    mut decide: impl FnMut(
+        &Job,
+        recap_policy::BudgetState,
+    ) -> Result<Decision, recap_policy::PolicyError>,
+) -> Vec<Result<RouteOutcome, StoreError>> {
+    let mut routing = Routing::new(db, jobs, defaults);
+    while let Some((job, budget)) = routing.next().await {
+        routing.record(decide(job, budget));
+    }
+    routing.outcomes()
+}
+
 fn decision(tier: Tier, cost: f64) -> Decision {
     Decision {
         tier,
@@ -455,6 +473,42 @@ async fn a_tenant_without_a_budget_row_spends_the_default_budget() {
         .expect("budget");
     assert_eq!(none.daily_limit_usd, None);
     assert_eq!(none.daily_remaining_usd, None);
+    db.close().await;
+    pg_tool("dropdb", &name);
+}
+
+#[tokio::test]
+async fn a_batch_whose_transaction_fails_is_routed_again_one_job_a_transaction() {
+    let (db, name) = private_db().await;
+    let [good, bad] = [job("a"), job("a")];
+    let mut decided = Vec::new();
+    let out = route_jobs(&db, &[&good, &bad], DefaultBudget::NONE, |job, _| {
+        decided.push(job.job_id);
+        let mut d = decision(Tier::Compact, 0.1);
+        if job.job_id == bad.job_id {
+            // Text PostgreSQL cannot store fails the transaction it is in.
+            d.model = "compact\0model".into();
+        }
+        Ok(d)
+    })
+    .await;
+    assert!(
+        matches!(&out[0], Ok(RouteOutcome::Routed { tier, .. }) if *tier == Tier::Compact),
+        "{out:?}"
+    );
+    assert!(matches!(out[1], Err(StoreError::Db(_))), "{out:?}");
+    // Each job was decided in the batch, then again in its own transaction.
+    for id in [good.job_id, bad.job_id] {
+        assert_eq!(
+            decided.iter().filter(|d| **d == id).count(),
+            2,
+            "{decided:?}"
+        );
+    }
+    let row = get_job(&db, good.job_id).await.expect("read").expect("row");
+    assert_eq!(row.status, "routed");
+    // The bad job's transaction wrote nothing.
+    assert!(get_job(&db, bad.job_id).await.expect("read").is_none());
     db.close().await;
     pg_tool("dropdb", &name);
 }
