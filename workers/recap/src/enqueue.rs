@@ -20,6 +20,13 @@ pub struct Args {
     pub files: Vec<PathBuf>,
     #[arg(long, default_value = "demo")]
     pub tenant: String,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// What `enqueue` and `submit` ask of each job, and whether they wait.
+#[derive(clap::Args)]
+pub struct JobArgs {
     /// Summary kinds, comma-separated; default: the file's own, or overview.
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<String>,
@@ -40,10 +47,11 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let input =
             read_input(&bytes, config).with_context(|| format!("reading {}", file.display()))?;
-        let kinds = if args.kinds.is_empty() {
+        let kinds = if args.job.kinds.is_empty() {
             input.kinds
         } else {
-            args.kinds
+            args.job
+                .kinds
                 .iter()
                 .map(|k| {
                     recap_job::SummaryKind::parse(k)
@@ -51,7 +59,7 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
                 })
                 .collect::<Result<_>>()?
         };
-        let quality = match &args.quality {
+        let quality = match &args.job.quality {
             Some(q) => Quality::parse(q).with_context(|| format!("unknown quality {q:?}"))?,
             None => Quality::default(),
         };
@@ -83,7 +91,7 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
         println!("queued {} <- {}", job.job_id, file.display());
     }
     let _ = conn.close(200, "done".into()).await;
-    if !args.wait {
+    if !args.job.wait {
         return Ok(());
     }
 
@@ -97,10 +105,10 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
                     break row;
                 }
             }
-            if start.elapsed() > Duration::from_secs(args.timeout_s) {
+            if start.elapsed() > Duration::from_secs(args.job.timeout_s) {
                 bail!(
                     "timed out after {} s waiting for {}",
-                    args.timeout_s,
+                    args.job.timeout_s,
                     job.job_id
                 );
             }

@@ -21,15 +21,8 @@ pub struct Args {
     /// The tenant's API key.
     #[arg(long, env = "RECAP_API_KEY", hide_env_values = true)]
     pub api_key: String,
-    /// Summary kinds, comma-separated (default: the file's own, or overview).
-    #[arg(long, value_delimiter = ',')]
-    pub kinds: Vec<String>,
-    #[arg(long)]
-    pub quality: Option<String>,
-    #[arg(long)]
-    pub wait: bool,
-    #[arg(long, default_value_t = 1800)]
-    pub timeout_s: u64,
+    #[command(flatten)]
+    pub job: crate::enqueue::JobArgs,
 }
 
 pub async fn run(config: &Config, args: Args) -> Result<()> {
@@ -42,10 +35,10 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let input =
             read_input(&bytes, config).with_context(|| format!("reading {}", file.display()))?;
-        let kinds: Vec<String> = if args.kinds.is_empty() {
+        let kinds: Vec<String> = if args.job.kinds.is_empty() {
             input.kinds.iter().map(|k| k.as_str().to_string()).collect()
         } else {
-            args.kinds.clone()
+            args.job.kinds.clone()
         };
         let mut body = serde_json::json!({
             "version": 1,
@@ -57,7 +50,7 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
         if let Some(l) = input.language {
             body["language"] = serde_json::json!(l);
         }
-        if let Some(q) = &args.quality {
+        if let Some(q) = &args.job.quality {
             body["quality"] = serde_json::json!(q);
         }
         let res = http
@@ -88,7 +81,7 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
         );
         submitted.push((file.clone(), id));
     }
-    if !args.wait {
+    if !args.job.wait {
         return Ok(());
     }
     let start = Instant::now();
@@ -105,7 +98,7 @@ pub async fn run(config: &Config, args: Args) -> Result<()> {
             if matches!(v["status"].as_str(), Some("succeeded" | "failed" | "dead")) {
                 break v;
             }
-            if start.elapsed() > Duration::from_secs(args.timeout_s) {
+            if start.elapsed() > Duration::from_secs(args.job.timeout_s) {
                 bail!("timed out waiting for {id}");
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

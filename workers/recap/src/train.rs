@@ -318,22 +318,20 @@ pub fn keep_the_heap() {
     }
 }
 
-pub async fn run(config: &Config, args: TrainArgs) -> Result<()> {
-    keep_the_heap();
-    let (examples, sources) = read_data(config, &args.data).await?;
-    // Training holds the cores for minutes to hours: off the async workers.
-    tokio::task::block_in_place(|| train_on(config, args, examples, sources))
+/// The base model a run trains: a catalog GGUF of a dense-decoder family,
+/// without an adapter, with its file and that file's sha256.
+struct Base {
+    model_id: String,
+    entry: recap_engine::catalog::ModelEntry,
+    path: PathBuf,
+    sha256: String,
 }
 
-fn train_on(
-    config: &Config,
-    args: TrainArgs,
-    mut examples: Vec<Example>,
-    sources: Vec<DataSource>,
-) -> Result<()> {
+/// `model`, or the compact tier's model, checked as a base to train.
+fn trainable_base(config: &Config, model: Option<&str>) -> Result<Base> {
     let catalog = config.catalog()?;
-    let model_id = match &args.model {
-        Some(m) => m.clone(),
+    let model_id = match model {
+        Some(m) => m.to_string(),
         None => config
             .tier_model(Tier::Compact)
             .context("no compact tier model configured")?
@@ -356,28 +354,29 @@ fn train_on(
         .as_deref()
         .context("catalog entry without a file")?;
     let path = config.models_dir().join(file);
-    let base_sha256 = match &entry.sha256 {
+    let sha256 = match &entry.sha256 {
         Some(s) => s.clone(),
         None => recap_engine::models::llm::sha256_file(&path)
             .with_context(|| format!("{}: run `recap models fetch {model_id}`", path.display()))?,
     };
-    let device = engines::device(config)?;
-    let opts = GgufOptions::for_entry(&entry, device.clone(), config.models.max_context);
-    let serving = GgufModel::load(&path, &opts)?;
+    Ok(Base {
+        model_id,
+        entry,
+        path,
+        sha256,
+    })
+}
 
-    if let Some(n) = args.max_examples {
-        let order = trainer::epoch_order(examples.len(), args.seed, usize::MAX);
-        let mut keep: Vec<usize> = order.into_iter().take(n).collect();
-        keep.sort_unstable();
-        examples = keep.into_iter().map(|i| examples[i].clone()).collect();
-    }
-    let (items, skipped) = tokenize(&serving, &examples, args.max_seq_len, args.max_target_copy)?;
-    let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
-    eprintln!(
-        "{} examples read, {} kept ({tokens} tokens), skipped: {skipped:?}",
-        examples.len(),
-        items.len()
-    );
+/// `n` of `examples`, drawn by `seed`, in their order.
+fn seeded_sample(examples: Vec<Example>, n: usize, seed: u64) -> Vec<Example> {
+    let order = trainer::epoch_order(examples.len(), seed, usize::MAX);
+    let mut keep: Vec<usize> = order.into_iter().take(n).collect();
+    keep.sort_unstable();
+    keep.into_iter().map(|i| examples[i].clone()).collect()
+}
+
+/// The LoRA of `--rank`, `--alpha`, `--dropout`, `--targets` and `--layers`.
+fn lora_spec(args: &TrainArgs) -> Result<LoraSpec> {
     let targets = args
         .targets
         .iter()
@@ -397,15 +396,28 @@ fn train_on(
     if !(0.0..1.0).contains(&args.dropout) {
         bail!("--dropout must be in [0, 1)");
     }
-    let mut train_config = TrainConfig {
-        base_model: model_id.clone(),
-        base_sha256: base_sha256.clone(),
-        prompt_order: if opts.transcript_first {
+    Ok(spec)
+}
+
+/// The run's record of what it trains, on what and how (`train.json`,
+/// and what a resumed run must match).
+fn train_config(
+    args: &TrainArgs,
+    base_model: &str,
+    base_sha256: &str,
+    transcript_first: bool,
+    lora: LoraSpec,
+    data: Vec<DataSource>,
+) -> TrainConfig {
+    TrainConfig {
+        base_model: base_model.to_string(),
+        base_sha256: base_sha256.to_string(),
+        prompt_order: if transcript_first {
             "transcript_first".into()
         } else {
             "task_first".into()
         },
-        lora: spec.clone(),
+        lora,
         lr: args.lr,
         min_lr: args.min_lr,
         warmup_steps: args.warmup_steps,
@@ -419,47 +431,37 @@ fn train_on(
         weight_decay: args.weight_decay,
         max_seq_len: args.max_seq_len,
         seed: args.seed,
-        data: sources,
+        data,
         max_examples: args.max_examples,
         max_target_copy: args.max_target_copy,
         init_adapter: None,
-    };
-    let mut f = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
-        .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
-    let model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, args.seed)
-        .with_context(|| format!("loading {} for training", path.display()))?;
-    if let Some(dir) = &args.init_adapter {
-        train_config.init_adapter = Some(start_from(&model, dir, &train_config, &path)?);
     }
+}
 
-    let val_cases = match &args.val {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
-            qmsum::sample(
-                qmsum::parse(&text, Setting::Span)?,
-                Some(args.val_cases),
-                args.seed,
-            )
-        }
-        None => Vec::new(),
-    };
-    let rouge = Rouge::new(true);
-    let mut validate = |dir: &Path, epoch: usize| -> std::result::Result<ValScores, String> {
-        if val_cases.is_empty() {
+/// Each epoch's adapter scored on QMSum val cases: ROUGE and copy rate.
+struct Validation {
+    cases: Vec<qmsum::Case>,
+    opts: GgufOptions,
+    path: PathBuf,
+    rouge: Rouge,
+}
+
+impl Validation {
+    fn score(&self, dir: &Path, epoch: usize) -> std::result::Result<ValScores, String> {
+        if self.cases.is_empty() {
             return Ok(ValScores::none(epoch));
         }
-        let mut o = opts.clone();
+        let mut o = self.opts.clone();
         o.adapter = Some(AdapterOptions {
             dir: dir.to_path_buf(),
             sha256: None,
             merge: false,
         });
-        let tuned = GgufModel::load(&path, &o).map_err(|e| e.to_string())?;
+        let tuned = GgufModel::load(&self.path, &o).map_err(|e| e.to_string())?;
         let (mut r1, mut r2, mut rl, mut cp) = (vec![], vec![], vec![], vec![]);
-        for case in &val_cases {
+        for case in &self.cases {
             let out = crate::eval::answer(&tuned, case).map_err(|e| e.to_string())?;
-            let s = rouge.score(&case.reference, &out.text);
+            let s = self.rouge.score(&case.reference, &out.text);
             r1.push(s.rouge1.fmeasure);
             r2.push(s.rouge2.fmeasure);
             rl.push(s.rouge_l.fmeasure);
@@ -470,7 +472,7 @@ fn train_on(
         }
         let scores = ValScores {
             epoch,
-            cases: val_cases.len(),
+            cases: self.cases.len(),
             rouge1: mean(&r1),
             rouge2: mean(&r2),
             rouge_l: mean(&rl),
@@ -481,7 +483,77 @@ fn train_on(
             scores.rouge1, scores.rouge2, scores.rouge_l, scores.cases, scores.copy_rate
         );
         Ok(scores)
+    }
+}
+
+pub async fn run(config: &Config, args: TrainArgs) -> Result<()> {
+    keep_the_heap();
+    let (examples, sources) = read_data(config, &args.data).await?;
+    // Training holds the cores for minutes to hours: off the async workers.
+    tokio::task::block_in_place(|| train_on(config, args, examples, sources))
+}
+
+fn train_on(
+    config: &Config,
+    args: TrainArgs,
+    mut examples: Vec<Example>,
+    sources: Vec<DataSource>,
+) -> Result<()> {
+    let Base {
+        model_id,
+        entry,
+        path,
+        sha256: base_sha256,
+    } = trainable_base(config, args.model.as_deref())?;
+    let device = engines::device(config)?;
+    let opts = GgufOptions::for_entry(&entry, device.clone(), config.models.max_context);
+    let serving = GgufModel::load(&path, &opts)?;
+
+    if let Some(n) = args.max_examples {
+        examples = seeded_sample(examples, n, args.seed);
+    }
+    let (items, skipped) = tokenize(&serving, &examples, args.max_seq_len, args.max_target_copy)?;
+    let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
+    eprintln!(
+        "{} examples read, {} kept ({tokens} tokens), skipped: {skipped:?}",
+        examples.len(),
+        items.len()
+    );
+    let spec = lora_spec(&args)?;
+    let mut train_config = train_config(
+        &args,
+        &model_id,
+        &base_sha256,
+        opts.transcript_first,
+        spec.clone(),
+        sources,
+    );
+    let mut f = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+    let model = TrainModel::from_gguf(&ct, &mut f, &device, &spec, args.seed)
+        .with_context(|| format!("loading {} for training", path.display()))?;
+    if let Some(dir) = &args.init_adapter {
+        train_config.init_adapter = Some(start_from(&model, dir, &train_config, &path)?);
+    }
+
+    let validation = Validation {
+        cases: match &args.val {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+                qmsum::sample(
+                    qmsum::parse(&text, Setting::Span)?,
+                    Some(args.val_cases),
+                    args.seed,
+                )
+            }
+            None => Vec::new(),
+        },
+        opts: opts.clone(),
+        path: path.clone(),
+        rouge: Rouge::new(true),
     };
+    let mut validate = |dir: &Path, epoch: usize| validation.score(dir, epoch);
     let paths = RunPaths {
         out: args.out.clone(),
     };

@@ -272,52 +272,84 @@ impl Worker {
             };
             let mut results = results.into_iter();
             for run in group {
-                match results.next() {
-                    Some(Ok(outputs)) => ran.push(Ran {
-                        signals: {
-                            let view = crate::policy::JobView::of(&run.job);
-                            outputs
-                                .iter()
-                                .map(|o| view.signals(o.into(), None))
-                                .collect()
-                        },
-                        run,
-                        outputs: outputs.into_iter().map(summary_record).collect(),
-                        inference,
-                    }),
-                    Some(Err(EngineError::Cancelled)) => {
-                        verdicts[run.at] = Some(Verdict::Requeue {
-                            detail: "cancelled by shutdown".into(),
-                        })
-                    }
-                    Some(Err(e)) => {
-                        metrics()
-                            .jobs_total
-                            .with_label_values(&[
-                                self.tier.as_str(),
-                                run.engine.model_id(),
-                                "error",
-                            ])
-                            .inc();
-                        verdicts[run.at] = Some(Verdict::Retry {
-                            code: e.code().to_string(),
-                            detail: e.to_string(),
-                            job_id: run.job.job_id,
-                            tenant: run.job.tenant.clone(),
-                        });
-                    }
-                    None => {
-                        verdicts[run.at] = Some(Verdict::Retry {
-                            code: "model_error".into(),
-                            detail: "the engine returned no result for this job".into(),
-                            job_id: run.job.job_id,
-                            tenant: run.job.tenant.clone(),
-                        })
-                    }
+                let at = run.at;
+                match self.after_inference(run, results.next(), inference) {
+                    Ok(r) => ran.push(r),
+                    Err(verdict) => verdicts[at] = Some(verdict),
                 }
             }
         }
         ran
+    }
+
+    /// A job's engine result: its outputs with their signals, or the
+    /// verdict of a job the engine did not summarize.
+    fn after_inference(
+        &self,
+        run: Run,
+        result: Option<Result<Vec<SummaryOutput>, EngineError>>,
+        inference: Duration,
+    ) -> Result<Ran, Verdict> {
+        match result {
+            Some(Ok(outputs)) => Ok(Ran {
+                signals: {
+                    let view = crate::policy::JobView::of(&run.job);
+                    outputs
+                        .iter()
+                        .map(|o| view.signals(o.into(), None))
+                        .collect()
+                },
+                run,
+                outputs: outputs.into_iter().map(summary_record).collect(),
+                inference,
+            }),
+            Some(Err(EngineError::Cancelled)) => Err(Verdict::Requeue {
+                detail: "cancelled by shutdown".into(),
+            }),
+            Some(Err(e)) => {
+                metrics()
+                    .jobs_total
+                    .with_label_values(&[self.tier.as_str(), run.engine.model_id(), "error"])
+                    .inc();
+                Err(Verdict::Retry {
+                    code: e.code().to_string(),
+                    detail: e.to_string(),
+                    job_id: run.job.job_id,
+                    tenant: run.job.tenant.clone(),
+                })
+            }
+            None => Err(Verdict::Retry {
+                code: "model_error".into(),
+                detail: "the engine returned no result for this job".into(),
+                job_id: run.job.job_id,
+                tenant: run.job.tenant.clone(),
+            }),
+        }
+    }
+
+    /// One commit for each way of starting, in `Start`'s order (`ran` is
+    /// sorted by it; `items` are its completions).
+    async fn commit_completions(
+        &self,
+        ran: &[&Ran],
+        items: &[(&Job, Completion<'_>)],
+    ) -> Vec<Result<Committed, store::StoreError>> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut from = 0;
+        while from < items.len() {
+            let start = ran[from].run.start;
+            let to = from + ran[from..].partition_point(|r| r.run.start == start);
+            let group = &items[from..to];
+            outcomes.extend(match start {
+                Start::BeforeRun => store::complete_jobs(&self.pool, group).await,
+                Start::WithCompletion | Start::WithCompletionNewRow => {
+                    let new_rows = start == Start::WithCompletionNewRow;
+                    store::start_and_complete_jobs(&self.pool, self.tier, group, new_rows).await
+                }
+            });
+            from = to;
+        }
+        outcomes
     }
 
     fn completion<'a>(&'a self, ran: &'a Ran) -> Completion<'a> {
@@ -376,27 +408,12 @@ impl Worker {
             }
             to_complete.push(r);
         }
-        // One commit for each way of starting, in `Start`'s order.
         to_complete.sort_by_key(|r| r.run.start);
         let items: Vec<(&Job, Completion<'_>)> = to_complete
             .iter()
             .map(|r| (&r.run.job, self.completion(r)))
             .collect();
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut from = 0;
-        while from < items.len() {
-            let start = to_complete[from].run.start;
-            let to = from + to_complete[from..].partition_point(|r| r.run.start == start);
-            let group = &items[from..to];
-            outcomes.extend(match start {
-                Start::BeforeRun => store::complete_jobs(&self.pool, group).await,
-                Start::WithCompletion | Start::WithCompletionNewRow => {
-                    let new_rows = start == Start::WithCompletionNewRow;
-                    store::start_and_complete_jobs(&self.pool, self.tier, group, new_rows).await
-                }
-            });
-            from = to;
-        }
+        let outcomes = self.commit_completions(&to_complete, &items).await;
         let mut events = Vec::new();
         let mut succeeded = Vec::new();
         for ((r, (_, done)), outcome) in to_complete.iter().zip(&items).zip(outcomes) {
