@@ -250,6 +250,38 @@ fn fit_at_least(
     l2: f64,
     min_cases: usize,
 ) -> Result<Score, ScoreError> {
+    let enough = check_fit(features, cases, l2, min_cases)?;
+    let d = features.len();
+    let (mean, scale, x) = standardized(features, cases);
+    let y: Vec<f64> = cases.iter().map(|c| flag(c.1)).collect();
+    let prior = enough as f64 / cases.len() as f64;
+    let w = newton_fit(&x, &y, l2, prior)?;
+    Ok(Score {
+        features: features.to_vec(),
+        mean,
+        scale,
+        weights: w[..d].to_vec(),
+        bias: w[d],
+        threshold: 0.5,
+        kinds: {
+            let mut k: Vec<String> = cases.iter().map(|c| c.0.kind.clone()).collect();
+            k.sort();
+            k.dedup();
+            k
+        },
+        model: String::new(),
+        fitted: String::new(),
+    })
+}
+
+/// That the features are known, the penalty positive, and the cases many
+/// enough with both labels; how many are labelled enough.
+fn check_fit(
+    features: &[String],
+    cases: &[(Signals, bool)],
+    l2: f64,
+    min_cases: usize,
+) -> Result<usize, ScoreError> {
     let unknown: Vec<String> = features.iter().filter(|f| !is_known(f)).cloned().collect();
     if !unknown.is_empty() {
         return Err(ScoreError::UnknownFeatures(unknown));
@@ -267,9 +299,17 @@ fn fit_at_least(
     if enough < MIN_PER_CLASS || not_enough < MIN_PER_CLASS {
         return Err(ScoreError::OneClass { enough, not_enough });
     }
+    Ok(enough)
+}
+
+/// Each feature's mean and scale over the cases, and the cases' values
+/// standardized by them. A missing signal takes the feature's mean over
+/// the cases that have it (standardized: 0), as `probability` treats it.
+fn standardized(
+    features: &[String],
+    cases: &[(Signals, bool)],
+) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
     let d = features.len();
-    // Raw values; a missing signal takes the feature's mean over the cases
-    // that have it, as `probability` treats it.
     let raw: Vec<Vec<Option<f64>>> = cases
         .iter()
         .map(|(s, _)| features.iter().map(|f| value(f, s)).collect())
@@ -295,16 +335,20 @@ fn fit_at_least(
                 .collect()
         })
         .collect();
-    let y: Vec<f64> = cases.iter().map(|c| flag(c.1)).collect();
-    // Parameters: d weights, then the bias.
+    (mean, scale, x)
+}
+
+/// L2-penalized logistic regression of `y` on `x` by Newton's method with
+/// backtracking, from the prior's log-odds: the weights, then the bias.
+fn newton_fit(x: &[Vec<f64>], y: &[f64], l2: f64, prior: f64) -> Result<Vec<f64>, ScoreError> {
+    let d = x.first().map_or(0, Vec::len);
     let mut w = vec![0.0; d + 1];
-    let prior = enough as f64 / cases.len() as f64;
     w[d] = (prior / (1.0 - prior)).ln();
     // The penalized negative log-likelihood Newton's steps descend.
     let loss = |w: &[f64]| -> f64 {
         let data: f64 = x
             .iter()
-            .zip(&y)
+            .zip(y)
             .map(|(xi, &yi)| {
                 let z: f64 = (0..d).map(|j| w[j] * xi[j]).sum::<f64>() + w[d];
                 // log(1 + e^z) - y z, computed without overflow.
@@ -316,7 +360,7 @@ fn fit_at_least(
     for _ in 0..50 {
         let mut grad = vec![0.0; d + 1];
         let mut hess = vec![vec![0.0; d + 1]; d + 1];
-        for (xi, &yi) in x.iter().zip(&y) {
+        for (xi, &yi) in x.iter().zip(y) {
             let z: f64 = (0..d).map(|j| w[j] * xi[j]).sum::<f64>() + w[d];
             let p = sigmoid(z);
             let r = p * (1.0 - p);
@@ -356,22 +400,7 @@ fn fit_at_least(
             break;
         }
     }
-    Ok(Score {
-        features: features.to_vec(),
-        mean,
-        scale,
-        weights: w[..d].to_vec(),
-        bias: w[d],
-        threshold: 0.5,
-        kinds: {
-            let mut k: Vec<String> = cases.iter().map(|c| c.0.kind.clone()).collect();
-            k.sort();
-            k.dedup();
-            k
-        },
-        model: String::new(),
-        fitted: String::new(),
-    })
+    Ok(w)
 }
 
 /// Solves `a x = b` by Gaussian elimination with partial pivoting.

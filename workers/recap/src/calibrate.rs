@@ -320,23 +320,7 @@ fn frontier_table(points: &[FrontierPoint], chosen: &FrontierPoint) -> String {
 pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
     let target = args.target()?;
     let features = args.fit.features();
-    let (lines, labels, source) = match (&args.cases, args.shadow) {
-        (Some(path), false) => (read_cases(path)?, args.labels, path.display().to_string()),
-        (None, true) => (
-            shadow_lines(config, args.tenant.as_deref()).await?,
-            Labels::Agreement,
-            format!(
-                "shadow pairs{}",
-                args.tenant
-                    .as_deref()
-                    .map(|t| format!(" of tenant {t}"))
-                    .unwrap_or_default()
-            ),
-        ),
-        _ => bail!(
-            "say where the labelled cases come from: --cases out/eval/cases.jsonl, or --shadow"
-        ),
-    };
+    let (lines, labels, source) = labelled_lines(config, &args).await?;
     let mut models: Vec<&str> = lines.iter().map(|l| l.compact_model.as_str()).collect();
     models.sort();
     models.dedup();
@@ -369,25 +353,7 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         "\nFrontier of the fitted score on these cases (share of large-only quality and cost):\n\n{}",
         frontier_table(&cal.frontier, &cal.chosen)
     );
-    // The held-out result is a report: a fold too small to fit does not
-    // stop the calibration the whole set allowed.
-    match score::cross_validate(&features, &cases, args.fit.folds, target, args.fit.l2) {
-        Ok(held_out) => {
-            let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
-            let (q, c) = score::cascade_outcome(&outcomes, &held_out);
-            let large_q = mean(&outcomes.iter().map(|o| o.large_quality).collect::<Vec<_>>());
-            let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
-            println!(
-                "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",
-                args.fit.folds.max(2),
-                q / large_q.max(1e-12),
-                c / large_c.max(1e-12),
-                held_out.iter().filter(|&&e| e).count(),
-                cases.len()
-            );
-        }
-        Err(e) => println!("Held out: not computed ({e})"),
-    }
+    print_held_out(&args, &features, &cases, target);
     let current = policy::load(config)?;
     let base = match &config.policy.file {
         Some(p) => {
@@ -428,6 +394,58 @@ pub async fn run(config: &Config, args: CalibrateArgs) -> Result<()> {
         fitted.threshold
     );
     Ok(())
+}
+
+/// The cases to calibrate on, their labels and where they come from: an
+/// eval's `cases.jsonl` (`--cases`) or the shadow pairs (`--shadow`).
+async fn labelled_lines(
+    config: &Config,
+    args: &CalibrateArgs,
+) -> Result<(Vec<CaseLine>, Labels, String)> {
+    Ok(match (&args.cases, args.shadow) {
+        (Some(path), false) => (read_cases(path)?, args.labels, path.display().to_string()),
+        (None, true) => (
+            shadow_lines(config, args.tenant.as_deref()).await?,
+            Labels::Agreement,
+            format!(
+                "shadow pairs{}",
+                args.tenant
+                    .as_deref()
+                    .map(|t| format!(" of tenant {t}"))
+                    .unwrap_or_default()
+            ),
+        ),
+        _ => bail!(
+            "say where the labelled cases come from: --cases out/eval/cases.jsonl, or --shadow"
+        ),
+    })
+}
+
+/// The held-out result, a report only: a fold too small to fit does not
+/// stop the calibration the whole set allowed.
+fn print_held_out(
+    args: &CalibrateArgs,
+    features: &[String],
+    cases: &[score::Case],
+    target: Target,
+) {
+    match score::cross_validate(features, cases, args.fit.folds, target, args.fit.l2) {
+        Ok(held_out) => {
+            let outcomes: Vec<Outcomes> = cases.iter().map(|c| c.outcomes).collect();
+            let (q, c) = score::cascade_outcome(&outcomes, &held_out);
+            let large_q = mean(&outcomes.iter().map(|o| o.large_quality).collect::<Vec<_>>());
+            let large_c: f64 = outcomes.iter().map(|o| o.large_cost).sum();
+            println!(
+                "Held out ({}-fold, each case judged by a score fitted without it): quality share {:.3}, cost share {:.3}, {} of {} escalated",
+                args.fit.folds.max(2),
+                q / large_q.max(1e-12),
+                c / large_c.max(1e-12),
+                held_out.iter().filter(|&&e| e).count(),
+                cases.len()
+            );
+        }
+        Err(e) => println!("Held out: not computed ({e})"),
+    }
 }
 
 #[cfg(test)]

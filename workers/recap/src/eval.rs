@@ -299,22 +299,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         SettingArg::Span => Setting::Span,
         SettingArg::Whole => Setting::Whole,
     };
-    let spec = args.dataset.to_string_lossy().to_string();
-    let (path, own) = match spec.strip_prefix("jsonl:") {
-        Some(p) => (PathBuf::from(p), true),
-        None => (args.dataset.clone(), false),
-    };
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let all = if own {
-        references(&text, &path.display().to_string())?
-    } else {
-        qmsum::parse(&text, setting)?
-    };
-    let cases = qmsum::sample(all, args.limit, args.seed);
-    if cases.is_empty() {
-        bail!("{} has no cases for this setting", args.dataset.display());
-    }
+    let cases = eval_cases(&args, setting)?;
     let models: Vec<String> = if args.models.is_empty() {
         [Tier::Compact, Tier::Large]
             .into_iter()
@@ -328,24 +313,7 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
     let sources = sources(&cases);
     let mut rows = Vec::new();
 
-    // Lead-60: the first 60 words of the transcript.
-    let lead: Vec<CaseRun> = cases
-        .iter()
-        .map(|c| {
-            let text = qmsum::lead_words(&c.transcript, 60);
-            CaseRun {
-                id: c.id.clone(),
-                input_tokens: 0,
-                output_tokens: text.split_whitespace().count() as u32,
-                text,
-                latency_s: 0.0,
-                cost_usd: 0.0,
-                mean_logprob: None,
-                mean_entropy: None,
-                has_confidence: true,
-            }
-        })
-        .collect();
+    let lead = lead_runs(&cases);
     let lead_texts: Vec<&str> = lead.iter().map(|r| r.text.as_str()).collect();
     rows.push(row(
         "lead-60",
@@ -408,6 +376,49 @@ pub fn eval(config: &Config, args: EvalArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The seeded sample of QMSum cases (or of a company's own references,
+/// `jsonl:PATH`) that the run evaluates.
+fn eval_cases(args: &EvalArgs, setting: Setting) -> Result<Vec<Case>> {
+    let spec = args.dataset.to_string_lossy().to_string();
+    let (path, own) = match spec.strip_prefix("jsonl:") {
+        Some(p) => (PathBuf::from(p), true),
+        None => (args.dataset.clone(), false),
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let all = if own {
+        references(&text, &path.display().to_string())?
+    } else {
+        qmsum::parse(&text, setting)?
+    };
+    let cases = qmsum::sample(all, args.limit, args.seed);
+    if cases.is_empty() {
+        bail!("{} has no cases for this setting", args.dataset.display());
+    }
+    Ok(cases)
+}
+
+/// Lead-60: the first 60 words of each transcript, the baseline row.
+fn lead_runs(cases: &[Case]) -> Vec<CaseRun> {
+    cases
+        .iter()
+        .map(|c| {
+            let text = qmsum::lead_words(&c.transcript, 60);
+            CaseRun {
+                id: c.id.clone(),
+                input_tokens: 0,
+                output_tokens: text.split_whitespace().count() as u32,
+                text,
+                latency_s: 0.0,
+                cost_usd: 0.0,
+                mean_logprob: None,
+                mean_entropy: None,
+                has_confidence: true,
+            }
+        })
+        .collect()
 }
 
 /// The routers side by side, and what they add to the report.

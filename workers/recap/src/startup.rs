@@ -3,11 +3,10 @@
 //! the engine, the consumer loop), shared by the `recap` subcommands.
 
 use crate::config::{redact_url, Config};
-use crate::{
-    consume, engines, metrics, policy, probes, queue, router, shutdown, store, summarize, worker,
-};
+use crate::{consume, engines, metrics, policy, queue, router, store, summarize, worker};
 use anyhow::{Context, Result};
 use recap_policy::Tier;
+use recap_service::role;
 use std::sync::Arc;
 
 /// `recap migrate`: the schema and the broker topology.
@@ -27,41 +26,12 @@ pub async fn migrate(config: &Config) -> Result<()> {
 /// engine (`recap-gateway` runs the same).
 pub use recap_service::gateway::run_until_signalled as run_gateway;
 
-/// What the router and the workers start with: shutdown on SIGTERM and
-/// SIGINT, the database pool, and the probes and metrics listener (not
-/// ready until the role says so).
-struct Started {
-    shutdown: shutdown::Shutdown,
-    pool: sqlx::PgPool,
-    readiness: Arc<probes::Readiness>,
-}
-
-async fn start_role(config: &Config) -> Result<Started> {
-    let (trigger, shutdown) = shutdown::channel();
-    shutdown::on_signals(trigger)?;
-    let pool = store::connect(config).await?;
-    let readiness = Arc::new(probes::Readiness::default());
-    probes::serve(
-        &config.metrics.listen,
-        probes::ProbeState {
-            readiness: readiness.clone(),
-            pool: Some(pool.clone()),
-        },
-    )
-    .await?;
-    Ok(Started {
-        shutdown,
-        pool,
-        readiness,
-    })
-}
-
 pub async fn run_router(config: Arc<Config>) -> Result<()> {
-    let Started {
+    let role::Started {
         shutdown,
         pool,
         readiness,
-    } = start_role(&config).await?;
+    } = role::start(&config).await?;
     let policy = policy::SharedPolicy::new(policy::load(&config)?);
     policy.reload_on_sighup(config.clone())?;
     // The router counts tokens with the compact model's tokenizer.
@@ -105,11 +75,11 @@ pub async fn run_worker(config: Arc<Config>, tier: String) -> Result<()> {
         .tier_model(parsed_tier)
         .with_context(|| format!("tier {tier} has no model (config key tiers.{tier}.model)"))?
         .to_string();
-    let Started {
+    let role::Started {
         shutdown,
         pool,
         readiness,
-    } = start_role(&config).await?;
+    } = role::start(&config).await?;
     // A model that will not load leaves the worker up but not ready (its
     // probes say why), retrying now and then: an operator fixes the file
     // and the worker comes up without a restart.

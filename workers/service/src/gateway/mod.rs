@@ -8,7 +8,7 @@ mod serve;
 
 use crate::config::Config;
 use crate::metrics::metrics;
-use crate::probes::{self, ProbeState, Readiness};
+use crate::probes::Readiness;
 use crate::queue::{self, EXCHANGE_JOBS, ROUTE_INGEST};
 use crate::store;
 use crate::tenants;
@@ -590,19 +590,12 @@ pub async fn run_until_signalled(
     config: Arc<Config>,
     listen: Option<String>,
 ) -> anyhow::Result<()> {
-    let (trigger, shutdown) = crate::shutdown::channel();
-    crate::shutdown::on_signals(trigger)?;
+    let crate::role::Started {
+        mut shutdown,
+        pool,
+        readiness,
+    } = crate::role::start(&config).await?;
     let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
-    run(config, listen, shutdown).await
-}
-
-pub async fn run(
-    config: Arc<Config>,
-    listen: String,
-    mut shutdown: crate::shutdown::Shutdown,
-) -> anyhow::Result<()> {
-    let pool = store::connect(&config).await?;
-    let readiness = Arc::new(Readiness::default());
     readiness.set_model(true);
     let gw = Arc::new(Gateway::new(
         pool.clone(),
@@ -613,15 +606,7 @@ pub async fn run(
     if let Err(p) = gw.publish_probe().await {
         tracing::warn!(detail = %p.detail, "broker not reachable yet; readiness stays false until it is");
     }
-    crate::webhooks::spawn_dispatcher(pool.clone(), gw.webhook_allow.clone(), shutdown.clone());
-    probes::serve(
-        &config.metrics.listen,
-        ProbeState {
-            readiness: readiness.clone(),
-            pool: Some(pool.clone()),
-        },
-    )
-    .await?;
+    crate::webhooks::spawn_dispatcher(pool, gw.webhook_allow.clone(), shutdown.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -251,6 +251,16 @@ pub struct SummaryRow {
     pub total_ms: f64,
 }
 
+/// The reason of a job's first routing decision, where it has one.
+pub async fn first_route_reason(pool: &PgPool, job_id: Uuid) -> Result<Option<String>, StoreError> {
+    let reason: Option<(String,)> =
+        sqlx::query_as("SELECT reason FROM route_decisions WHERE job_id = $1 ORDER BY id LIMIT 1")
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(reason.map(|(r,)| r))
+}
+
 pub async fn get_summaries(pool: &PgPool, job_id: Uuid) -> Result<Vec<SummaryRow>, StoreError> {
     let rows = sqlx::query(
         "SELECT kind, text, model, engine, input_tokens, output_tokens, total_ms

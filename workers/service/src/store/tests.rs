@@ -388,12 +388,8 @@ async fn one_bad_row_does_not_fail_its_batch_mates() {
             (
                 j,
                 Completion {
-                    tier: Tier::Compact,
-                    model: "m",
-                    engine: "extractive",
-                    outputs: std::slice::from_ref(o),
-                    signals: &[],
                     cost_usd: 0.0,
+                    ..done(o)
                 },
             )
         })
