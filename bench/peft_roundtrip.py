@@ -148,7 +148,7 @@ def main():
         return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
     rows = []
-    base_r, _ = recap_logits(args.recap, args.config, BASE_ID, ids_path, work)
+    base_r, _ = recap_logits(args.recap_bench, args.config, BASE_ID, ids_path, work)
     model = base()
     base_t = torch_logits(model, ids)
 
@@ -167,7 +167,7 @@ def main():
         f.write(catalog_entry("roundtrip-merged", adapter_dir, merge=True))
     env = dict(os.environ, RECAP_MODELS_CATALOG=catalog)
     for model_id, how in [(LORA_ID, "unmerged"), ("roundtrip-merged", "merged")]:
-        lora_r, greedy_r = recap_logits(args.recap, args.config, model_id, ids_path, work, env)
+        lora_r, greedy_r = recap_logits(args.recap_bench, args.config, model_id, ids_path, work, env)
         row = compare(f"recap adapter, recap ({how}) vs PEFT", base_r, lora_r, base_t, lora_t)
         row["greedy_tokens_agreeing"] = agreeing_prefix(greedy_r, greedy_t)
         rows.append(row)
@@ -186,7 +186,7 @@ def main():
     made_t = torch_logits(made, ids)
     with open(catalog, "a") as f:
         f.write(catalog_entry("peft-made", peft_dir, merge=False))
-    made_r, greedy_r = recap_logits(args.recap, args.config, "peft-made", ids_path, work, env)
+    made_r, greedy_r = recap_logits(args.recap_bench, args.config, "peft-made", ids_path, work, env)
     row = compare("PEFT-made adapter, recap vs PEFT", base_r, made_r, base_t, made_t)
     row["greedy_tokens_agreeing"] = agreeing_prefix(greedy_r, torch_greedy(made, ids, 16))
     rows.append(row)

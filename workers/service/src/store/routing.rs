@@ -152,8 +152,8 @@ macro_rules! insert_decisions_from {
 /// jobs decided before it in the same transaction taken off); `record`
 /// takes the router's decision for it. Once a transaction's jobs are all
 /// decided, `next` commits them together: each job's row and its tenant's
-/// budget row are locked (job rows in tenant and id order) from the start,
-/// and the decisions, the estimates in the ledger and the moves to
+/// budget row are locked from the start (job rows in id order, budget
+/// rows in tenant order), and the decisions, the estimates in the ledger and the moves to
 /// `routed` commit at once. The batch is tried as one transaction; where
 /// that fails, each job is routed again in a transaction of its own, so
 /// that one bad job costs only itself. An already-routed job keeps its
