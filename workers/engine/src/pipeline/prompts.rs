@@ -10,28 +10,56 @@ pub const PROMPT_VERSION: &str = "v1";
 /// Lines of the prompts' own scaffolding, removed when a model echoes them.
 pub const SCAFFOLDING: [&str; 3] = ["Meeting transcript:", "Partial summaries:", "\"\"\""];
 
-const SYSTEM: &str = include_str!("../../prompts/v1/system.txt");
-const USER: &str = include_str!("../../prompts/v1/user.txt");
-const USER_TRANSCRIPT_FIRST: &str = include_str!("../../prompts/v1/user_transcript_first.txt");
-const REDUCE: &str = include_str!("../../prompts/v1/reduce.txt");
-const FLAN: &str = include_str!("../../prompts/v1/flan.txt");
-
 /// The files of the prompt version's folder, by name (`build.rs`).
 mod files {
     include!(concat!(env!("OUT_DIR"), "/prompt_files.rs"));
 }
 
-/// A kind's instruction: the file its definition names. Every kind's file
-/// is in the folder (a test checks it).
+/// A file of the prompt version's folder. Evaluated in constants, so that
+/// a missing file stops the build.
+const fn file(name: &str) -> &'static str {
+    let mut i = 0;
+    while i < files::FILES.len() {
+        if same(files::FILES[i].0.as_bytes(), name.as_bytes()) {
+            return files::FILES[i].1;
+        }
+        i += 1;
+    }
+    panic!("a file of the prompt folder is missing")
+}
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const SYSTEM: &str = file("system.txt");
+const USER: &str = file("user.txt");
+const USER_TRANSCRIPT_FIRST: &str = file("user_transcript_first.txt");
+const REDUCE: &str = file("reduce.txt");
+const FLAN: &str = file("flan.txt");
+
+/// Every kind's instruction file is in the folder, checked at build time.
+const _: () = {
+    let mut i = 0;
+    while i < SummaryKind::ALL.len() {
+        file(SummaryKind::ALL[i].spec().prompt_file);
+        i += 1;
+    }
+};
+
+/// A kind's instruction: the file its definition names.
 pub fn instruction(kind: SummaryKind) -> &'static str {
-    let name = kind.spec().prompt_file;
-    files::FILES
-        .iter()
-        .find(|(file, _)| *file == name)
-        .map_or_else(
-            || panic!("prompts/{PROMPT_VERSION}/{name}, the instruction of {kind}, is missing"),
-            |(_, text)| text.trim(),
-        )
+    file(kind.spec().prompt_file).trim()
 }
 
 pub fn system() -> &'static str {
