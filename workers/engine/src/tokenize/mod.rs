@@ -95,6 +95,20 @@ fn value_i64(v: &Value) -> Option<i64> {
     }
 }
 
+/// Each token's type (1: normal; 3: control, ...), all normal where the
+/// GGUF gives none.
+fn token_types(ct: &Content, tokens: usize) -> Result<Vec<i64>, EngineError> {
+    Ok(match md(ct, "tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| bad(format!("token_type: {e}")))?
+            .iter()
+            .map(|x| value_i64(x).unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens],
+    })
+}
+
 fn split(regex: &str) -> Result<PreTokenizerWrapper, EngineError> {
     Ok(Split::new(
         SplitPattern::Regex(regex.to_string()),
@@ -147,15 +161,7 @@ impl GgufTokenizer {
                     .ok_or_else(|| bad(format!("bad merge `{m}`")))
             })
             .collect::<Result<_, _>>()?;
-        let types: Vec<i64> = match md(ct, "tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| bad(format!("token_type: {e}")))?
-                .iter()
-                .map(|x| value_i64(x).unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
+        let types = token_types(ct, tokens.len())?;
         let pre = md(ct, "tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| "default".to_string());
@@ -262,15 +268,7 @@ impl GgufTokenizer {
                     "GGUF has no `tokenizer.ggml.scores`: a SentencePiece vocabulary needs them",
                 )),
             };
-        let types: Vec<i64> = match md(ct, "tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| bad(format!("token_type: {e}")))?
-                .iter()
-                .map(|x| value_i64(x).unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
+        let types = token_types(ct, tokens.len())?;
         let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(true);
